@@ -1,0 +1,212 @@
+//! Map types shared by the eBPF programs (`redirector-ebpf`) and the userspace agent
+//! (`redirector`). Defined once, `#[repr(C)]`, with explicit padding so both sides and
+//! `bpftool` agree on every byte.
+//!
+//! Addresses are stored as four `u32` words in network byte order (IPv4 uses word 0 and
+//! leaves the rest zero); ports are stored in network byte order as they appear on the wire.
+#![no_std]
+
+/// Maglev lookup-table size per service (a prime; Maglev wants it well above the backend
+/// count: with 1021 slots, up to ~100 backends per service stay within a few % of even).
+pub const MAGLEV_M: usize = 1021;
+
+/// Default capacity of the services map (VIP:port:proto entries).
+pub const MAX_SERVICES: u32 = 65_536;
+/// Default capacity of the backends array (global backend ids).
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Default capacity of the conntrack LRU (two entries per flow).
+pub const MAX_CONNTRACK: u32 = 524_288;
+
+/// Address families as stored in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `ServiceValue::mode`: new flows go to a Maglev pick among the backends.
+pub const MODE_SERVE: u8 = 0;
+/// `ServiceValue::mode`: new flows go to the activator.
+pub const MODE_PROXY: u8 = 1;
+
+/// `MaglevKey::set` of the Serve backends.
+pub const SET_SERVE: u32 = 0;
+/// `MaglevKey::set` of an activator pool (Knative's activators, subset by numActivators).
+pub const SET_PROXY: u32 = 1;
+
+/// Conntrack flags.
+pub const CT_REPLY: u16 = 1 << 0;
+pub const CT_PROXIED: u16 = 1 << 1;
+pub const CT_HAIRPIN: u16 = 1 << 2;
+pub const CT_CLOSING: u16 = 1 << 3;
+
+/// Index of the single `DatapathConfig` entry in the `CONFIG` array.
+pub const CONFIG_KEY: u32 = 0;
+
+/// Global counters (`GLOBAL_STATS` per-CPU array index).
+pub const G_PACKETS: u32 = 0;
+pub const G_NOT_IP: u32 = 1;
+pub const G_MALFORMED: u32 = 2;
+pub const G_FRAGMENT_OR_OPTIONS: u32 = 3;
+pub const G_NAT_FORWARD: u32 = 4;
+pub const G_NAT_REPLY: u32 = 5;
+pub const G_NO_BACKEND: u32 = 6;
+pub const G_CT_FULL: u32 = 7;
+pub const G_HAIRPIN: u32 = 8;
+pub const G_REWRITE_FAILED: u32 = 9;
+pub const G_COUNT: u32 = 16;
+
+/// An L3 address plus L4 port: a backend, the activator, or a NAT rewrite target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Key of `SERVICES`: what a packet's destination is matched on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of `SERVICES`. A mode flip is one write of this value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Dense id, index into `SERVICE_STATS` and part of `MaglevKey`.
+    pub id: u32,
+    /// `MODE_SERVE` or `MODE_PROXY`.
+    pub mode: u8,
+    pub flags: u8,
+    pub _pad0: u16,
+    /// Number of Serve backends (0 → Serve falls back to the activator).
+    pub backend_count: u32,
+    /// Number of activators in the proxy pool (0 → the node-local `activator`).
+    pub proxy_count: u32,
+    /// Incremented by the agent on every write (for diagnostics).
+    pub generation: u32,
+    /// The node-local activator (Proxy target when `proxy_count` is 0).
+    pub activator: Endpoint,
+}
+
+/// Key of `MAGLEV`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MaglevKey {
+    pub svc_id: u32,
+    /// `SET_SERVE` or `SET_PROXY`.
+    pub set: u32,
+}
+
+/// Value of `MAGLEV`: the lookup table, each slot a global backend id (index in `BACKENDS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevValue {
+    pub slots: [u32; MAGLEV_M],
+}
+
+/// Key of `CONNTRACK`: the packet's tuple as seen by the datapath before rewriting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Value of `CONNTRACK`: the tuple to rewrite the packet to.
+///
+/// A flow has two entries: the original direction (client → VIP, rewritten to the target)
+/// and the reply direction (`CT_REPLY`: target → client, rewritten to come from the VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub nat_saddr: [u32; 4],
+    pub nat_daddr: [u32; 4],
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    pub svc_id: u32,
+    pub flags: u16,
+    pub _pad0: u16,
+    pub _pad1: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last packet (updated at most once a second).
+    pub last_seen: u64,
+}
+
+/// Per-service counters (`SERVICE_STATS`, per-CPU, index = service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets and bytes towards the service (original direction).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets and bytes of replies (reply direction).
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// New flows, and the part of them that went to an activator.
+    pub new_flows: u64,
+    pub proxied_flows: u64,
+}
+
+/// Tunables written by the agent into `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Idle timeout of an established TCP flow.
+    pub tcp_timeout_ns: u64,
+    /// Idle timeout of a UDP flow.
+    pub udp_timeout_ns: u64,
+    /// How long a TCP flow that saw FIN or RST keeps its target.
+    pub closing_timeout_ns: u64,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            tcp_timeout_ns: 6 * 3600 * 1_000_000_000,
+            udp_timeout_ns: 60 * 1_000_000_000,
+            closing_timeout_ns: 10 * 1_000_000_000,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers, with every
+    // padding byte an explicit field.
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for MaglevValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for DatapathConfig {}
+}
+
+// Layouts are part of the pinned-map ABI: a change must be deliberate.
+const _: () = {
+    assert!(core::mem::size_of::<Endpoint>() == 20);
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 40);
+    assert!(core::mem::size_of::<MaglevKey>() == 8);
+    assert!(core::mem::size_of::<MaglevValue>() == 4 * MAGLEV_M);
+    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 56);
+    assert!(core::mem::size_of::<ServiceStats>() == 48);
+    assert!(core::mem::size_of::<DatapathConfig>() == 24);
+};

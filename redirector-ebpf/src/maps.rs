@@ -1,0 +1,56 @@
+//! The BPF maps: declared once here as BTF maps so `bpftool map dump` prints field names.
+//! The agent pins them by name under its pin path; sizes are defaults it can override.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use redirector_common::{
+    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceStats,
+    ServiceValue, G_COUNT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+};
+
+/// VIP:port:proto → service (mode, backend count, activator).
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// (service id, set) → Maglev table of backend ids. Not preallocated: memory follows the
+/// services that exist. Replacing a value is atomic for readers.
+#[btf_map]
+pub static MAGLEV: HashMap<
+    MaglevKey,
+    MaglevValue,
+    { MAX_SERVICES as usize * 2 },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Backend id → endpoint. Written before any table references the id.
+#[btf_map]
+pub static BACKENDS: Array<Endpoint, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Flow tuple → rewrite. One global LRU shared by all CPUs and all programs.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Per-service counters, index = service id.
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> =
+    PerCpuArray::new();
+
+/// Datapath-wide counters, index = `G_*`.
+#[btf_map]
+pub static GLOBAL_STATS: PerCpuArray<u64, { G_COUNT as usize }> = PerCpuArray::new();
+
+/// Tunables (timeouts), index `CONFIG_KEY`.
+#[btf_map]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+#[inline(always)]
+pub fn count(idx: u32) {
+    if let Some(p) = GLOBAL_STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,215 @@
+//! The NAT core shared by every program: conntrack lookup, service lookup, target choice
+//! (Maglev for Serve, the activator for Proxy) and conntrack creation. It decides the
+//! rewrite; the XDP and tc programs apply it with the checksum method their hook allows.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use redirector_common::{
+    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue, CONFIG_KEY,
+    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REPLY, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD,
+    G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE,
+};
+
+use crate::{
+    maps::{count, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES, SERVICE_STATS},
+    parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+const SECOND: u64 = 1_000_000_000;
+
+/// What to do with a packet.
+pub enum Verdict {
+    /// Leave it exactly as it is.
+    Pass,
+    /// Rewrite its tuple to `to`.
+    Rewrite { to: CtValue },
+}
+
+#[inline(always)]
+fn config() -> DatapathConfig {
+    match CONFIG.get(CONFIG_KEY) {
+        Some(c) if c.tcp_timeout_ns != 0 => *c,
+        _ => DatapathConfig::default(),
+    }
+}
+
+#[inline(always)]
+fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
+    if flags & CT_CLOSING != 0 {
+        cfg.closing_timeout_ns
+    } else if proto == PROTO_TCP {
+        cfg.tcp_timeout_ns
+    } else {
+        cfg.udp_timeout_ns
+    }
+}
+
+/// Decides what happens to a parsed packet. `allow_new` is false on egress hooks, which
+/// only reverse-translate flows that already exist.
+#[inline(always)]
+pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let cfg = config();
+    let is_tcp = p.key.proto == PROTO_TCP;
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&p.key) {
+        // SAFETY: LRU value; concurrent writers only touch `flags`/`last_seen`, and a torn
+        // read of those is harmless (they are hints).
+        let v = unsafe { *ct };
+        let idle = now.saturating_sub(v.last_seen);
+        let expired = idle > timeout(&cfg, p.key.proto, v.flags);
+        let reopened = is_tcp
+            && v.flags & (CT_CLOSING | CT_REPLY) == CT_CLOSING
+            && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if !expired && !reopened {
+            if is_tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 && v.flags & CT_CLOSING == 0 {
+                unsafe {
+                    (*ct).flags = v.flags | CT_CLOSING;
+                    (*ct).last_seen = now;
+                }
+            } else if idle > SECOND {
+                unsafe { (*ct).last_seen = now };
+            }
+            account(v.svc_id, p.ip_len, v.flags & CT_REPLY != 0, false, false);
+            count(if v.flags & CT_REPLY != 0 { G_NAT_REPLY } else { G_NAT_FORWARD });
+            return Verdict::Rewrite { to: v };
+        }
+    }
+    if !allow_new {
+        return Verdict::Pass;
+    }
+    let skey = ServiceKey {
+        addr: p.key.daddr,
+        port: p.key.dport,
+        proto: p.key.proto,
+        family: p.key.family,
+    };
+    let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
+        return Verdict::Pass;
+    };
+    let svc = *svc;
+    new_flow(p, &svc, now)
+}
+
+#[inline(always)]
+fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
+    let proxied;
+    let target = if svc.mode == MODE_PROXY || svc.backend_count == 0 {
+        proxied = true;
+        if svc.proxy_count > 0 {
+            maglev_pick(svc.id, SET_PROXY, &p.key)
+        } else {
+            Some(svc.activator)
+        }
+    } else {
+        proxied = false;
+        maglev_pick(svc.id, SET_SERVE, &p.key)
+    };
+    let target = match target {
+        Some(t) if t.family == p.key.family && t.port != 0 => t,
+        _ => {
+            count(G_NO_BACKEND);
+            return Verdict::Pass;
+        }
+    };
+    let hairpin = target.addr == p.key.saddr;
+    let mut flags = 0;
+    if proxied {
+        flags |= CT_PROXIED;
+    }
+    if hairpin {
+        flags |= CT_HAIRPIN;
+        count(G_HAIRPIN);
+    }
+    // A hairpinned flow must come back through us: its source becomes the VIP.
+    let client_as_seen = if hairpin { p.key.daddr } else { p.key.saddr };
+    let fwd = CtValue {
+        nat_saddr: client_as_seen,
+        nat_daddr: target.addr,
+        nat_sport: p.key.sport,
+        nat_dport: target.port,
+        svc_id: svc.id,
+        flags,
+        last_seen: now,
+        ..CtValue::default()
+    };
+    let rkey = CtKey {
+        saddr: target.addr,
+        daddr: client_as_seen,
+        sport: target.port,
+        dport: p.key.sport,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: 0,
+    };
+    let rev = CtValue {
+        nat_saddr: p.key.daddr,
+        nat_daddr: p.key.saddr,
+        nat_sport: p.key.dport,
+        nat_dport: p.key.sport,
+        svc_id: svc.id,
+        flags: flags | CT_REPLY,
+        last_seen: now,
+        ..CtValue::default()
+    };
+    // Reply entry first: a reply can never arrive before its translation exists.
+    if CONNTRACK.insert(&rkey, &rev, 0).is_err() || CONNTRACK.insert(&p.key, &fwd, 0).is_err() {
+        count(G_CT_FULL);
+    }
+    account(svc.id, p.ip_len, false, true, proxied);
+    count(G_NAT_FORWARD);
+    Verdict::Rewrite { to: fwd }
+}
+
+/// Flow hash: stable for a flow's lifetime so that a packet without conntrack state (e.g.
+/// a lost entry) still maps to the same Maglev slot while the backend set is unchanged.
+#[inline(always)]
+fn flow_hash(k: &CtKey) -> u32 {
+    let mut h: u32 = 0x9e37_79b9 ^ (k.proto as u32);
+    let words = [
+        k.saddr[0],
+        k.saddr[1],
+        k.saddr[2],
+        k.saddr[3],
+        ((k.sport as u32) << 16) | k.dport as u32,
+    ];
+    for w in words {
+        h ^= w;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+    }
+    h
+}
+
+#[inline(always)]
+fn maglev_pick(svc_id: u32, set: u32, k: &CtKey) -> Option<Endpoint> {
+    let table = MAGLEV.get_ptr(MaglevKey { svc_id, set })?;
+    let slot = (flow_hash(k) % MAGLEV_M as u32) as usize;
+    if slot >= MAGLEV_M {
+        return None;
+    }
+    // SAFETY: hash values are replaced atomically (NO_PREALLOC: no slot reuse under us).
+    let backend = unsafe { (*table).slots[slot] };
+    BACKENDS.get(backend).copied()
+}
+
+#[inline(always)]
+fn account(svc_id: u32, bytes: u32, reply: bool, new: bool, proxied: bool) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            if reply {
+                (*s).reply_packets += 1;
+                (*s).reply_bytes += bytes as u64;
+            } else {
+                (*s).packets += 1;
+                (*s).bytes += bytes as u64;
+            }
+            if new {
+                (*s).new_flows += 1;
+                if proxied {
+                    (*s).proxied_flows += 1;
+                }
+            }
+        }
+    }
+}
