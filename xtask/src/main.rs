@@ -1,1 +1,83 @@
-fn main() {}
+//! Developer tasks for redirector, run as `cargo xtask <task>` (alias in .cargo/config.toml).
+mod bootstrap;
+mod demo;
+mod perf;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use crate::util::{cargo, redirector_bin, require_root, run};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for redirector"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Install what building and testing need (apt packages, nightly + rust-src, bpf-linker,
+    /// bpffs). Each step is skipped when already satisfied.
+    Bootstrap,
+    /// Bootstrap, then build the workspace.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Bootstrap, fmt check, clippy, build, then run every test (as root).
+    Test {
+        /// Only run tests whose name contains this string.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Bootstrap, build, then run the demo (as root).
+    Demo,
+    /// Bootstrap, release build, then run the perf test (as root).
+    Perf(perf::PerfArgs),
+    /// Build a container image (not implemented yet).
+    Image,
+}
+
+fn main() -> ExitCode {
+    match run_task(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line, without a backtrace.
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    match task {
+        Task::Bootstrap => bootstrap::run_all(),
+        Task::Build { release } => {
+            bootstrap::run_all()?;
+            let mut args = vec!["build", "--workspace"];
+            if release {
+                args.push("--release");
+            }
+            run(&mut cargo(&args))
+        }
+        Task::Test { filter } => test::run_all(filter.as_deref()),
+        Task::Demo => {
+            require_root("demo")?;
+            bootstrap::run_all()?;
+            run(&mut cargo(&["build", "--workspace"]))?;
+            demo::run(&redirector_bin("debug"))
+        }
+        Task::Perf(args) => perf::run_all(&args),
+        Task::Image => bail!("`cargo xtask image` is not implemented yet (issue 4)"),
+    }
+}

@@ -1,0 +1,49 @@
+//! `cargo xtask test`: formatting, lints, a full build, then every test of the workspace
+//! (unit tests and the network-namespace integration tests), as root.
+use anyhow::{Context as _, Result};
+
+use crate::{
+    bootstrap,
+    util::{cargo, redirector_bin, require_root, run},
+};
+
+/// Test threads per test binary; the integration tests use unique namespace names, so a
+/// little parallelism is safe, and more would oversubscribe small CI machines.
+pub const TEST_THREADS: u32 = 2;
+
+pub fn run_all(filter: Option<&str>) -> Result<()> {
+    require_root("test")?;
+    bootstrap::run_all().context("step `bootstrap` failed")?;
+
+    step("fmt", &["fmt", "--all", "--", "--check"])?;
+    step(
+        "clippy",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    step("build", &["build", "--workspace", "--all-targets"])?;
+
+    let bin = redirector_bin("debug");
+    println!("[test] tests (REDIRECTOR_BIN={})", bin.display());
+    let threads = format!("--test-threads={TEST_THREADS}");
+    let mut args = vec!["test", "--workspace", "--", threads.as_str()];
+    if let Some(f) = filter {
+        args.push(f);
+    }
+    let mut cmd = cargo(&args);
+    cmd.env("REDIRECTOR_BIN", &bin).env("RUST_LOG", "info");
+    run(&mut cmd).context("step `test` failed")?;
+    println!("[test] all steps passed");
+    Ok(())
+}
+
+fn step(name: &str, args: &[&str]) -> Result<()> {
+    println!("[test] {name}");
+    run(&mut cargo(args)).with_context(|| format!("step `{name}` failed"))
+}
