@@ -160,6 +160,15 @@ pub struct ServiceStats {
     pub proxied_flows: u64,
 }
 
+/// Value of `SERVICE_META` (service id → name): read by `redirector status` and bpftool,
+/// never by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// `namespace/name`, NUL-padded.
+    pub name: [u8; 128],
+}
+
 /// Tunables written by the agent into `CONFIG[0]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +205,7 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for ServiceMeta {}
 }
 
 // Layouts are part of the pinned-map ABI: a change must be deliberate.

@@ -6,14 +6,13 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirector_common::{
-    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceStats,
-    ServiceValue, G_COUNT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta,
+    ServiceStats, ServiceValue, G_COUNT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
 };
 
 /// VIP:port:proto → service (mode, backend count, activator).
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
-    HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 
 /// (service id, set) → Maglev table of backend ids. Not preallocated: memory follows the
 /// services that exist. Replacing a value is atomic for readers.
@@ -31,13 +30,11 @@ pub static BACKENDS: Array<Endpoint, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Flow tuple → rewrite. One global LRU shared by all CPUs and all programs.
 #[btf_map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue, { MAX_CONNTRACK as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK: LruHashMap<CtKey, CtValue, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
 /// Per-service counters, index = service id.
 #[btf_map]
-pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> =
-    PerCpuArray::new();
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
 /// Datapath-wide counters, index = `G_*`.
 #[btf_map]
@@ -46,6 +43,15 @@ pub static GLOBAL_STATS: PerCpuArray<u64, { G_COUNT as usize }> = PerCpuArray::n
 /// Tunables (timeouts), index `CONFIG_KEY`.
 #[btf_map]
 pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// Service id → name, for `redirector status` and bpftool (not read by the programs).
+#[btf_map]
+pub static SERVICE_META: HashMap<
+    u32,
+    ServiceMeta,
+    { MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[inline(always)]
 pub fn count(idx: u32) {

@@ -4,8 +4,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue, CONFIG_KEY,
-    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REPLY, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD,
-    G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE,
+    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REPLY, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD, G_NAT_REPLY,
+    G_NO_BACKEND, MAGLEV_M, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE,
 };
 
 use crate::{
@@ -68,7 +68,11 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
                 unsafe { (*ct).last_seen = now };
             }
             account(v.svc_id, p.ip_len, v.flags & CT_REPLY != 0, false, false);
-            count(if v.flags & CT_REPLY != 0 { G_NAT_REPLY } else { G_NAT_FORWARD });
+            count(if v.flags & CT_REPLY != 0 {
+                G_NAT_REPLY
+            } else {
+                G_NAT_FORWARD
+            });
             return Verdict::Rewrite { to: v };
         }
     }

@@ -4,7 +4,9 @@
 //! unchanged.
 use core::mem::size_of;
 
-use redirector_common::{CtKey, FAMILY_V4, FAMILY_V6, G_FRAGMENT_OR_OPTIONS, G_MALFORMED, G_NOT_IP, PROTO_TCP, PROTO_UDP};
+use redirector_common::{
+    CtKey, FAMILY_V4, FAMILY_V6, G_FRAGMENT_OR_OPTIONS, G_MALFORMED, G_NOT_IP, PROTO_TCP, PROTO_UDP,
+};
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;
@@ -140,8 +142,16 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
     key.sport = load(data, data_end, l4_off).ok_or(G_MALFORMED)?;
     key.dport = load(data, data_end, l4_off + 2).ok_or(G_MALFORMED)?;
     // The checksum field must be inside the packet too.
-    let _: u16 = load(data, data_end, if key.proto == PROTO_TCP { l4_off + 16 } else { l4_off + 6 })
-        .ok_or(G_MALFORMED)?;
+    let _: u16 = load(
+        data,
+        data_end,
+        if key.proto == PROTO_TCP {
+            l4_off + 16
+        } else {
+            l4_off + 6
+        },
+    )
+    .ok_or(G_MALFORMED)?;
     Ok(Parsed {
         key,
         l4_off,

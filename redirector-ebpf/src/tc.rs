@@ -90,11 +90,21 @@ fn try_rewrite(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Result<(), i64> {
         }
     } else {
         if k.saddr != to.nat_saddr {
-            ctx.l4_csum_replace(csum_off, 0, addr6_diff(&k.saddr, &to.nat_saddr) as u64, pseudo)?;
+            ctx.l4_csum_replace(
+                csum_off,
+                0,
+                addr6_diff(&k.saddr, &to.nat_saddr) as u64,
+                pseudo,
+            )?;
             ctx.store(ETH_LEN + 8, &to.nat_saddr, 0)?;
         }
         if k.daddr != to.nat_daddr {
-            ctx.l4_csum_replace(csum_off, 0, addr6_diff(&k.daddr, &to.nat_daddr) as u64, pseudo)?;
+            ctx.l4_csum_replace(
+                csum_off,
+                0,
+                addr6_diff(&k.daddr, &to.nat_daddr) as u64,
+                pseudo,
+            )?;
             ctx.store(ETH_LEN + 24, &to.nat_daddr, 0)?;
         }
     }

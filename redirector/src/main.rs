@@ -1,1 +1,97 @@
-fn main() {}
+//! The `redirector` binary: the per-node agent and its tools.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use redirector::{agent, config::DEFAULT_PIN_PATH, status};
+
+#[derive(Parser)]
+#[command(version, about = "eBPF data plane for Knative-style scale-to-zero")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load, attach and pin the datapath, and program it from a config file.
+    Agent {
+        /// TOML config; the embedded default when omitted.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides node.pin_path.
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// File written once the agent is ready.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Services, modes, backends and counters from the pinned maps.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach every program and remove the pinned maps.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Check a config file and exit.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Agent {
+            config,
+            pin_path,
+            ready_file,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(agent::run(agent::AgentOptions {
+                config,
+                pin_path,
+                ready_file,
+            }))?;
+        }
+        Cmd::Status { pin_path, json } => {
+            let s = status::read(&pin_path)
+                .with_context(|| format!("reading the maps pinned under {}", pin_path.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::render(&s));
+            }
+        }
+        Cmd::Uninstall { pin_path } => {
+            let n = agent::uninstall(&pin_path)?;
+            println!(
+                "detached {n} links, removed maps under {}",
+                pin_path.display()
+            );
+        }
+        Cmd::Check { config } => {
+            let c = redirector::config::Config::load(&config)?;
+            println!("{}: ok, {} services", config.display(), c.services.len());
+        }
+    }
+    Ok(())
+}

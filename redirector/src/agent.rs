@@ -1,0 +1,266 @@
+//! The per-node agent: loads and pins the datapath, programs it from the config file,
+//! attaches to interfaces as they appear, reloads on file change or SIGHUP (keeping the maps
+//! as they were on bad input), and garbage-collects conntrack. On exit it leaves programs
+//! and maps pinned so traffic keeps flowing and the next agent adopts them.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use crate::{
+    config::{Config, ConfigError, NodeConfig, DEFAULT_CONFIG},
+    control::{desired_from_config, ControlError, Programmer},
+    datapath::{AttachReport, Datapath, DatapathError, Hook},
+    netlink,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+}
+
+/// Where the agent's services come from.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Config file; `None` = the embedded default.
+    pub config: Option<PathBuf>,
+    /// Overrides `node.pin_path`.
+    pub pin_path: Option<PathBuf>,
+    /// Touched once the agent has programmed the maps and attached.
+    pub ready_file: Option<PathBuf>,
+}
+
+fn load(opts: &AgentOptions) -> Result<Config, ConfigError> {
+    let mut cfg = match &opts.config {
+        Some(p) => Config::load(p)?,
+        None => Config::parse(DEFAULT_CONFIG, Path::new("<embedded default>"))?,
+    };
+    if let Some(p) = &opts.pin_path {
+        cfg.node.pin_path = p.clone();
+    }
+    Ok(cfg)
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Hooks for an interface under the node config: uplinks get XDP + tc egress, pod-facing
+/// interfaces tc ingress + egress.
+fn hooks_for(node: &NodeConfig, ifname: &str) -> &'static [Hook] {
+    let matches = |pats: &[String]| {
+        pats.iter().any(|p| {
+            glob::Pattern::new(p)
+                .map(|g| g.matches(ifname))
+                .unwrap_or(false)
+        })
+    };
+    if matches(&node.uplink) {
+        &[Hook::Xdp, Hook::TcEgress]
+    } else if matches(&node.pod_interfaces) {
+        &[Hook::TcIngress, Hook::TcEgress]
+    } else {
+        &[]
+    }
+}
+
+struct Attachments {
+    /// ifname → (ifindex, hooks attached).
+    current: HashMap<String, (u32, Vec<Hook>)>,
+}
+
+impl Attachments {
+    /// Attaches to every matching interface not attached yet; forgets vanished ones; detaches
+    /// links for interfaces that no longer match.
+    fn sync(&mut self, dp: &mut Datapath, node: &NodeConfig) {
+        let links = match netlink::list_links() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing interfaces");
+                return;
+            }
+        };
+        let present: HashMap<&str, u32> = links.iter().map(|(i, n)| (n.as_str(), *i)).collect();
+        // Interfaces gone or renamed/recreated: forget (the kernel detached their links).
+        self.current.retain(|name, (idx, _)| {
+            let keep = present.get(name.as_str()) == Some(idx);
+            if !keep {
+                tracing::info!(ifname = %name, "interface gone");
+                for hook in [Hook::Xdp, Hook::TcIngress, Hook::TcEgress] {
+                    dp.detach(name, hook);
+                }
+            }
+            keep
+        });
+        for (ifname, hook) in dp.pinned_links() {
+            if !present.contains_key(ifname.as_str()) || !hooks_for(node, &ifname).contains(&hook) {
+                if dp.detach(&ifname, hook) {
+                    tracing::info!(%ifname, %hook, "detached (no longer configured)");
+                }
+            }
+        }
+        for (ifindex, ifname) in &links {
+            let hooks = hooks_for(node, ifname);
+            let entry = self
+                .current
+                .entry(ifname.clone())
+                .or_insert((*ifindex, Vec::new()));
+            entry.1.retain(|h| hooks.contains(h));
+            for hook in hooks {
+                if entry.1.contains(hook) {
+                    continue;
+                }
+                match dp.attach(ifname, *hook, node.xdp_mode) {
+                    Ok(AttachReport::Replaced) => {
+                        tracing::info!(%ifname, %hook, "adopted pinned link, program replaced")
+                    }
+                    Ok(AttachReport::Attached { mode }) => {
+                        tracing::info!(%ifname, %hook, mode, "attached")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "attach failed");
+                        continue;
+                    }
+                }
+                entry.1.push(*hook);
+            }
+        }
+        self.current.retain(|_, (_, h)| !h.is_empty());
+    }
+}
+
+fn apply(prog: &mut Programmer, cfg: &Config) -> Result<(), ControlError> {
+    prog.set_conntrack(&cfg.conntrack)?;
+    let started = std::time::Instant::now();
+    let r = prog.apply(&desired_from_config(cfg))?;
+    tracing::info!(
+        added = r.added,
+        updated = r.updated,
+        removed = r.removed,
+        unchanged = r.unchanged,
+        took_us = started.elapsed().as_micros() as u64,
+        "maps programmed"
+    );
+    Ok(())
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    let mut cfg = load(&opts)?;
+    let pin_path = cfg.node.pin_path.clone();
+    let mut dp = Datapath::open(&pin_path)?;
+    tracing::info!(pin_path = %pin_path.display(), "datapath loaded, maps pinned");
+    let mut prog = Programmer::adopt(dp.maps()?);
+    apply(&mut prog, &cfg)?;
+    let mut att = Attachments {
+        current: HashMap::new(),
+    };
+    att.sync(&mut dp, &cfg.node);
+
+    let (link_tx, mut link_rx) = mpsc::channel::<()>(1);
+    std::thread::Builder::new()
+        .name("netlink".into())
+        .spawn(move || {
+            if let Err(e) = netlink::watch_links(|| {
+                !matches!(
+                    link_tx.try_send(()),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                )
+            }) {
+                tracing::warn!(error = %e, "link events unavailable; relying on periodic rescans");
+            }
+        })
+        .map_err(|e| AgentError::Io("spawning the netlink thread", e))?;
+
+    if let Some(f) = &opts.ready_file {
+        std::fs::write(f, format!("{}\n", std::process::id()))
+            .map_err(|e| AgentError::Io("writing the ready file", e))?;
+    }
+    tracing::info!(
+        services = cfg.services.len(),
+        interfaces = att.current.len(),
+        "agent ready"
+    );
+
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Io("SIGHUP", e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Io("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| AgentError::Io("SIGINT", e))?;
+    let mut file_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut rescan_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut last_mtime = opts.config.as_deref().and_then(mtime);
+
+    loop {
+        let reload = tokio::select! {
+            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); true }
+            _ = file_tick.tick() => {
+                let m = opts.config.as_deref().and_then(mtime);
+                if m != last_mtime { last_mtime = m; tracing::info!("config file changed: reloading"); true } else { false }
+            }
+            _ = link_rx.recv() => { att.sync(&mut dp, &cfg.node); false }
+            _ = rescan_tick.tick() => { att.sync(&mut dp, &cfg.node); false }
+            _ = gc_tick.tick() => {
+                let n = prog.gc_conntrack(&cfg.conntrack);
+                if n > 0 { tracing::debug!(removed = n, "conntrack gc"); }
+                false
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        if reload {
+            match load(&opts) {
+                Ok(new) => {
+                    if new.node.pin_path != cfg.node.pin_path {
+                        tracing::warn!(
+                            "node.pin_path changes need a restart; keeping {}",
+                            cfg.node.pin_path.display()
+                        );
+                    }
+                    match apply(&mut prog, &new) {
+                        Ok(()) => {
+                            cfg = new;
+                            att.sync(&mut dp, &cfg.node);
+                        }
+                        Err(e) => tracing::error!(error = %e, "applying the new config failed"),
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "bad config; maps left as they were"),
+            }
+        }
+    }
+    tracing::info!(
+        "stopping; programs and maps stay pinned under {}",
+        pin_path.display()
+    );
+    Ok(())
+}
+
+/// Uninstalls: detaches every pinned link and removes the pinned maps.
+pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
+    let mut n = 0;
+    for (ifname, hook) in crate::datapath::pinned_links_at(pin_path) {
+        let p = pin_path.join("links").join(format!("{ifname}.{hook}"));
+        if std::fs::remove_file(&p).is_ok() {
+            n += 1;
+        }
+    }
+    let _ = std::fs::remove_dir(pin_path.join("links"));
+    for name in crate::datapath::MAP_NAMES {
+        let _ = std::fs::remove_file(pin_path.join(name));
+    }
+    let _ = std::fs::remove_dir(pin_path);
+    Ok(n)
+}

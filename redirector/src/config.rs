@@ -1,0 +1,408 @@
+//! The local config source: the TOML file `redirector agent --config` reads (and the embedded
+//! default), parsed into typed desired state. Every error names the file, line and field.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The embedded default: one machine, the demo's node.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Serve,
+    Proxy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeCfg {
+    /// Native where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// One string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(Spanned<String>),
+    Many(Vec<Spanned<String>>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<Spanned<String>> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    node: RawNode,
+    #[serde(default)]
+    conntrack: Option<RawConntrack>,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    #[serde(default)]
+    uplink: Vec<String>,
+    #[serde(default)]
+    pod_interfaces: Vec<String>,
+    #[serde(default)]
+    pin_path: Option<PathBuf>,
+    #[serde(default)]
+    activator: Option<OneOrMany>,
+    #[serde(default)]
+    xdp_mode: XdpModeCfg,
+    #[serde(default)]
+    metrics: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    tcp_timeout_secs: Option<u64>,
+    udp_timeout_secs: Option<u64>,
+    closing_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    vip: OneOrMany,
+    port: u16,
+    #[serde(default = "default_proto")]
+    protocol: Protocol,
+    #[serde(default = "default_mode")]
+    mode: Mode,
+    #[serde(default)]
+    backends: Vec<Spanned<String>>,
+    /// Knative activators to use in Proxy mode instead of the node-local one.
+    #[serde(default)]
+    activators: Vec<Spanned<String>>,
+}
+
+fn default_proto() -> Protocol {
+    Protocol::Tcp
+}
+fn default_mode() -> Mode {
+    Mode::Serve
+}
+
+/// Node-wide settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    pub uplink: Vec<String>,
+    pub pod_interfaces: Vec<String>,
+    pub pin_path: PathBuf,
+    pub activator: Vec<SocketAddr>,
+    pub xdp_mode: XdpModeCfg,
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConntrackConfig {
+    pub tcp_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub closing_timeout: Duration,
+}
+
+/// One service as the agent programs it: a name, its VIPs and where Serve/Proxy lead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub vips: Vec<IpAddr>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub backends: Vec<SocketAddr>,
+    pub activators: Vec<SocketAddr>,
+}
+
+impl ServiceConfig {
+    /// `namespace/name` or `name`.
+    pub fn full_name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub conntrack: ConntrackConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/redirector";
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text`; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, message: String| {
+            let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let raw: RawFile =
+            toml::from_str(text).map_err(|e| err(e.span(), e.message().to_owned()))?;
+
+        let mut activator = Vec::new();
+        for a in raw
+            .node
+            .activator
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+        {
+            activator.push(
+                parse_sockaddr(a.get_ref())
+                    .map_err(|m| err(Some(a.span()), format!("node.activator: {m}")))?,
+            );
+        }
+        let metrics = match raw.node.metrics {
+            Some(m) => Some(
+                parse_sockaddr(m.get_ref())
+                    .map_err(|e| err(Some(m.span()), format!("node.metrics: {e}")))?,
+            ),
+            None => None,
+        };
+        for pattern in raw.node.uplink.iter().chain(&raw.node.pod_interfaces) {
+            glob::Pattern::new(pattern)
+                .map_err(|e| err(None, format!("node: interface pattern {pattern:?}: {e}")))?;
+        }
+        let node = NodeConfig {
+            uplink: raw.node.uplink,
+            pod_interfaces: raw.node.pod_interfaces,
+            pin_path: raw.node.pin_path.unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
+            activator,
+            xdp_mode: raw.node.xdp_mode,
+            metrics,
+        };
+        let ct = raw.conntrack.unwrap_or(RawConntrack {
+            tcp_timeout_secs: None,
+            udp_timeout_secs: None,
+            closing_timeout_secs: None,
+        });
+        let conntrack = ConntrackConfig {
+            tcp_timeout: Duration::from_secs(ct.tcp_timeout_secs.unwrap_or(6 * 3600)),
+            udp_timeout: Duration::from_secs(ct.udp_timeout_secs.unwrap_or(60)),
+            closing_timeout: Duration::from_secs(ct.closing_timeout_secs.unwrap_or(10)),
+        };
+
+        let mut services = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let field = |f: &str| format!("service[{i}] ({}).{f}", s.name.get_ref());
+            let mut vips = Vec::new();
+            for v in s.vip.into_vec() {
+                let ip: IpAddr = v.get_ref().parse().map_err(|_| {
+                    err(
+                        Some(v.span()),
+                        format!("{}: {:?} is not an IP address", field("vip"), v.get_ref()),
+                    )
+                })?;
+                if !seen.insert((ip, s.port, s.protocol)) {
+                    return Err(err(
+                        Some(v.span()),
+                        format!(
+                            "{}: {ip} port {} is used by another service",
+                            field("vip"),
+                            s.port
+                        ),
+                    ));
+                }
+                vips.push(ip);
+            }
+            if vips.is_empty() {
+                return Err(err(
+                    Some(s.name.span()),
+                    format!("{}: at least one VIP", field("vip")),
+                ));
+            }
+            let list =
+                |items: Vec<Spanned<String>>, f: &str| -> Result<Vec<SocketAddr>, ConfigError> {
+                    items
+                        .into_iter()
+                        .map(|b| {
+                            parse_sockaddr(b.get_ref())
+                                .map_err(|m| err(Some(b.span()), format!("{}: {m}", field(f))))
+                        })
+                        .collect()
+                };
+            let backends = list(s.backends, "backends")?;
+            let activators = list(s.activators, "activators")?;
+            let name = s.name.into_inner();
+            if name.is_empty() {
+                return Err(err(None, format!("service[{i}].name: must not be empty")));
+            }
+            services.push(ServiceConfig {
+                name,
+                namespace: s.namespace,
+                vips,
+                port: s.port,
+                protocol: s.protocol,
+                mode: s.mode,
+                backends,
+                activators,
+            });
+        }
+        Ok(Config {
+            node,
+            conntrack,
+            services,
+        })
+    }
+}
+
+fn parse_sockaddr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!("{s:?} is not an address with a port (\"10.0.0.1:80\" or \"[fd00::1]:80\")")
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|p| p + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn default_config_parses() {
+        let c = parse(DEFAULT_CONFIG).expect("embedded default");
+        assert!(!c.services.is_empty());
+    }
+
+    #[test]
+    fn full_example() {
+        let c = parse(
+            r#"
+[node]
+uplink = ["eth0"]
+pod_interfaces = ["veth*"]
+activator = ["10.0.0.1:8012", "[fd00::1]:8012"]
+[[service]]
+name = "hello"
+namespace = "default"
+vip = ["10.96.0.10", "fd00:96::10"]
+port = 80
+mode = "proxy"
+backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
+"#,
+        )
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.full_name(), "default/hello");
+        assert_eq!(s.vips.len(), 2);
+        assert_eq!(s.mode, Mode::Proxy);
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(c.node.activator.len(), 2);
+        assert_eq!(c.node.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
+    }
+
+    #[test]
+    fn bad_backend_names_line_and_field() {
+        let e = parse(
+            "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\nbackends = [\"10.1.0.1:80\", \"nope\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("test.toml:6:"), "{e}");
+        assert!(e.contains("service[0] (a).backends"), "{e}");
+        assert!(e.contains("\"nope\""), "{e}");
+    }
+
+    #[test]
+    fn bad_mode_names_line() {
+        let e = parse(
+            "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\nmode = \"fast\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("test.toml:6:"), "{e}");
+        assert!(e.contains("fast"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_rejected() {
+        let e = parse("[node]\nuplinks = [\"eth0\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:2:"), "{e}");
+        assert!(e.contains("uplinks"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_vip_rejected() {
+        let e = parse(
+            "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\n[[service]]\nname = \"b\"\nvip = \"10.96.0.1\"\nport = 80\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("test.toml:8:"), "{e}");
+    }
+}

@@ -1,0 +1,500 @@
+//! Turns desired services (from the config file, or later Kubernetes) into map entries:
+//! service ids, backend ids, Maglev tables. Writes are ordered so no packet ever sees a
+//! half-written service: backends, then the Maglev table, then the service entry (a mode
+//! flip is that one write); ids are reused only after a grace period. On start it adopts
+//! what a previous agent left in the pinned maps, so a restart rewrites nothing that holds.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use aya::maps::MapError;
+use redirector_common::{
+    DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta, ServiceValue,
+    CONFIG_KEY, MAGLEV_M, MAX_BACKENDS, MAX_SERVICES, MODE_PROXY, MODE_SERVE, PROTO_TCP, PROTO_UDP,
+    SET_PROXY, SET_SERVE,
+};
+
+use crate::{
+    addr::{endpoint, endpoint_addr, ip_words, port_wire},
+    config::{Config, ConntrackConfig, Mode, Protocol},
+    datapath::Maps,
+    maglev,
+};
+
+/// How long a released id stays unused (packets in flight may still hold it).
+const ID_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("writing {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("out of {0} ids")]
+    Exhausted(&'static str),
+}
+
+fn werr(map: &'static str) -> impl FnOnce(MapError) -> ControlError {
+    move |source| ControlError::Map { map, source }
+}
+
+/// One map entry's worth of desired state: a VIP:port:proto and where it leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredService {
+    pub key: ServiceKey,
+    pub name: String,
+    pub mode: u8,
+    /// Serve backends (same family as the VIP).
+    pub serve: BTreeSet<SocketAddr>,
+    /// Proxy pool (Knative activators); empty → the node-local activator.
+    pub proxy: BTreeSet<SocketAddr>,
+    pub activator: Option<SocketAddr>,
+}
+
+/// Expands a config into map-level desired state (one entry per VIP).
+pub fn desired_from_config(cfg: &Config) -> Vec<DesiredService> {
+    let mut out = Vec::new();
+    for s in &cfg.services {
+        for vip in &s.vips {
+            let (addr, family) = ip_words(*vip);
+            let same = |a: &&SocketAddr| a.is_ipv4() == vip.is_ipv4();
+            out.push(DesiredService {
+                key: ServiceKey {
+                    addr,
+                    port: port_wire(s.port),
+                    proto: match s.protocol {
+                        Protocol::Tcp => PROTO_TCP,
+                        Protocol::Udp => PROTO_UDP,
+                    },
+                    family,
+                },
+                name: s.full_name(),
+                mode: match s.mode {
+                    Mode::Serve => MODE_SERVE,
+                    Mode::Proxy => MODE_PROXY,
+                },
+                serve: s.backends.iter().filter(same).copied().collect(),
+                proxy: s.activators.iter().filter(same).copied().collect(),
+                activator: cfg.node.activator.iter().find(same).copied(),
+            });
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+struct Installed {
+    value: ServiceValue,
+    desired: DesiredService,
+}
+
+/// Dense id allocator with a grace period before reuse.
+#[derive(Debug)]
+struct Ids {
+    next: u32,
+    max: u32,
+    free: Vec<u32>,
+    cooling: Vec<(Instant, u32)>,
+}
+
+impl Ids {
+    fn new(max: u32, used: &BTreeSet<u32>) -> Self {
+        let next = used.iter().next_back().map(|m| m + 1).unwrap_or(0);
+        let free = (0..next).filter(|i| !used.contains(i)).collect();
+        Self {
+            next,
+            max,
+            free,
+            cooling: Vec::new(),
+        }
+    }
+    fn alloc(&mut self, what: &'static str) -> Result<u32, ControlError> {
+        let now = Instant::now();
+        let (ready, cooling): (Vec<_>, Vec<_>) = self
+            .cooling
+            .drain(..)
+            .partition(|(t, _)| now.duration_since(*t) >= ID_GRACE);
+        self.cooling = cooling;
+        self.free.extend(ready.into_iter().map(|(_, i)| i));
+        if let Some(i) = self.free.pop() {
+            return Ok(i);
+        }
+        if self.next >= self.max {
+            return Err(ControlError::Exhausted(what));
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+    fn release(&mut self, id: u32) {
+        self.cooling.push((Instant::now(), id));
+    }
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+/// Owns the maps' contents.
+pub struct Programmer {
+    maps: Maps,
+    services: HashMap<ServiceKey, Installed>,
+    backend_ids: HashMap<Endpoint, (u32, usize)>,
+    svc_ids: Ids,
+    be_ids: Ids,
+}
+
+impl Programmer {
+    /// Adopts the services found in the maps (left by a previous agent, or none).
+    pub fn adopt(maps: Maps) -> Self {
+        let mut services = HashMap::new();
+        let mut backend_ids: HashMap<Endpoint, (u32, usize)> = HashMap::new();
+        let mut used_svc = BTreeSet::new();
+        let mut used_be = BTreeSet::new();
+        let entries: Vec<(ServiceKey, ServiceValue)> =
+            maps.services.iter().filter_map(Result::ok).collect();
+        for (key, value) in entries {
+            used_svc.insert(value.id);
+            let mut sets = [BTreeSet::new(), BTreeSet::new()];
+            for (set, out) in [SET_SERVE, SET_PROXY].into_iter().zip(sets.iter_mut()) {
+                let count = if set == SET_SERVE {
+                    value.backend_count
+                } else {
+                    value.proxy_count
+                };
+                if count == 0 {
+                    continue;
+                }
+                let Ok(table) = maps.maglev.get(
+                    &MaglevKey {
+                        svc_id: value.id,
+                        set,
+                    },
+                    0,
+                ) else {
+                    continue;
+                };
+                let ids: BTreeSet<u32> = table.slots.iter().copied().collect();
+                for id in ids {
+                    let Ok(ep) = maps.backends.get(&id, 0) else {
+                        continue;
+                    };
+                    let Some(sa) = endpoint_addr(&ep) else {
+                        continue;
+                    };
+                    used_be.insert(id);
+                    backend_ids.entry(ep).or_insert((id, 0)).1 += 1;
+                    out.insert(sa);
+                }
+            }
+            let [serve, proxy] = sets;
+            let desired = DesiredService {
+                key,
+                name: maps.service_name(value.id).unwrap_or_default(),
+                mode: value.mode,
+                serve,
+                proxy,
+                activator: endpoint_addr(&value.activator),
+            };
+            services.insert(key, Installed { value, desired });
+        }
+        if !services.is_empty() {
+            tracing::info!(
+                services = services.len(),
+                backends = backend_ids.len(),
+                "adopted pinned state"
+            );
+        }
+        Self {
+            maps,
+            services,
+            backend_ids,
+            svc_ids: Ids::new(MAX_SERVICES, &used_svc),
+            be_ids: Ids::new(MAX_BACKENDS, &used_be),
+        }
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Writes the conntrack timeouts.
+    pub fn set_conntrack(&mut self, ct: &ConntrackConfig) -> Result<(), ControlError> {
+        let cfg = DatapathConfig {
+            tcp_timeout_ns: ct.tcp_timeout.as_nanos() as u64,
+            udp_timeout_ns: ct.udp_timeout.as_nanos() as u64,
+            closing_timeout_ns: ct.closing_timeout.as_nanos() as u64,
+        };
+        self.maps
+            .config
+            .set(CONFIG_KEY, cfg, 0)
+            .map_err(werr("CONFIG"))
+    }
+
+    fn backend_ref(&mut self, sa: SocketAddr) -> Result<u32, ControlError> {
+        let ep = endpoint(sa);
+        if let Some((id, refs)) = self.backend_ids.get_mut(&ep) {
+            *refs += 1;
+            return Ok(*id);
+        }
+        let id = self.be_ids.alloc("backend")?;
+        self.maps
+            .backends
+            .set(id, ep, 0)
+            .map_err(werr("BACKENDS"))?;
+        self.backend_ids.insert(ep, (id, 1));
+        Ok(id)
+    }
+
+    fn backend_unref(&mut self, sa: SocketAddr) {
+        let ep = endpoint(sa);
+        if let Some((id, refs)) = self.backend_ids.get_mut(&ep) {
+            *refs -= 1;
+            if *refs == 0 {
+                let id = *id;
+                self.backend_ids.remove(&ep);
+                self.be_ids.release(id);
+            }
+        }
+    }
+
+    /// Writes one Maglev table (backends first, then the table). Returns the count.
+    fn write_set(
+        &mut self,
+        svc_id: u32,
+        set: u32,
+        members: &BTreeSet<SocketAddr>,
+    ) -> Result<u32, ControlError> {
+        if members.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(members.len());
+        let mut names = Vec::with_capacity(members.len());
+        for sa in members {
+            ids.push(self.backend_ref(*sa)?);
+            names.push(sa.to_string());
+        }
+        let table = maglev::build_table(&names).unwrap_or_default();
+        let mut value = MaglevValue {
+            slots: [0; MAGLEV_M],
+        };
+        for (slot, idx) in value.slots.iter_mut().zip(table) {
+            *slot = ids[idx as usize];
+        }
+        self.maps
+            .maglev
+            .insert(MaglevKey { svc_id, set }, value, 0)
+            .map_err(werr("MAGLEV"))?;
+        Ok(members.len() as u32)
+    }
+
+    /// Makes the maps hold exactly `desired`. Idempotent; only changed entries are written.
+    pub fn apply(&mut self, desired: &[DesiredService]) -> Result<ApplyReport, ControlError> {
+        let mut report = ApplyReport::default();
+        let mut keep = std::collections::HashSet::new();
+        for d in desired {
+            keep.insert(d.key);
+            let old = self.services.get(&d.key).cloned();
+            if let Some(old) = &old {
+                if old.desired == *d {
+                    report.unchanged += 1;
+                    continue;
+                }
+            }
+            let (id, generation) = match &old {
+                Some(o) => (o.value.id, o.value.generation.wrapping_add(1)),
+                None => {
+                    let id = self.svc_ids.alloc("service")?;
+                    let _ = self.maps.reset_service_stats(id);
+                    (id, 1)
+                }
+            };
+            if old.as_ref().map(|o| &o.desired.name) != Some(&d.name) {
+                let mut meta = ServiceMeta { name: [0; 128] };
+                let n = d.name.len().min(127);
+                meta.name[..n].copy_from_slice(&d.name.as_bytes()[..n]);
+                self.maps
+                    .meta
+                    .insert(id, meta, 0)
+                    .map_err(werr("SERVICE_META"))?;
+            }
+            // 1. backends and tables (only the sets that changed).
+            let old_serve = old
+                .as_ref()
+                .map(|o| o.desired.serve.clone())
+                .unwrap_or_default();
+            let old_proxy = old
+                .as_ref()
+                .map(|o| o.desired.proxy.clone())
+                .unwrap_or_default();
+            let backend_count = if old_serve != d.serve || old.is_none() {
+                self.write_set(id, SET_SERVE, &d.serve)?
+            } else {
+                old.as_ref().map(|o| o.value.backend_count).unwrap_or(0)
+            };
+            let proxy_count = if old_proxy != d.proxy || old.is_none() {
+                self.write_set(id, SET_PROXY, &d.proxy)?
+            } else {
+                old.as_ref().map(|o| o.value.proxy_count).unwrap_or(0)
+            };
+            // 2. the service entry: one write (a flip is exactly this).
+            let value = ServiceValue {
+                id,
+                mode: d.mode,
+                backend_count,
+                proxy_count,
+                generation,
+                activator: d.activator.map(endpoint).unwrap_or_default(),
+                ..ServiceValue::default()
+            };
+            self.maps
+                .services
+                .insert(d.key, value, 0)
+                .map_err(werr("SERVICES"))?;
+            // 3. release what the old entry referenced.
+            if let Some(o) = &old {
+                if o.desired.serve != d.serve {
+                    for sa in &o.desired.serve {
+                        self.backend_unref(*sa);
+                    }
+                    if d.serve.is_empty() {
+                        let _ = self.maps.maglev.remove(&MaglevKey {
+                            svc_id: id,
+                            set: SET_SERVE,
+                        });
+                    }
+                }
+                if o.desired.proxy != d.proxy {
+                    for sa in &o.desired.proxy {
+                        self.backend_unref(*sa);
+                    }
+                    if d.proxy.is_empty() {
+                        let _ = self.maps.maglev.remove(&MaglevKey {
+                            svc_id: id,
+                            set: SET_PROXY,
+                        });
+                    }
+                }
+                report.updated += 1;
+            } else {
+                report.added += 1;
+            }
+            self.services.insert(
+                d.key,
+                Installed {
+                    value,
+                    desired: d.clone(),
+                },
+            );
+        }
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove(&key)?;
+            report.removed += 1;
+        }
+        Ok(report)
+    }
+
+    fn remove(&mut self, key: &ServiceKey) -> Result<(), ControlError> {
+        let Some(old) = self.services.remove(key) else {
+            return Ok(());
+        };
+        // Entry first: from here no new flow reaches the tables.
+        match self.maps.services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(werr("SERVICES")(e)),
+        }
+        let id = old.value.id;
+        for set in [SET_SERVE, SET_PROXY] {
+            let _ = self.maps.maglev.remove(&MaglevKey { svc_id: id, set });
+        }
+        let _ = self.maps.meta.remove(&id);
+        for sa in old.desired.serve.iter().chain(&old.desired.proxy) {
+            self.backend_unref(*sa);
+        }
+        self.svc_ids.release(id);
+        Ok(())
+    }
+
+    /// Changes only the mode of one entry: the single map write a flip is.
+    pub fn set_mode(&mut self, key: &ServiceKey, mode: u8) -> Result<bool, ControlError> {
+        let Some(inst) = self.services.get_mut(key) else {
+            return Ok(false);
+        };
+        if inst.value.mode == mode {
+            return Ok(true);
+        }
+        let mut value = inst.value;
+        value.mode = mode;
+        value.generation = value.generation.wrapping_add(1);
+        self.maps
+            .services
+            .insert(*key, value, 0)
+            .map_err(werr("SERVICES"))?;
+        inst.value = value;
+        inst.desired.mode = mode;
+        Ok(true)
+    }
+
+    /// Installed entries with their values.
+    pub fn installed(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue, &str)> {
+        self.services
+            .iter()
+            .map(|(k, i)| (k, &i.value, i.desired.name.as_str()))
+    }
+
+    /// Removes conntrack entries idle past their timeout. Returns how many were removed.
+    pub fn gc_conntrack(&mut self, ct: &ConntrackConfig) -> usize {
+        let now = monotonic_coarse_ns();
+        let expired: Vec<_> = self
+            .maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let timeout = if v.flags & redirector_common::CT_CLOSING != 0 {
+                    ct.closing_timeout
+                } else if k.proto == PROTO_TCP {
+                    ct.tcp_timeout
+                } else {
+                    ct.udp_timeout
+                };
+                now.saturating_sub(v.last_seen) > timeout.as_nanos() as u64
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let n = expired.len();
+        for k in expired {
+            let _ = self.maps.conntrack.remove(&k);
+        }
+        n
+    }
+}
+
+/// The clock `bpf_ktime_get_coarse_ns` reads.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

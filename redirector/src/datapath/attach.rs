@@ -1,0 +1,181 @@
+//! Attaching programs to interfaces with pinned links, so that programs stay attached when
+//! the agent stops and a new agent replaces them atomically (`bpf_link_update`).
+use std::{fmt, path::PathBuf};
+
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
+    xdp::XdpLink,
+    LinkOrder, TcAttachType, XdpMode,
+};
+
+use super::{Datapath, DatapathError, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP};
+use crate::config::XdpModeCfg;
+
+/// Where a program hangs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Xdp => "xdp",
+            Hook::TcIngress => "tc-ingress",
+            Hook::TcEgress => "tc-egress",
+        })
+    }
+}
+
+/// What an attach did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachReport {
+    /// A pinned link of a previous agent now runs this agent's program.
+    Replaced,
+    /// A new link. `mode` says native/generic for XDP.
+    Attached { mode: &'static str },
+}
+
+impl Datapath {
+    fn link_pin(&self, ifname: &str, hook: Hook) -> PathBuf {
+        self.pin_path.join("links").join(format!("{ifname}.{hook}"))
+    }
+
+    /// Attaches `hook` on `ifname`, adopting a pinned link left by a previous agent.
+    pub fn attach(
+        &mut self,
+        ifname: &str,
+        hook: Hook,
+        xdp_mode: XdpModeCfg,
+    ) -> Result<AttachReport, DatapathError> {
+        let pin = self.link_pin(ifname, hook);
+        let err = |message: String| DatapathError::Attach {
+            ifname: ifname.to_owned(),
+            hook,
+            message,
+        };
+        if pin.exists() {
+            match self.replace_pinned(&pin, hook) {
+                Ok(()) => return Ok(AttachReport::Replaced),
+                Err(e) => {
+                    // The interface it belonged to is gone (or the link is otherwise stale).
+                    tracing::debug!(ifname, %hook, error = %e, "dropping stale pinned link");
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let (fd_link, mode): (FdLink, &'static str) = match hook {
+            Hook::Xdp => {
+                let prog = self.xdp(PROG_XDP)?;
+                let try_modes: &[(XdpMode, &'static str)] = match xdp_mode {
+                    XdpModeCfg::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+                    XdpModeCfg::Native => &[(XdpMode::Driver, "native")],
+                    XdpModeCfg::Generic => &[(XdpMode::Skb, "generic")],
+                };
+                let mut last = String::new();
+                let mut done = None;
+                for (m, label) in try_modes {
+                    match prog.attach(ifname, *m) {
+                        Ok(id) => {
+                            let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+                            let fd: FdLink = link
+                                .try_into()
+                                .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+                            done = Some((fd, *label));
+                            break;
+                        }
+                        Err(e) => last = format!("{label}: {e}"),
+                    }
+                }
+                done.ok_or_else(|| err(last))?
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let (name, ty) = if hook == Hook::TcIngress {
+                    (PROG_TC_INGRESS, TcAttachType::Ingress)
+                } else {
+                    (PROG_TC_EGRESS, TcAttachType::Egress)
+                };
+                let prog = self.tc(name)?;
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        ty,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| err(format!("tcx: {e}")))?;
+                let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+                let fd: FdLink = link
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+                (fd, "tcx")
+            }
+        };
+        fd_link
+            .pin(&pin)
+            .map_err(|e| err(format!("pinning link at {}: {e}", pin.display())))?;
+        Ok(AttachReport::Attached { mode })
+    }
+
+    fn replace_pinned(&mut self, pin: &std::path::Path, hook: Hook) -> Result<(), String> {
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+        let fd: FdLink = pinned.into();
+        match hook {
+            Hook::Xdp => {
+                let link = XdpLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self.xdp(PROG_XDP).map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                // The link stays pinned; release our handle without detaching.
+                let link = prog.take_link(id).map_err(|e| e.to_string())?;
+                drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let name = if hook == Hook::TcIngress {
+                    PROG_TC_INGRESS
+                } else {
+                    PROG_TC_EGRESS
+                };
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| e.to_string())?;
+                let prog = self.tc(name).map_err(|e| e.to_string())?;
+                let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+                let link = prog.take_link(id).map_err(|e| e.to_string())?;
+                drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches `hook` from `ifname` (removes the pinned link).
+    pub fn detach(&self, ifname: &str, hook: Hook) -> bool {
+        std::fs::remove_file(self.link_pin(ifname, hook)).is_ok()
+    }
+
+    /// Interfaces with a pinned link (`(ifname, hook)`), e.g. left by a previous agent.
+    pub fn pinned_links(&self) -> Vec<(String, Hook)> {
+        pinned_links(&self.pin_path)
+    }
+}
+
+/// Lists pinned links under `pin_path/links`.
+pub fn pinned_links(pin_path: &std::path::Path) -> Vec<(String, Hook)> {
+    let Ok(dir) = std::fs::read_dir(pin_path.join("links")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((ifname, hook)) = name.rsplit_once('.') else {
+            continue;
+        };
+        let hook = match hook {
+            "xdp" => Hook::Xdp,
+            "tc-ingress" => Hook::TcIngress,
+            "tc-egress" => Hook::TcEgress,
+            _ => continue,
+        };
+        out.push((ifname.to_owned(), hook));
+    }
+    out
+}

@@ -1,0 +1,156 @@
+//! The kernel datapath: loads the eBPF object embedded in this binary, pins its maps and
+//! links under the pin path (adopting what a previous agent left there), attaches the
+//! programs to interfaces, and gives typed access to the maps (`maps`).
+mod attach;
+mod bpffs;
+pub mod maps;
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    programs::{ProgramError, SchedClassifier, Xdp},
+    Ebpf, EbpfError, EbpfLoader,
+};
+
+pub use attach::{pinned_links as pinned_links_at, AttachReport, Hook};
+pub use maps::{Maps, MapsError};
+
+/// The eBPF object, built by build.rs and embedded: no path to a build folder at run time.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+
+/// Program names in the object.
+pub const PROG_XDP: &str = "redirector_xdp";
+pub const PROG_TC_INGRESS: &str = "redirector_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "redirector_tc_egress";
+pub const PROG_XDP_EMPTY: &str = "redirector_xdp_empty";
+pub const PROG_TC_EMPTY: &str = "redirector_tc_empty";
+
+/// Every map, pinned as `<pin_path>/<NAME>`.
+pub const MAP_NAMES: [&str; 8] = [
+    "SERVICES",
+    "MAGLEV",
+    "BACKENDS",
+    "CONNTRACK",
+    "SERVICE_STATS",
+    "GLOBAL_STATS",
+    "CONFIG",
+    "SERVICE_META",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("bpffs at {path}: {message}")]
+    Bpffs { path: PathBuf, message: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("{0}")]
+    Maps(#[from] MapsError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("attaching {hook} to {ifname}: {message}")]
+    Attach {
+        ifname: String,
+        hook: Hook,
+        message: String,
+    },
+}
+
+/// Loaded programs plus their pinned maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_path: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs and pins (or adopts pinned) maps under `pin_path`, mounting a
+    /// bpffs there first if none is mounted.
+    pub fn open(pin_path: &Path) -> Result<Self, DatapathError> {
+        bpffs::ensure(pin_path)?;
+        std::fs::create_dir_all(pin_path.join("links")).map_err(|source| DatapathError::Io {
+            op: "creating",
+            path: pin_path.join("links"),
+            source,
+        })?;
+        let paths: Vec<(&'static str, PathBuf)> =
+            MAP_NAMES.iter().map(|n| (*n, pin_path.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        load_programs(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            pin_path: pin_path.to_owned(),
+        })
+    }
+
+    /// Loads the programs with private, unpinned maps (tests and benchmarks).
+    pub fn open_unpinned() -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        load_programs(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            pin_path: PathBuf::new(),
+        })
+    }
+
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
+    }
+
+    /// Typed handles on the maps (clones of the map fds: valid as long as needed).
+    pub fn maps(&mut self) -> Result<Maps, DatapathError> {
+        Ok(Maps::from_ebpf(&mut self.ebpf)?)
+    }
+
+    pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    pub fn tc(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    for name in [PROG_XDP, PROG_XDP_EMPTY] {
+        let p: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        p.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_EMPTY] {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        p.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016): builds a service's lookup table
+//! so that removing one of N backends moves only about 1/N of the slots.
+use redirector_common::MAGLEV_M;
+
+/// FNV-1a 64: stable across runs and versions (tables must not change on an agent restart).
+fn fnv1a(seed: u64, data: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Final avalanche so that similar names spread.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
+}
+
+/// Builds the table for backends named by `names` (any stable identity, e.g. "ip:port").
+/// Each slot holds an index into `names`. Empty input gives `None`.
+pub fn build_table(names: &[String]) -> Option<Vec<u32>> {
+    let n = names.len();
+    if n == 0 {
+        return None;
+    }
+    let m = MAGLEV_M as u64;
+    let perm: Vec<(u64, u64)> = names
+        .iter()
+        .map(|name| {
+            let offset = fnv1a(0, name.as_bytes()) % m;
+            let skip = fnv1a(0x5bd1_e995, name.as_bytes()) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; n];
+    let mut table = vec![u32::MAX; MAGLEV_M];
+    let mut filled = 0;
+    'outer: loop {
+        for i in 0..n {
+            let (offset, skip) = perm[i];
+            let mut c = (offset + next[i] * skip) % m;
+            while table[c as usize] != u32::MAX {
+                next[i] += 1;
+                c = (offset + next[i] * skip) % m;
+            }
+            table[c as usize] = i as u32;
+            next[i] += 1;
+            filled += 1;
+            if filled == MAGLEV_M {
+                break 'outer;
+            }
+        }
+    }
+    Some(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.1.{}.{}:8080", i / 250, i % 250 + 1))
+            .collect()
+    }
+
+    #[test]
+    fn balanced() {
+        for n in [1, 3, 10, 50] {
+            let t = build_table(&names(n)).unwrap();
+            let mut counts = vec![0usize; n];
+            for s in &t {
+                counts[*s as usize] += 1;
+            }
+            let ideal = MAGLEV_M as f64 / n as f64;
+            for c in counts {
+                assert!(
+                    (c as f64) > ideal * 0.8 && (c as f64) < ideal * 1.2,
+                    "n={n} c={c}"
+                );
+            }
+        }
+    }
+
+    /// Removing one of N backends moves ~1/N of the slots (the ones it owned), and only a
+    /// small extra fraction of the others.
+    #[test]
+    fn removal_moves_about_one_nth() {
+        for n in [5usize, 10, 20] {
+            let all = names(n);
+            let before = build_table(&all).unwrap();
+            let removed = 3;
+            let rest: Vec<String> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != removed)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let after = build_table(&rest).unwrap();
+            let mut moved = 0;
+            for (b, a) in before.iter().zip(&after) {
+                if all[*b as usize] != rest[*a as usize] {
+                    moved += 1;
+                }
+            }
+            let frac = moved as f64 / MAGLEV_M as f64;
+            let ideal = 1.0 / n as f64;
+            assert!(
+                frac >= ideal * 0.8 && frac <= ideal * 1.6,
+                "n={n}: moved {frac:.3}, ideal {ideal:.3}"
+            );
+        }
+    }
+
+    #[test]
+    fn stable() {
+        assert_eq!(build_table(&names(7)), build_table(&names(7)));
+    }
+}

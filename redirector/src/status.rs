@@ -1,0 +1,160 @@
+//! `redirector status`: every service with mode, backends and counters, read from the
+//! pinned maps (no running agent needed).
+use std::{collections::BTreeSet, path::Path};
+
+use redirector_common::{MaglevKey, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE};
+use serde::Serialize;
+
+use crate::{
+    addr::{endpoint_addr, wire_port, words_ip},
+    datapath::{Maps, MapsError},
+};
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    pub id: u32,
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub mode: &'static str,
+    pub generation: u32,
+    pub backends: Vec<String>,
+    pub proxy_pool: Vec<String>,
+    pub activator: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub new_flows: u64,
+    pub proxied_flows: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub services: Vec<ServiceStatus>,
+    pub conntrack_entries: usize,
+    pub counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+const COUNTER_NAMES: [(u32, &str); 10] = [
+    (redirector_common::G_PACKETS, "packets"),
+    (redirector_common::G_NOT_IP, "not_ip"),
+    (redirector_common::G_MALFORMED, "malformed"),
+    (
+        redirector_common::G_FRAGMENT_OR_OPTIONS,
+        "fragment_or_options",
+    ),
+    (redirector_common::G_NAT_FORWARD, "nat_forward"),
+    (redirector_common::G_NAT_REPLY, "nat_reply"),
+    (redirector_common::G_NO_BACKEND, "no_backend"),
+    (redirector_common::G_CT_FULL, "conntrack_insert_failed"),
+    (redirector_common::G_HAIRPIN, "hairpin"),
+    (redirector_common::G_REWRITE_FAILED, "rewrite_failed"),
+];
+
+fn set_members(maps: &Maps, svc_id: u32, set: u32, count: u32) -> Vec<String> {
+    if count == 0 {
+        return Vec::new();
+    }
+    let Ok(t) = maps.maglev.get(&MaglevKey { svc_id, set }, 0) else {
+        return Vec::new();
+    };
+    let ids: BTreeSet<u32> = t.slots.iter().copied().collect();
+    let mut out: Vec<String> = ids
+        .into_iter()
+        .filter_map(|id| maps.backends.get(&id, 0).ok())
+        .filter_map(|e| endpoint_addr(&e))
+        .map(|a| a.to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Reads the status from the maps.
+pub fn collect(maps: &Maps) -> Status {
+    let mut services: Vec<ServiceStatus> = maps
+        .services
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| {
+            let st = maps.service_stats(v.id);
+            ServiceStatus {
+                id: v.id,
+                name: maps.service_name(v.id).unwrap_or_default(),
+                vip: words_ip(&k.addr, k.family).to_string(),
+                port: wire_port(k.port),
+                protocol: if k.proto == PROTO_TCP { "tcp" } else { "udp" },
+                mode: if v.mode == MODE_PROXY {
+                    "proxy"
+                } else {
+                    "serve"
+                },
+                generation: v.generation,
+                backends: set_members(maps, v.id, SET_SERVE, v.backend_count),
+                proxy_pool: set_members(maps, v.id, SET_PROXY, v.proxy_count),
+                activator: endpoint_addr(&v.activator).map(|a| a.to_string()),
+                packets: st.packets,
+                bytes: st.bytes,
+                reply_packets: st.reply_packets,
+                reply_bytes: st.reply_bytes,
+                new_flows: st.new_flows,
+                proxied_flows: st.proxied_flows,
+            }
+        })
+        .collect();
+    services.sort_by(|a, b| (&a.name, &a.vip).cmp(&(&b.name, &b.vip)));
+    let g = maps.global_stats();
+    Status {
+        services,
+        conntrack_entries: maps.conntrack_len(),
+        counters: COUNTER_NAMES
+            .iter()
+            .map(|(i, n)| (*n, g[*i as usize]))
+            .collect(),
+    }
+}
+
+/// Opens the pinned maps under `pin_path` and reads the status.
+pub fn read(pin_path: &Path) -> Result<Status, MapsError> {
+    Ok(collect(&Maps::open_pinned(pin_path)?))
+}
+
+/// Human-readable table.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<28} {:<6} {:<34} {:>10} {:>12} {:>8} {:>8}",
+        "SERVICE", "VIP", "MODE", "BACKENDS", "PACKETS", "BYTES", "FLOWS", "PROXIED"
+    );
+    for svc in &s.services {
+        let vip = if svc.vip.contains(':') {
+            format!("[{}]:{}/{}", svc.vip, svc.port, svc.protocol)
+        } else {
+            format!("{}:{}/{}", svc.vip, svc.port, svc.protocol)
+        };
+        let backends = if svc.backends.is_empty() {
+            "-".to_owned()
+        } else {
+            svc.backends.join(",")
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:<28} {:<6} {:<34} {:>10} {:>12} {:>8} {:>8}",
+            svc.name,
+            vip,
+            svc.mode,
+            backends,
+            svc.packets + svc.reply_packets,
+            svc.bytes + svc.reply_bytes,
+            svc.new_flows,
+            svc.proxied_flows
+        );
+    }
+    let _ = writeln!(out, "\nconntrack entries: {}", s.conntrack_entries);
+    let counters: Vec<String> = s.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(out, "counters: {}", counters.join(" "));
+    out
+}
