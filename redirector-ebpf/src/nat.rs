@@ -188,6 +188,10 @@ fn flow_hash(k: &CtKey) -> u32 {
 fn maglev_pick(svc_id: u32, set: u32, k: &CtKey) -> Option<Endpoint> {
     let table = MAGLEV.get_ptr(MaglevKey { svc_id, set })?;
     let slot = (flow_hash(k) % MAGLEV_M as u32) as usize;
+    // The compiler knows `slot < MAGLEV_M` and would drop the check; the verifier does not
+    // know it. Launder the value so the check stays.
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
     if slot >= MAGLEV_M {
         return None;
     }

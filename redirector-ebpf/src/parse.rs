@@ -61,97 +61,97 @@ pub fn load<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(p) })
 }
 
+/// Reads a `T` at `base + off` without a bounds check: `base` must come from a `ptr_at`
+/// covering the read.
+#[inline(always)]
+fn rd<T: Copy>(base: usize, off: usize) -> T {
+    // SAFETY: the caller's ptr_at established that [base, base + size) is in the packet.
+    unsafe { core::ptr::read_unaligned((base + off) as *const T) }
+}
+
 /// Why a packet was not parsed (the counter to bump).
 pub type Skip = u32;
 
-/// Parses Ethernet + IP + L4 ports. `Err(counter)` means: pass unchanged.
+/// Parses Ethernet + IP + L4 ports. `Err(counter)` means: pass unchanged. `frame_len` is
+/// the whole frame's length (an skb's data may extend past its linear part).
+///
+/// All bounds checks of header reads come first and length validation last, so that the
+/// compiler cannot fold a packet-bounds check into a length comparison the verifier does not
+/// track.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
-    let ethertype: u16 = load(data, data_end, 12).ok_or(G_MALFORMED)?;
-    let avail = data_end - data;
+pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Parsed, Skip> {
+    let eth = ptr_at::<[u8; ETH_LEN]>(data, data_end, 0).ok_or(G_MALFORMED)? as usize;
+    let ethertype = u16::from_be(rd::<u16>(eth, 12));
     let mut key = CtKey::default();
     let l4_off;
     let ip_len;
-    match u16::from_be(ethertype) {
+    match ethertype {
         0x0800 => {
-            let vihl: u8 = load(data, data_end, ETH_LEN).ok_or(G_MALFORMED)?;
+            let ip = ptr_at::<[u8; IPV4_LEN]>(data, data_end, ETH_LEN).ok_or(G_MALFORMED)? as usize;
+            let vihl: u8 = rd(ip, 0);
             if vihl >> 4 != 4 {
                 return Err(G_MALFORMED);
             }
             if vihl & 0x0f != 5 {
                 return Err(G_FRAGMENT_OR_OPTIONS);
             }
-            let tot_len: u16 = load(data, data_end, ETH_LEN + 2).ok_or(G_MALFORMED)?;
-            let tot_len = u16::from_be(tot_len) as usize;
-            if tot_len < IPV4_LEN + UDP_LEN || ETH_LEN + tot_len > avail {
-                return Err(G_MALFORMED);
-            }
-            let frag: u16 = load(data, data_end, ETH_LEN + 6).ok_or(G_MALFORMED)?;
-            if u16::from_be(frag) & 0x3fff != 0 {
+            if u16::from_be(rd::<u16>(ip, 6)) & 0x3fff != 0 {
                 return Err(G_FRAGMENT_OR_OPTIONS);
             }
-            key.proto = load(data, data_end, ETH_LEN + 9).ok_or(G_MALFORMED)?;
-            key.saddr[0] = load(data, data_end, ETH_LEN + 12).ok_or(G_MALFORMED)?;
-            key.daddr[0] = load(data, data_end, ETH_LEN + 16).ok_or(G_MALFORMED)?;
+            ip_len = u16::from_be(rd::<u16>(ip, 2)) as usize;
+            key.proto = rd(ip, 9);
+            key.saddr[0] = rd(ip, 12);
+            key.daddr[0] = rd(ip, 16);
             key.family = FAMILY_V4;
             l4_off = ETH_LEN + IPV4_LEN;
-            ip_len = tot_len;
         }
         0x86dd => {
-            let v: u8 = load(data, data_end, ETH_LEN).ok_or(G_MALFORMED)?;
+            let ip = ptr_at::<[u8; IPV6_LEN]>(data, data_end, ETH_LEN).ok_or(G_MALFORMED)? as usize;
+            let v: u8 = rd(ip, 0);
             if v >> 4 != 6 {
                 return Err(G_MALFORMED);
             }
-            let plen: u16 = load(data, data_end, ETH_LEN + 4).ok_or(G_MALFORMED)?;
-            let plen = u16::from_be(plen) as usize;
-            if plen < UDP_LEN || ETH_LEN + IPV6_LEN + plen > avail {
-                return Err(G_MALFORMED);
-            }
-            key.proto = load(data, data_end, ETH_LEN + 6).ok_or(G_MALFORMED)?;
-            key.saddr = load(data, data_end, ETH_LEN + 8).ok_or(G_MALFORMED)?;
-            key.daddr = load(data, data_end, ETH_LEN + 24).ok_or(G_MALFORMED)?;
+            ip_len = IPV6_LEN + u16::from_be(rd::<u16>(ip, 4)) as usize;
+            key.proto = rd(ip, 6);
+            key.saddr = rd(ip, 8);
+            key.daddr = rd(ip, 24);
             key.family = FAMILY_V6;
             l4_off = ETH_LEN + IPV6_LEN;
-            ip_len = IPV6_LEN + plen;
         }
         _ => return Err(G_NOT_IP),
     }
-    let l4_len = ip_len - (l4_off - ETH_LEN);
     let mut tcp_flags = 0;
+    let l4_min;
     match key.proto {
         PROTO_TCP => {
-            if l4_len < TCP_LEN {
+            let l4 = ptr_at::<[u8; TCP_LEN]>(data, data_end, l4_off).ok_or(G_MALFORMED)? as usize;
+            key.sport = rd(l4, 0);
+            key.dport = rd(l4, 2);
+            let doff = ((rd::<u8>(l4, 12) >> 4) as usize) * 4;
+            tcp_flags = rd(l4, 13);
+            if doff < TCP_LEN {
                 return Err(G_MALFORMED);
             }
-            let doff: u8 = load(data, data_end, l4_off + 12).ok_or(G_MALFORMED)?;
-            let doff = ((doff >> 4) as usize) * 4;
-            if doff < TCP_LEN || doff > l4_len {
-                return Err(G_MALFORMED);
-            }
-            tcp_flags = load(data, data_end, l4_off + 13).ok_or(G_MALFORMED)?;
+            l4_min = doff;
         }
         PROTO_UDP => {
-            let ulen: u16 = load(data, data_end, l4_off + 4).ok_or(G_MALFORMED)?;
-            let ulen = u16::from_be(ulen) as usize;
-            if ulen < UDP_LEN || ulen > l4_len {
+            let l4 = ptr_at::<[u8; UDP_LEN]>(data, data_end, l4_off).ok_or(G_MALFORMED)? as usize;
+            key.sport = rd(l4, 0);
+            key.dport = rd(l4, 2);
+            let ulen = u16::from_be(rd::<u16>(l4, 4)) as usize;
+            if ulen < UDP_LEN {
                 return Err(G_MALFORMED);
             }
+            l4_min = ulen;
         }
         _ => return Err(G_NOT_IP),
     }
-    key.sport = load(data, data_end, l4_off).ok_or(G_MALFORMED)?;
-    key.dport = load(data, data_end, l4_off + 2).ok_or(G_MALFORMED)?;
-    // The checksum field must be inside the packet too.
-    let _: u16 = load(
-        data,
-        data_end,
-        if key.proto == PROTO_TCP {
-            l4_off + 16
-        } else {
-            l4_off + 6
-        },
-    )
-    .ok_or(G_MALFORMED)?;
+    // Lengths last: the IP length must cover the L4 header (or UDP length) and fit in the
+    // frame (Ethernet padding may follow it).
+    let hdr = l4_off - ETH_LEN;
+    if ip_len < hdr + l4_min || ETH_LEN + ip_len > frame_len {
+        return Err(G_MALFORMED);
+    }
     Ok(Parsed {
         key,
         l4_off,

@@ -27,7 +27,7 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
         let len = ctx.len();
         let _ = ctx.pull_data(if len < want { len } else { want });
     }
-    let p = match parse(ctx.data(), ctx.data_end()) {
+    let p = match parse(ctx.data(), ctx.data_end(), ctx.len() as usize) {
         Ok(p) => p,
         Err(c) => {
             count(c);

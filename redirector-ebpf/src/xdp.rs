@@ -15,7 +15,7 @@ use crate::{
 pub fn run(ctx: &XdpContext) -> u32 {
     count(G_PACKETS);
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let p = match parse(data, data_end) {
+    let p = match parse(data, data_end, data_end - data) {
         Ok(p) => p,
         Err(c) => {
             count(c);

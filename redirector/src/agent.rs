@@ -252,7 +252,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
     let mut n = 0;
     for (ifname, hook) in crate::datapath::pinned_links_at(pin_path) {
-        let p = pin_path.join("links").join(format!("{ifname}.{hook}"));
+        let p = crate::datapath::link_pin_path(pin_path, &ifname, hook);
         if std::fs::remove_file(&p).is_ok() {
             n += 1;
         }

@@ -56,16 +56,16 @@ pub enum XdpModeCfg {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
-    One(Spanned<String>),
-    Many(Vec<Spanned<String>>),
+    One(String),
+    Many(Vec<String>),
 }
 
-impl OneOrMany {
-    fn into_vec(self) -> Vec<Spanned<String>> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
+/// Splits a spanned one-or-many into items that carry the field's span.
+fn spanned_items(v: Spanned<OneOrMany>) -> Vec<(std::ops::Range<usize>, String)> {
+    let span = v.span();
+    match v.into_inner() {
+        OneOrMany::One(s) => vec![(span, s)],
+        OneOrMany::Many(list) => list.into_iter().map(|s| (span.clone(), s)).collect(),
     }
 }
 
@@ -89,7 +89,7 @@ struct RawNode {
     #[serde(default)]
     pin_path: Option<PathBuf>,
     #[serde(default)]
-    activator: Option<OneOrMany>,
+    activator: Option<Spanned<OneOrMany>>,
     #[serde(default)]
     xdp_mode: XdpModeCfg,
     #[serde(default)]
@@ -110,7 +110,7 @@ struct RawService {
     name: Spanned<String>,
     #[serde(default)]
     namespace: Option<String>,
-    vip: OneOrMany,
+    vip: Spanned<OneOrMany>,
     port: u16,
     #[serde(default = "default_proto")]
     protocol: Protocol,
@@ -204,15 +204,9 @@ impl Config {
             toml::from_str(text).map_err(|e| err(e.span(), e.message().to_owned()))?;
 
         let mut activator = Vec::new();
-        for a in raw
-            .node
-            .activator
-            .map(OneOrMany::into_vec)
-            .unwrap_or_default()
-        {
+        for (span, a) in raw.node.activator.map(spanned_items).unwrap_or_default() {
             activator.push(
-                parse_sockaddr(a.get_ref())
-                    .map_err(|m| err(Some(a.span()), format!("node.activator: {m}")))?,
+                parse_sockaddr(&a).map_err(|m| err(Some(span), format!("node.activator: {m}")))?,
             );
         }
         let metrics = match raw.node.metrics {
@@ -250,16 +244,16 @@ impl Config {
         for (i, s) in raw.services.into_iter().enumerate() {
             let field = |f: &str| format!("service[{i}] ({}).{f}", s.name.get_ref());
             let mut vips = Vec::new();
-            for v in s.vip.into_vec() {
-                let ip: IpAddr = v.get_ref().parse().map_err(|_| {
+            for (span, v) in spanned_items(s.vip) {
+                let ip: IpAddr = v.parse().map_err(|_| {
                     err(
-                        Some(v.span()),
-                        format!("{}: {:?} is not an IP address", field("vip"), v.get_ref()),
+                        Some(span.clone()),
+                        format!("{}: {v:?} is not an IP address", field("vip")),
                     )
                 })?;
                 if !seen.insert((ip, s.port, s.protocol)) {
                     return Err(err(
-                        Some(v.span()),
+                        Some(span),
                         format!(
                             "{}: {ip} port {} is used by another service",
                             field("vip"),

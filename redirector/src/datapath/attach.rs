@@ -22,12 +22,45 @@ pub enum Hook {
 
 impl fmt::Display for Hook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Hook {
+    pub fn as_str(&self) -> &'static str {
+        match self {
             Hook::Xdp => "xdp",
             Hook::TcIngress => "tc-ingress",
             Hook::TcEgress => "tc-egress",
-        })
+        }
     }
+    fn parse(s: &str) -> Option<Self> {
+        [Hook::Xdp, Hook::TcIngress, Hook::TcEgress]
+            .into_iter()
+            .find(|h| h.as_str() == s)
+    }
+}
+
+/// File name of a pinned link: bpffs rejects '.', which interface names may contain.
+fn pin_name(ifname: &str, hook: Hook) -> String {
+    format!(
+        "{}@{}",
+        ifname.replace('%', "%25").replace('.', "%2e"),
+        hook.as_str()
+    )
+}
+
+fn parse_pin_name(name: &str) -> Option<(String, Hook)> {
+    let (ifname, hook) = name.rsplit_once('@')?;
+    Some((
+        ifname.replace("%2e", ".").replace("%25", "%"),
+        Hook::parse(hook)?,
+    ))
+}
+
+/// Path of the pinned link of `hook` on `ifname`.
+pub fn link_pin_path(pin_path: &std::path::Path, ifname: &str, hook: Hook) -> PathBuf {
+    pin_path.join("links").join(pin_name(ifname, hook))
 }
 
 /// What an attach did.
@@ -41,7 +74,7 @@ pub enum AttachReport {
 
 impl Datapath {
     fn link_pin(&self, ifname: &str, hook: Hook) -> PathBuf {
-        self.pin_path.join("links").join(format!("{ifname}.{hook}"))
+        link_pin_path(&self.pin_path, ifname, hook)
     }
 
     /// Attaches `hook` on `ifname`, adopting a pinned link left by a previous agent.
@@ -163,19 +196,23 @@ pub fn pinned_links(pin_path: &std::path::Path) -> Vec<(String, Hook)> {
     let Ok(dir) = std::fs::read_dir(pin_path.join("links")) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some((ifname, hook)) = name.rsplit_once('.') else {
-            continue;
-        };
-        let hook = match hook {
-            "xdp" => Hook::Xdp,
-            "tc-ingress" => Hook::TcIngress,
-            "tc-egress" => Hook::TcEgress,
-            _ => continue,
-        };
-        out.push((ifname.to_owned(), hook));
+    dir.flatten()
+        .filter_map(|e| parse_pin_name(&e.file_name().to_string_lossy()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_roundtrip_without_dots() {
+        for ifname in ["eth0", "eth0.100", "we%rd.x"] {
+            for hook in [Hook::Xdp, Hook::TcIngress, Hook::TcEgress] {
+                let n = pin_name(ifname, hook);
+                assert!(!n.contains('.'), "{n}");
+                assert_eq!(parse_pin_name(&n), Some((ifname.to_owned(), hook)));
+            }
+        }
     }
-    out
 }

@@ -12,7 +12,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 
-pub use attach::{pinned_links as pinned_links_at, AttachReport, Hook};
+pub use attach::{link_pin_path, pinned_links as pinned_links_at, AttachReport, Hook};
 pub use maps::{Maps, MapsError};
 
 /// The eBPF object, built by build.rs and embedded: no path to a build folder at run time.
