@@ -106,10 +106,10 @@ impl Attachments {
             keep
         });
         for (ifname, hook) in dp.pinned_links() {
-            if !present.contains_key(ifname.as_str()) || !hooks_for(node, &ifname).contains(&hook) {
-                if dp.detach(&ifname, hook) {
-                    tracing::info!(%ifname, %hook, "detached (no longer configured)");
-                }
+            let stale =
+                !present.contains_key(ifname.as_str()) || !hooks_for(node, &ifname).contains(&hook);
+            if stale && dp.detach(&ifname, hook) {
+                tracing::info!(%ifname, %hook, "detached (no longer configured)");
             }
         }
         for (ifindex, ifname) in &links {
