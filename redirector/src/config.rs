@@ -28,11 +28,73 @@ pub enum ConfigError {
     },
 }
 
+/// What a service speaks. `http` and `h2c` are proxied per request by the activator;
+/// `tcp` is the L4 mode (held connections spliced to the instance); all three are TCP in
+/// the datapath. `udp` services have no activator path (Proxy has nothing to hold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    Http,
+    H2c,
     Tcp,
     Udp,
+}
+
+impl Protocol {
+    pub fn is_udp(self) -> bool {
+        self == Protocol::Udp
+    }
+}
+
+/// How the scaler tells an instance is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers 2xx.
+    Http(String),
+}
+
+/// How to run instances of a service (the local stand-in for a Deployment + KPA).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleConfig {
+    pub command: String,
+    pub args: Vec<String>,
+    pub port: u16,
+    pub min_scale: u32,
+    pub max_scale: u32,
+    /// 0 = unlimited.
+    pub container_concurrency: u32,
+    pub target_concurrency: f64,
+    /// Knative's target burst capacity: Proxy while spare capacity is below it (0: only
+    /// while no instance is ready; negative: always Proxy).
+    pub target_burst_capacity: f64,
+    pub idle_timeout: Duration,
+    pub stable_window: Duration,
+    pub readiness: Readiness,
+    pub env: Vec<(String, String)>,
+}
+
+/// Activator limits (Knative's queue is unbounded; this one is not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivatorConfig {
+    pub max_held_per_service: usize,
+    pub max_held_total: usize,
+    pub max_held_bytes_per_service: u64,
+    pub max_held_bytes_total: u64,
+    pub drain_timeout: Duration,
+}
+
+impl Default for ActivatorConfig {
+    fn default() -> Self {
+        Self {
+            max_held_per_service: 10_000,
+            max_held_total: 20_000,
+            max_held_bytes_per_service: 64 << 20,
+            max_held_bytes_total: 256 << 20,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,6 +139,58 @@ struct RawFile {
     conntrack: Option<RawConntrack>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    #[serde(default)]
+    activator: Option<RawActivator>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActivator {
+    max_held_per_service: Option<usize>,
+    max_held_total: Option<usize>,
+    max_held_bytes_per_service: Option<u64>,
+    max_held_bytes_total: Option<u64>,
+    drain_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScale {
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    port: u16,
+    #[serde(default)]
+    min_scale: u32,
+    #[serde(default = "default_max_scale")]
+    max_scale: u32,
+    #[serde(default)]
+    container_concurrency: u32,
+    #[serde(default = "default_target")]
+    target_concurrency: f64,
+    #[serde(default)]
+    target_burst_capacity: f64,
+    #[serde(default = "default_idle")]
+    idle_timeout_secs: f64,
+    #[serde(default = "default_stable")]
+    stable_window_secs: f64,
+    #[serde(default)]
+    readiness: Option<Spanned<String>>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+}
+
+fn default_max_scale() -> u32 {
+    10
+}
+fn default_target() -> f64 {
+    100.0
+}
+fn default_idle() -> f64 {
+    30.0
+}
+fn default_stable() -> f64 {
+    10.0
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +208,10 @@ struct RawNode {
     xdp_mode: XdpModeCfg,
     #[serde(default)]
     metrics: Option<Spanned<String>>,
+    #[serde(default)]
+    instance_cidr: Option<Spanned<String>>,
+    #[serde(default)]
+    instance_cidr6: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,10 +239,15 @@ struct RawService {
     /// Knative activators to use in Proxy mode instead of the node-local one.
     #[serde(default)]
     activators: Vec<Spanned<String>>,
+    /// Request timeout through the activator (queue time counts).
+    #[serde(default)]
+    timeout_secs: Option<f64>,
+    #[serde(default)]
+    scale: Option<Spanned<RawScale>>,
 }
 
 fn default_proto() -> Protocol {
-    Protocol::Tcp
+    Protocol::Http
 }
 fn default_mode() -> Mode {
     Mode::Serve
@@ -139,6 +262,9 @@ pub struct NodeConfig {
     pub activator: Vec<SocketAddr>,
     pub xdp_mode: XdpModeCfg,
     pub metrics: Option<SocketAddr>,
+    /// Addresses for instances the agent starts (one /32 or /128 each).
+    pub instance_cidr: Option<(IpAddr, u8)>,
+    pub instance_cidr6: Option<(IpAddr, u8)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +285,8 @@ pub struct ServiceConfig {
     pub mode: Mode,
     pub backends: Vec<SocketAddr>,
     pub activators: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub scale: Option<ScaleConfig>,
 }
 
 impl ServiceConfig {
@@ -175,6 +303,7 @@ impl ServiceConfig {
 pub struct Config {
     pub node: NodeConfig,
     pub conntrack: ConntrackConfig,
+    pub activator: ActivatorConfig,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -220,7 +349,32 @@ impl Config {
             glob::Pattern::new(pattern)
                 .map_err(|e| err(None, format!("node: interface pattern {pattern:?}: {e}")))?;
         }
+        let cidr = |v: Option<Spanned<String>>,
+                    f: &str,
+                    v6: bool|
+         -> Result<Option<(IpAddr, u8)>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let parsed = v.get_ref().split_once('/').and_then(|(a, l)| {
+                let a: IpAddr = a.parse().ok()?;
+                let l: u8 = l.parse().ok()?;
+                (a.is_ipv6() == v6 && l <= if v6 { 128 } else { 32 }).then_some((a, l))
+            });
+            parsed.map(Some).ok_or_else(|| {
+                err(
+                    Some(v.span()),
+                    format!(
+                        "node.{f}: {:?} is not an IPv{} CIDR",
+                        v.get_ref(),
+                        if v6 { 6 } else { 4 }
+                    ),
+                )
+            })
+        };
+        let instance_cidr = cidr(raw.node.instance_cidr, "instance_cidr", false)?;
+        let instance_cidr6 = cidr(raw.node.instance_cidr6, "instance_cidr6", true)?;
         let node = NodeConfig {
+            instance_cidr,
+            instance_cidr6,
             uplink: raw.node.uplink,
             pod_interfaces: raw.node.pod_interfaces,
             pin_path: raw.node.pin_path.unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
@@ -280,6 +434,79 @@ impl Config {
                         .collect()
                 };
             let backends = list(s.backends, "backends")?;
+            let scale = match s.scale {
+                None => None,
+                Some(sc) => {
+                    let span = sc.span();
+                    let sc = sc.into_inner();
+                    let readiness = match sc.readiness {
+                        None => Readiness::Tcp,
+                        Some(r) => match r.get_ref().as_str() {
+                            "tcp" => Readiness::Tcp,
+                            p if p.starts_with('/') => Readiness::Http(p.to_owned()),
+                            other => {
+                                return Err(err(
+                                    Some(r.span()),
+                                    format!("{}: {other:?} is neither \"tcp\" nor an HTTP path like \"/healthz\"", field("scale.readiness")),
+                                ))
+                            }
+                        },
+                    };
+                    if sc.max_scale == 0 || sc.min_scale > sc.max_scale {
+                        return Err(err(
+                            Some(span),
+                            format!(
+                                "{}: need 0 <= min_scale <= max_scale, max_scale >= 1",
+                                field("scale")
+                            ),
+                        ));
+                    }
+                    if sc.target_concurrency <= 0.0 {
+                        return Err(err(
+                            Some(span),
+                            format!("{}: must be > 0", field("scale.target_concurrency")),
+                        ));
+                    }
+                    if s.protocol.is_udp() {
+                        return Err(err(
+                            Some(span),
+                            format!(
+                                "{}: UDP services can't scale to zero (nothing to hold)",
+                                field("scale")
+                            ),
+                        ));
+                    }
+                    let secs = |v: f64, f: &str| -> Result<Duration, ConfigError> {
+                        Duration::try_from_secs_f64(v).map_err(|_| {
+                            err(
+                                Some(span.clone()),
+                                format!("{}: bad duration {v}", field(f)),
+                            )
+                        })
+                    };
+                    Some(ScaleConfig {
+                        command: sc.command,
+                        args: sc.args,
+                        port: sc.port,
+                        min_scale: sc.min_scale,
+                        max_scale: sc.max_scale,
+                        container_concurrency: sc.container_concurrency,
+                        target_concurrency: sc.target_concurrency,
+                        target_burst_capacity: sc.target_burst_capacity,
+                        idle_timeout: secs(sc.idle_timeout_secs, "scale.idle_timeout_secs")?,
+                        stable_window: secs(sc.stable_window_secs, "scale.stable_window_secs")?,
+                        readiness,
+                        env: sc.env.into_iter().collect(),
+                    })
+                }
+            };
+            let timeout =
+                Duration::try_from_secs_f64(s.timeout_secs.unwrap_or(30.0)).map_err(|_| {
+                    err(
+                        Some(s.name.span()),
+                        format!("{}: bad duration", field("timeout_secs")),
+                    )
+                })?;
             let activators = list(s.activators, "activators")?;
             let name = s.name.into_inner();
             if name.is_empty() {
@@ -294,11 +521,34 @@ impl Config {
                 mode: s.mode,
                 backends,
                 activators,
+                timeout,
+                scale,
             });
         }
+        let a = raw.activator.unwrap_or(RawActivator {
+            max_held_per_service: None,
+            max_held_total: None,
+            max_held_bytes_per_service: None,
+            max_held_bytes_total: None,
+            drain_timeout_secs: None,
+        });
+        let d = ActivatorConfig::default();
+        let activator = ActivatorConfig {
+            max_held_per_service: a.max_held_per_service.unwrap_or(d.max_held_per_service),
+            max_held_total: a.max_held_total.unwrap_or(d.max_held_total),
+            max_held_bytes_per_service: a
+                .max_held_bytes_per_service
+                .unwrap_or(d.max_held_bytes_per_service),
+            max_held_bytes_total: a.max_held_bytes_total.unwrap_or(d.max_held_bytes_total),
+            drain_timeout: a
+                .drain_timeout_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.drain_timeout),
+        };
         Ok(Config {
             node,
             conntrack,
+            activator,
             services,
         })
     }

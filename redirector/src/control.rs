@@ -18,7 +18,7 @@ use redirector_common::{
 
 use crate::{
     addr::{endpoint, endpoint_addr, ip_words, port_wire},
-    config::{Config, ConntrackConfig, Mode, Protocol},
+    config::{Config, ConntrackConfig, Mode},
     datapath::Maps,
     maglev,
 };
@@ -66,9 +66,10 @@ pub fn desired_from_config(cfg: &Config) -> Vec<DesiredService> {
                 key: ServiceKey {
                     addr,
                     port: port_wire(s.port),
-                    proto: match s.protocol {
-                        Protocol::Tcp => PROTO_TCP,
-                        Protocol::Udp => PROTO_UDP,
+                    proto: if s.protocol.is_udp() {
+                        PROTO_UDP
+                    } else {
+                        PROTO_TCP
                     },
                     family,
                 },

@@ -1,6 +1,7 @@
 //! redirector: an eBPF data plane for Knative-style scale-to-zero. The agent programs BPF
 //! maps so that service VIPs lead to pods (Serve) or to the activator (Proxy); a mode flip
 //! is one map write instead of an Endpoints rewrite propagated by kube-proxy.
+pub mod activator;
 pub mod addr;
 pub mod agent;
 pub mod config;

@@ -1,0 +1,137 @@
+//! The node-local activator: the Proxy target of the datapath. It finds the service a
+//! connection or request is for, holds it in a bounded buffer, wakes the scaler at once,
+//! and forwards to an instance the moment one is ready (HTTP/1.1, h2c, gRPC, WebSocket
+//! upgrades, or raw TCP for L4 services). Drains on shutdown.
+mod http;
+mod l4;
+pub mod origdst;
+pub mod queue;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::config::{ActivatorConfig, Protocol};
+pub use queue::{Global, Instance, Instances, ServiceState};
+
+/// Services the activator knows, by name and by VIP:port.
+#[derive(Default)]
+pub struct Registry {
+    by_name: HashMap<String, Arc<ServiceState>>,
+    by_vip: HashMap<SocketAddr, Arc<ServiceState>>,
+}
+
+impl Registry {
+    pub fn insert(&mut self, svc: Arc<ServiceState>, vips: &[IpAddr], port: u16) {
+        for ip in vips {
+            self.by_vip.insert(SocketAddr::new(*ip, port), svc.clone());
+        }
+        self.by_name.insert(svc.name.clone(), svc);
+    }
+    pub fn get(&self, name: &str) -> Option<Arc<ServiceState>> {
+        self.by_name.get(name).cloned()
+    }
+    pub fn by_vip(&self, vip: SocketAddr) -> Option<Arc<ServiceState>> {
+        self.by_vip.get(&vip).cloned()
+    }
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceState>> {
+        self.by_name.values()
+    }
+}
+
+/// Shared state of the activator.
+pub struct Activator {
+    pub registry: RwLock<Arc<Registry>>,
+    pub global: Arc<Global>,
+    pub limits: RwLock<ActivatorConfig>,
+    origdst: Option<origdst::OrigDst>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Activator {
+    pub fn new(limits: ActivatorConfig, origdst: Option<origdst::OrigDst>) -> Arc<Self> {
+        Arc::new(Self {
+            registry: RwLock::new(Arc::new(Registry::default())),
+            global: Arc::new(Global::default()),
+            limits: RwLock::new(limits),
+            origdst,
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    pub fn set_registry(&self, r: Registry) {
+        if let Ok(mut g) = self.registry.write() {
+            *g = Arc::new(r);
+        }
+    }
+
+    fn limits(&self) -> ActivatorConfig {
+        self.limits.read().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The service a connection was for, from conntrack.
+    fn service_of_conn(&self, local: SocketAddr, peer: SocketAddr) -> Option<Arc<ServiceState>> {
+        let vip = self.origdst.as_ref()?.lookup(local, peer)?;
+        self.registry().by_vip(vip)
+    }
+
+    /// Accepts on `listener` until shutdown; each connection is raw TCP (L4 services) or
+    /// HTTP (everything else).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut stop = self.shutdown.subscribe();
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let conns = tokio_util_tracker();
+        loop {
+            tokio::select! {
+                r = listener.accept() => {
+                    let (stream, peer) = match r {
+                        Ok(x) => x,
+                        Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let local = match stream.local_addr() { Ok(a) => a, Err(_) => continue };
+                    let svc = self.service_of_conn(local, peer);
+                    match svc {
+                        Some(svc) if svc.protocol == Protocol::Tcp => {
+                            let me = self.clone();
+                            let guard = conns.clone();
+                            tokio::spawn(async move { let _g = guard; l4::handle(me, svc, stream).await });
+                        }
+                        svc => http::serve_conn(self.clone(), svc, stream, peer, &graceful, conns.clone()),
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        drop(listener);
+        let deadline = self.limits().drain_timeout;
+        tracing::info!(?deadline, "activator draining");
+        let _ = tokio::time::timeout(deadline, graceful.shutdown()).await;
+        let _ = tokio::time::timeout(deadline, wait_conns(conns)).await;
+    }
+
+    /// Stops accepting and drains (held and in-flight requests finish within the deadline).
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Counts live connection tasks (an Arc held by each).
+fn tokio_util_tracker() -> Arc<()> {
+    Arc::new(())
+}
+
+async fn wait_conns(tracker: Arc<()>) {
+    while Arc::strong_count(&tracker) > 1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

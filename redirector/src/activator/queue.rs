@@ -1,0 +1,348 @@
+//! Per-service admission: a bounded hold (requests and body bytes, per service and overall),
+//! the set of ready instances, and containerConcurrency-aware picking of an instance.
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{ActivatorConfig, Protocol};
+
+/// A ready instance as the activator sees it.
+#[derive(Debug)]
+pub struct Instance {
+    pub addr: SocketAddr,
+    pub in_flight: AtomicUsize,
+    /// containerConcurrency slots (None = unlimited).
+    pub slots: Option<Arc<Semaphore>>,
+}
+
+impl Instance {
+    pub fn new(addr: SocketAddr, container_concurrency: u32) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            in_flight: AtomicUsize::new(0),
+            slots: (container_concurrency > 0)
+                .then(|| Arc::new(Semaphore::new(container_concurrency as usize))),
+        })
+    }
+}
+
+pub type Instances = Arc<Vec<Arc<Instance>>>;
+
+/// Limits shared by all services.
+#[derive(Debug, Default)]
+pub struct Global {
+    pub held: AtomicUsize,
+    pub held_bytes: AtomicU64,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    Full,
+}
+
+/// One service's activator state.
+#[derive(Debug)]
+pub struct ServiceState {
+    pub name: String,
+    pub protocol: Protocol,
+    pub timeout: Duration,
+    pub container_concurrency: u32,
+    pub held: AtomicUsize,
+    pub held_bytes: AtomicU64,
+    pub in_flight: AtomicUsize,
+    /// Requests answered through the activator (any status).
+    pub forwarded: AtomicU64,
+    pub rejected_full: AtomicU64,
+    pub timed_out: AtomicU64,
+    /// Set by the scaler; the activator only reads.
+    pub instances: watch::Receiver<Instances>,
+    /// Rung when a request is held and no instance can take it: wakes the scaler at once.
+    pub wake: Arc<Notify>,
+    /// Rung when an instance slot frees up.
+    capacity: Notify,
+    rr: AtomicUsize,
+    seed: AtomicU64,
+}
+
+impl ServiceState {
+    pub fn new(
+        name: String,
+        protocol: Protocol,
+        timeout: Duration,
+        container_concurrency: u32,
+        instances: watch::Receiver<Instances>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            name,
+            protocol,
+            timeout,
+            container_concurrency,
+            held: AtomicUsize::new(0),
+            held_bytes: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            forwarded: AtomicU64::new(0),
+            rejected_full: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            instances,
+            wake,
+            capacity: Notify::new(),
+            rr: AtomicUsize::new(0),
+            seed: AtomicU64::new(0x2545_f491_4f6c_dd1d),
+        }
+    }
+
+    /// Observed concurrency (held + in flight), what the scaler reads.
+    pub fn concurrency(&self) -> usize {
+        self.held.load(Ordering::Relaxed) + self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Admits a request into the hold, or rejects it when a cap would be exceeded.
+    pub fn admit(
+        self: &Arc<Self>,
+        global: &Arc<Global>,
+        limits: &ActivatorConfig,
+        bytes: u64,
+    ) -> Result<Held, Rejected> {
+        let held = Held {
+            svc: self.clone(),
+            global: global.clone(),
+            bytes,
+        };
+        // Count first, then check: concurrent admits never overshoot a cap.
+        self.held.fetch_add(1, Ordering::AcqRel);
+        self.held_bytes.fetch_add(bytes, Ordering::AcqRel);
+        global.held.fetch_add(1, Ordering::AcqRel);
+        global.held_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let over = self.held.load(Ordering::Acquire) > limits.max_held_per_service
+            || self.held_bytes.load(Ordering::Acquire) > limits.max_held_bytes_per_service
+            || global.held.load(Ordering::Acquire) > limits.max_held_total
+            || global.held_bytes.load(Ordering::Acquire) > limits.max_held_bytes_total;
+        if over {
+            self.rejected_full.fetch_add(1, Ordering::Relaxed);
+            return Err(Rejected::Full); // `held` drops here and uncounts
+        }
+        Ok(held)
+    }
+
+    fn rand(&self) -> u64 {
+        // xorshift64*, racy updates are fine for load spreading.
+        let mut x = self.seed.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.seed.store(x, Ordering::Relaxed);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Picks an instance with a free slot: first-available for small limits (≤ 3),
+    /// round-robin for larger ones, least-loaded of two random picks when unlimited.
+    fn try_pick(self: &Arc<Self>, set: &[Arc<Instance>]) -> Option<Slot> {
+        if set.is_empty() {
+            return None;
+        }
+        let n = set.len();
+        let cc = self.container_concurrency;
+        if cc == 0 {
+            let a = &set[(self.rand() % n as u64) as usize];
+            let b = &set[(self.rand() % n as u64) as usize];
+            let pick = if b.in_flight.load(Ordering::Relaxed) < a.in_flight.load(Ordering::Relaxed)
+            {
+                b
+            } else {
+                a
+            };
+            return Some(Slot::new(self.clone(), pick.clone(), None));
+        }
+        let start = if cc <= 3 {
+            0
+        } else {
+            self.rr.fetch_add(1, Ordering::Relaxed) % n
+        };
+        for i in 0..n {
+            let inst = &set[(start + i) % n];
+            if let Some(sem) = &inst.slots {
+                if let Ok(p) = sem.clone().try_acquire_owned() {
+                    return Some(Slot::new(self.clone(), inst.clone(), Some(p)));
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits for an instance with a free slot. Wakes the scaler when none is ready.
+    pub async fn acquire(self: &Arc<Self>) -> Slot {
+        let mut rx = self.instances.clone();
+        loop {
+            let capacity = self.capacity.notified();
+            tokio::pin!(capacity);
+            capacity.as_mut().enable();
+            let set = rx.borrow_and_update().clone();
+            if let Some(slot) = self.try_pick(&set) {
+                return slot;
+            }
+            self.wake.notify_one();
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() {
+                        // The scaler is gone; nothing will ever be ready.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                _ = &mut capacity => {}
+            }
+        }
+    }
+}
+
+/// A request in the hold; uncounts itself when dropped (served, timed out, or the client
+/// went away).
+#[derive(Debug)]
+pub struct Held {
+    svc: Arc<ServiceState>,
+    global: Arc<Global>,
+    bytes: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.svc.held.fetch_sub(1, Ordering::AcqRel);
+        self.svc.held_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.global.held.fetch_sub(1, Ordering::AcqRel);
+        self.global
+            .held_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A request in flight on an instance (holds its containerConcurrency slot).
+#[derive(Debug)]
+pub struct Slot {
+    svc: Arc<ServiceState>,
+    pub instance: Arc<Instance>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    fn new(
+        svc: Arc<ServiceState>,
+        instance: Arc<Instance>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        instance.in_flight.fetch_add(1, Ordering::AcqRel);
+        svc.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self {
+            svc,
+            instance,
+            permit,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.instance.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.svc.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.permit.take().is_some() {
+            self.svc.capacity.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(cc: u32, n: usize) -> (Arc<ServiceState>, watch::Sender<Instances>) {
+        let set: Vec<_> = (0..n)
+            .map(|i| Instance::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), cc))
+            .collect();
+        let (tx, rx) = watch::channel(Arc::new(set));
+        let s = ServiceState::new(
+            "s".into(),
+            Protocol::Http,
+            Duration::from_secs(1),
+            cc,
+            rx,
+            Arc::new(Notify::new()),
+        );
+        (Arc::new(s), tx)
+    }
+
+    #[test]
+    fn caps_requests_and_bytes() {
+        let (s, _tx) = svc(0, 0);
+        let g = Arc::new(Global::default());
+        let limits = ActivatorConfig {
+            max_held_per_service: 2,
+            max_held_bytes_per_service: 100,
+            ..Default::default()
+        };
+        let a = s.admit(&g, &limits, 10).unwrap();
+        let _b = s.admit(&g, &limits, 10).unwrap();
+        assert_eq!(s.admit(&g, &limits, 0).unwrap_err(), Rejected::Full);
+        drop(a);
+        assert_eq!(s.admit(&g, &limits, 200).unwrap_err(), Rejected::Full);
+        let _c = s.admit(&g, &limits, 50).unwrap();
+        assert_eq!(s.held.load(Ordering::SeqCst), 2);
+        assert_eq!(g.held_bytes.load(Ordering::SeqCst), 60);
+    }
+
+    #[tokio::test]
+    async fn container_concurrency_one_waits_for_the_slot() {
+        let (s, _tx) = svc(1, 1);
+        let first = s.acquire().await;
+        let s2 = s.clone();
+        let waiter = tokio::spawn(async move { s2.acquire().await.instance.addr });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiter.is_finished(),
+            "second request must wait for the only slot"
+        );
+        drop(first);
+        let addr = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(addr, "10.0.0.1:80".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn held_until_an_instance_appears() {
+        let (s, tx) = svc(0, 0);
+        let s2 = s.clone();
+        let waiter = tokio::spawn(async move { s2.acquire().await.instance.addr });
+        // The scaler is woken immediately.
+        tokio::time::timeout(Duration::from_secs(1), s.wake.notified())
+            .await
+            .unwrap();
+        tx.send(Arc::new(vec![Instance::new(
+            "10.0.0.9:80".parse().unwrap(),
+            0,
+        )]))
+        .unwrap();
+        let addr = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(addr.port(), 80);
+    }
+
+    #[test]
+    fn round_robin_for_large_limits() {
+        let (s, _tx) = svc(10, 3);
+        let picks: Vec<_> = (0..6)
+            .map(|_| s.try_pick(&s.instances.borrow()).unwrap().instance.addr)
+            .collect();
+        assert_ne!(picks[0], picks[1]);
+        assert_eq!(picks[0], picks[3]);
+    }
+}
