@@ -9,4 +9,5 @@ pub mod control;
 pub mod datapath;
 pub mod maglev;
 pub mod netlink;
+pub mod scaler;
 pub mod status;

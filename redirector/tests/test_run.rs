@@ -532,3 +532,30 @@ fn malformed_vip_packets_are_untouched() {
     }
     assert_eq!(b.conntrack_len(), 0, "malformed packets created flows");
 }
+
+#[test]
+fn random_packets_never_dropped_and_non_vip_untouched() {
+    require_root!();
+    let _g = common::serial();
+    for seed in [0x5eed_0001, 0x5eed_0002, 0x5eed_0003] {
+        common::fuzz::run(10_000, seed);
+    }
+}
+
+/// Removing one of 10 backends moves ~1/N of new-flow assignments, and those are the
+/// removed backend's flows (plus few others).
+#[test]
+fn maglev_removal_moves_about_one_nth() {
+    require_root!();
+    let _g = common::serial();
+    common::scale::maglev_consistency();
+}
+
+/// 10,000 services × 10 backends fit the maps; prints the programming time and the map
+/// memory.
+#[test]
+fn ten_thousand_services_fit() {
+    require_root!();
+    let _g = common::serial();
+    common::scale::memory_at_scale();
+}

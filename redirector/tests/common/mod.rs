@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod fuzz;
 pub mod malformed;
 pub mod packet;
+pub mod scale;
 
 use std::{
     collections::BTreeSet,
