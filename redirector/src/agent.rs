@@ -3,8 +3,13 @@
 //! as they were on bad input), and garbage-collects conntrack. On exit it leaves programs
 //! and maps pinned so traffic keeps flowing and the next agent adopts them.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -15,9 +20,13 @@ use tokio::{
 
 use crate::{
     config::{Config, ConfigError, NodeConfig, DEFAULT_CONFIG},
-    control::{desired_from_config, ControlError, Programmer},
+    activator::{origdst::OrigDst, Activator},
+    control::{ControlError, Programmer},
     datapath::{AttachReport, Datapath, DatapathError, Hook},
+    metrics::Histogram,
     netlink,
+    scaler::Update,
+    serving::Serving,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +151,10 @@ impl Attachments {
     }
 }
 
-fn apply(prog: &mut Programmer, cfg: &Config) -> Result<(), ControlError> {
+fn apply(prog: &mut Programmer, cfg: &Config, serving: &Serving) -> Result<(), ControlError> {
     prog.set_conntrack(&cfg.conntrack)?;
     let started = std::time::Instant::now();
-    let r = prog.apply(&desired_from_config(cfg))?;
+    let r = prog.apply(&serving.desired(cfg))?;
     tracing::info!(
         added = r.added,
         updated = r.updated,
@@ -164,11 +173,50 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut dp = Datapath::open(&pin_path)?;
     tracing::info!(pin_path = %pin_path.display(), "datapath loaded, maps pinned");
     let mut prog = Programmer::adopt(dp.maps()?);
-    apply(&mut prog, &cfg)?;
+    let origdst = match OrigDst::open(&pin_path) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(error = %e, "activator can't read conntrack; only header routing");
+            None
+        }
+    };
+    let activator = Activator::new(cfg.activator.clone(), origdst);
+    let (upd_tx, mut upd_rx) = mpsc::unbounded_channel::<Update>();
+    let mut serving = Serving::new(activator.clone(), &cfg, upd_tx);
+    serving.sync(&cfg);
+    apply(&mut prog, &cfg, &serving)?;
     let mut att = Attachments {
         current: HashMap::new(),
     };
     att.sync(&mut dp, &cfg.node);
+
+    let mut listeners = Vec::new();
+    if cfg.activator.listen {
+        for addr in &cfg.node.activator {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, "activator listening");
+                    listeners.push(tokio::spawn(activator.clone().serve(l)));
+                }
+                Err(e) => tracing::error!(%addr, error = %e, "activator can't listen"),
+            }
+        }
+    }
+    let agent_metrics = Arc::new(AgentMetrics {
+        activator: activator.clone(),
+        statuses: serving.statuses.clone(),
+        flips: AtomicU64::new(0),
+        map_update: Histogram::default(),
+        pin_path: pin_path.clone(),
+    });
+    if let Some(addr) = cfg.node.metrics {
+        let src: Arc<dyn crate::metrics::Source> = agent_metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, src).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
 
     let (link_tx, mut link_rx) = mpsc::channel::<()>(1);
     std::thread::Builder::new()
@@ -201,6 +249,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut file_tick = tokio::time::interval(Duration::from_millis(250));
     let mut rescan_tick = tokio::time::interval(Duration::from_secs(5));
     let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut flows_tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_mtime = opts.config.as_deref().and_then(mtime);
 
     loop {
@@ -211,6 +260,23 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 if m != last_mtime { last_mtime = m; tracing::info!("config file changed: reloading"); true } else { false }
             }
             _ = link_rx.recv() => { att.sync(&mut dp, &cfg.node); false }
+            Some(u) = upd_rx.recv() => {
+                serving.record(&u);
+                // A new instance's veth must carry the programs before traffic goes direct.
+                att.sync(&mut dp, &cfg.node);
+                let t0 = std::time::Instant::now();
+                match prog.apply(&serving.desired(&cfg)) {
+                    Ok(r) if r.updated + r.added > 0 => {
+                        agent_metrics.map_update.observe(t0.elapsed());
+                        agent_metrics.flips.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(service = %u.name, error = %e, "programming the scaler's decision failed"),
+                }
+                let _ = u.done.send(());
+                false
+            }
+            _ = flows_tick.tick() => { serving.update_flows(&prog); false }
             _ = rescan_tick.tick() => { att.sync(&mut dp, &cfg.node); false }
             _ = gc_tick.tick() => {
                 let n = prog.gc_conntrack(&cfg.conntrack);
@@ -229,7 +295,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                             cfg.node.pin_path.display()
                         );
                     }
-                    match apply(&mut prog, &new) {
+                    serving.sync(&new);
+                    match apply(&mut prog, &new, &serving) {
                         Ok(()) => {
                             cfg = new;
                             att.sync(&mut dp, &cfg.node);
@@ -263,4 +330,94 @@ pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
     }
     let _ = std::fs::remove_dir(pin_path);
     Ok(n)
+}
+
+/// The agent's /metrics and /status.
+struct AgentMetrics {
+    activator: Arc<Activator>,
+    statuses: Arc<Mutex<BTreeMap<String, Arc<Mutex<crate::scaler::ScalerStatus>>>>>,
+    flips: AtomicU64,
+    map_update: Histogram,
+    pin_path: PathBuf,
+}
+
+impl crate::metrics::Source for AgentMetrics {
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let reg = self.activator.registry();
+        let mut gauges: Vec<(&str, &str, String, f64)> = Vec::new();
+        for svc in reg.services() {
+            let l = format!("service=\"{}\"", svc.name);
+            gauges.push(("redirector_activator_held_requests", "gauge", l.clone(), svc.held.load(Ordering::Relaxed) as f64));
+            gauges.push(("redirector_activator_held_bytes", "gauge", l.clone(), svc.held_bytes.load(Ordering::Relaxed) as f64));
+            gauges.push(("redirector_activator_in_flight", "gauge", l.clone(), svc.in_flight.load(Ordering::Relaxed) as f64));
+            gauges.push(("redirector_activator_forwarded_total", "counter", l.clone(), svc.forwarded.load(Ordering::Relaxed) as f64));
+            gauges.push(("redirector_activator_rejected_full_total", "counter", l.clone(), svc.rejected_full.load(Ordering::Relaxed) as f64));
+            gauges.push(("redirector_activator_timeouts_total", "counter", l.clone(), svc.timed_out.load(Ordering::Relaxed) as f64));
+        }
+        gauges.push(("redirector_activator_held_requests_total", "gauge", String::new(), self.activator.global.held.load(Ordering::Relaxed) as f64));
+        gauges.push(("redirector_activator_held_bytes_total", "gauge", String::new(), self.activator.global.held_bytes.load(Ordering::Relaxed) as f64));
+        if let Ok(st) = self.statuses.lock() {
+            for (name, s) in st.iter() {
+                let Ok(s) = s.lock() else { continue };
+                let l = format!("service=\"{name}\"");
+                gauges.push(("redirector_instances", "gauge", l.clone(), s.instances.len() as f64));
+                gauges.push(("redirector_ready_instances", "gauge", l.clone(), s.ready.len() as f64));
+                gauges.push(("redirector_desired_instances", "gauge", l.clone(), s.desired as f64));
+                gauges.push(("redirector_cold_starts_total", "counter", l.clone(), s.cold_starts as f64));
+                gauges.push(("redirector_instance_restarts_total", "counter", l, s.restarts as f64));
+            }
+        }
+        gauges.push(("redirector_flips_total", "counter", String::new(), self.flips.load(Ordering::Relaxed) as f64));
+        if let Ok(st) = crate::status::read(&self.pin_path) {
+            for s in &st.services {
+                let l = format!("service=\"{}\",vip=\"{}\",port=\"{}\"", s.name, s.vip, s.port);
+                gauges.push(("redirector_service_packets_total", "counter", l.clone(), (s.packets + s.reply_packets) as f64));
+                gauges.push(("redirector_service_bytes_total", "counter", l.clone(), (s.bytes + s.reply_bytes) as f64));
+                gauges.push(("redirector_service_new_flows_total", "counter", l.clone(), s.new_flows as f64));
+                gauges.push(("redirector_service_proxied_flows_total", "counter", l, s.proxied_flows as f64));
+            }
+            gauges.push(("redirector_conntrack_entries", "gauge", String::new(), st.conntrack_entries as f64));
+        }
+        let mut last = "";
+        for (name, kind, labels, v) in &gauges {
+            if *name != last {
+                let _ = writeln!(out, "# TYPE {name} {kind}");
+                last = name;
+            }
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+        let _ = writeln!(out, "# TYPE redirector_cold_start_ttfb_seconds histogram");
+        for svc in reg.services() {
+            svc.cold_ttfb.render(&mut out, "redirector_cold_start_ttfb_seconds", &format!("service=\"{}\"", svc.name));
+        }
+        let _ = writeln!(out, "# TYPE redirector_map_update_seconds histogram");
+        self.map_update.render(&mut out, "redirector_map_update_seconds", "");
+        out
+    }
+
+    fn status_json(&self) -> String {
+        let reg = self.activator.registry();
+        let held: BTreeMap<&str, serde_json::Value> = reg
+            .services()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    serde_json::json!({
+                        "held": s.held.load(Ordering::Relaxed),
+                        "held_bytes": s.held_bytes.load(Ordering::Relaxed),
+                        "in_flight": s.in_flight.load(Ordering::Relaxed),
+                        "forwarded": s.forwarded.load(Ordering::Relaxed),
+                        "cold_requests": s.cold_ttfb.count(),
+                    }),
+                )
+            })
+            .collect();
+        let scalers: BTreeMap<String, crate::scaler::ScalerStatus> = self
+            .statuses
+            .lock()
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.lock().ok()?.clone()))).collect())
+            .unwrap_or_default();
+        serde_json::json!({ "activator": held, "scalers": scalers, "flips": self.flips.load(Ordering::Relaxed) }).to_string()
+    }
 }

@@ -83,6 +83,8 @@ pub struct ActivatorConfig {
     pub max_held_bytes_per_service: u64,
     pub max_held_bytes_total: u64,
     pub drain_timeout: Duration,
+    /// Whether the agent listens on `node.activator` (off when something else serves it).
+    pub listen: bool,
 }
 
 impl Default for ActivatorConfig {
@@ -93,6 +95,7 @@ impl Default for ActivatorConfig {
             max_held_bytes_per_service: 64 << 20,
             max_held_bytes_total: 256 << 20,
             drain_timeout: Duration::from_secs(30),
+            listen: true,
         }
     }
 }
@@ -151,6 +154,7 @@ struct RawActivator {
     max_held_bytes_per_service: Option<u64>,
     max_held_bytes_total: Option<u64>,
     drain_timeout_secs: Option<u64>,
+    listen: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -531,6 +535,7 @@ impl Config {
             max_held_bytes_per_service: None,
             max_held_bytes_total: None,
             drain_timeout_secs: None,
+            listen: None,
         });
         let d = ActivatorConfig::default();
         let activator = ActivatorConfig {
@@ -544,6 +549,7 @@ impl Config {
                 .drain_timeout_secs
                 .map(Duration::from_secs)
                 .unwrap_or(d.drain_timeout),
+            listen: a.listen.unwrap_or(d.listen),
         };
         Ok(Config {
             node,

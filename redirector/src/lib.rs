@@ -8,6 +8,8 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod maglev;
+pub mod metrics;
 pub mod netlink;
 pub mod scaler;
+pub mod serving;
 pub mod status;

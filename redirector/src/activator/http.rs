@@ -144,7 +144,9 @@ async fn handle(
             "redirector activator: no service for this request (no Knative-Serving-Namespace/Revision headers naming a known service, and the connection did not come through a service VIP)",
         );
     };
-    let deadline = tokio::time::Instant::now() + svc.timeout;
+    let arrived = tokio::time::Instant::now();
+    let cold = svc.cold();
+    let deadline = arrived + svc.timeout;
     let bytes = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -205,6 +207,9 @@ async fn handle(
         Ok(Ok(r)) => r,
     };
     svc.forwarded.fetch_add(1, Ordering::Relaxed);
+    if cold {
+        svc.cold_ttfb.observe(arrived.elapsed());
+    }
     let mut resp = resp;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(cu) = client_upgrade {

@@ -62,6 +62,8 @@ pub struct ServiceState {
     pub forwarded: AtomicU64,
     pub rejected_full: AtomicU64,
     pub timed_out: AtomicU64,
+    /// Time to first byte of requests that arrived with no instance ready (cold starts).
+    pub cold_ttfb: crate::metrics::Histogram,
     /// Set by the scaler; the activator only reads.
     pub instances: watch::Receiver<Instances>,
     /// Rung when a request is held and no instance can take it: wakes the scaler at once.
@@ -92,6 +94,7 @@ impl ServiceState {
             forwarded: AtomicU64::new(0),
             rejected_full: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            cold_ttfb: crate::metrics::Histogram::default(),
             instances,
             wake,
             capacity: Notify::new(),
@@ -176,6 +179,11 @@ impl ServiceState {
             }
         }
         None
+    }
+
+    /// True when no instance is ready (a request now is a cold start).
+    pub fn cold(&self) -> bool {
+        self.instances.borrow().is_empty()
     }
 
     /// Waits for an instance with a free slot. Wakes the scaler when none is ready.

@@ -1,0 +1,200 @@
+//! Ties the activator and the scaler to the agent: builds the activator's registry from the
+//! config, runs one scaler per scalable service, keeps what the scalers decided (mode and
+//! ready instances) as overrides of the config, and feeds them datapath flow counts.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{atomic::AtomicUsize, atomic::Ordering, Arc, Mutex},
+};
+
+use redirector_common::{CT_CLOSING, CT_REPLY};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::{
+    activator::{Activator, Instance, Instances, ServiceState},
+    config::{Config, Mode, ServiceConfig},
+    control::{desired_from_config, DesiredService, Programmer},
+    scaler::{Addresses, Scaler, ScalerStatus, Update},
+};
+
+struct Scaled {
+    cfg: ServiceConfig,
+    stop: watch::Sender<bool>,
+    flows: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Serving {
+    pub activator: Arc<Activator>,
+    scaled: HashMap<String, Scaled>,
+    statics: HashMap<String, (ServiceConfig, Arc<ServiceState>, watch::Sender<Instances>)>,
+    states: HashMap<String, Arc<ServiceState>>,
+    pub statuses: Arc<Mutex<BTreeMap<String, Arc<Mutex<ScalerStatus>>>>>,
+    overrides: HashMap<String, (Mode, Vec<SocketAddr>)>,
+    updates: mpsc::UnboundedSender<Update>,
+    addresses: Arc<Addresses>,
+}
+
+impl Serving {
+    pub fn new(activator: Arc<Activator>, cfg: &Config, updates: mpsc::UnboundedSender<Update>) -> Self {
+        let gw4 = cfg.node.activator.iter().find(|a| a.is_ipv4()).map(|a| a.ip());
+        Self {
+            activator,
+            scaled: HashMap::new(),
+            statics: HashMap::new(),
+            states: HashMap::new(),
+            statuses: Arc::default(),
+            overrides: HashMap::new(),
+            updates,
+            addresses: Arc::new(Addresses::new(cfg.node.instance_cidr, cfg.node.instance_cidr6, gw4)),
+        }
+    }
+
+    /// Brings scalers and the registry in line with `cfg` (restarting a scaler whose
+    /// service changed).
+    pub fn sync(&mut self, cfg: &Config) {
+        let mut registry = crate::activator::Registry::default();
+        let mut keep = std::collections::HashSet::new();
+        for s in &cfg.services {
+            if s.protocol.is_udp() {
+                continue;
+            }
+            let name = s.full_name();
+            keep.insert(name.clone());
+            let state = if s.scale.is_some() {
+                let same = self.scaled.get(&name).is_some_and(|x| x.cfg == *s);
+                if !same {
+                    if let Some(old) = self.scaled.remove(&name) {
+                        let _ = old.stop.send(true);
+                        self.overrides.remove(&name);
+                    }
+                    self.start_scaler(s);
+                }
+                self.states[&name].clone()
+            } else {
+                self.scaled_remove(&name);
+                let cc = 0;
+                let instances: Instances = Arc::new(s.backends.iter().map(|a| Instance::new(*a, cc)).collect());
+                match self.statics.get(&name) {
+                    Some((c, st, tx)) if c.timeout == s.timeout && c.protocol == s.protocol => {
+                        let _ = tx.send(instances);
+                        st.clone()
+                    }
+                    _ => {
+                        let (tx, rx) = watch::channel(instances);
+                        let st = Arc::new(ServiceState::new(name.clone(), s.protocol, s.timeout, cc, rx, Arc::new(Notify::new())));
+                        self.statics.insert(name.clone(), (s.clone(), st.clone(), tx));
+                        st
+                    }
+                }
+            };
+            self.states.insert(name.clone(), state.clone());
+            registry.insert(state, &s.vips, s.port);
+        }
+        let gone: Vec<String> = self.states.keys().filter(|n| !keep.contains(*n)).cloned().collect();
+        for n in gone {
+            self.scaled_remove(&n);
+            self.statics.remove(&n);
+            self.states.remove(&n);
+        }
+        self.activator.set_registry(registry);
+        if let Ok(mut l) = self.activator.limits.write() {
+            *l = cfg.activator.clone();
+        }
+    }
+
+    fn scaled_remove(&mut self, name: &str) {
+        if let Some(old) = self.scaled.remove(name) {
+            let _ = old.stop.send(true);
+            self.overrides.remove(name);
+            if let Ok(mut s) = self.statuses.lock() {
+                s.remove(name);
+            }
+        }
+    }
+
+    fn start_scaler(&mut self, s: &ServiceConfig) {
+        let name = s.full_name();
+        let cc = s.scale.as_ref().map(|x| x.container_concurrency).unwrap_or(0);
+        let (tx, rx) = watch::channel::<Instances>(Arc::new(Vec::new()));
+        let wake = Arc::new(Notify::new());
+        let state = Arc::new(ServiceState::new(name.clone(), s.protocol, s.timeout, cc, rx, wake));
+        let flows = Arc::new(AtomicUsize::new(0));
+        let status = Arc::new(Mutex::new(ScalerStatus::default()));
+        if let Ok(mut m) = self.statuses.lock() {
+            m.insert(name.clone(), status.clone());
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let scaler = Scaler {
+            svc: s.clone(),
+            act: state.clone(),
+            instances_tx: tx,
+            flows: flows.clone(),
+            updates: self.updates.clone(),
+            addresses: self.addresses.clone(),
+            status,
+        };
+        let task = tokio::spawn(scaler.run(stop_rx));
+        // Until the scaler says otherwise, the service is Proxy with no backends.
+        self.overrides.insert(name.clone(), (Mode::Proxy, Vec::new()));
+        self.states.insert(name.clone(), state);
+        self.scaled.insert(name, Scaled { cfg: s.clone(), stop, flows, task });
+    }
+
+    /// Records a scaler's decision.
+    pub fn record(&mut self, u: &Update) {
+        if self.scaled.contains_key(&u.name) {
+            self.overrides.insert(u.name.clone(), (u.mode, u.backends.clone()));
+        }
+    }
+
+    /// Desired map state: the config, with scaled services as their scalers decided.
+    pub fn desired(&self, cfg: &Config) -> Vec<DesiredService> {
+        let mut d = desired_from_config(cfg);
+        for entry in &mut d {
+            if let Some((mode, backends)) = self.overrides.get(&entry.name) {
+                entry.mode = match mode {
+                    Mode::Serve => redirector_common::MODE_SERVE,
+                    Mode::Proxy => redirector_common::MODE_PROXY,
+                };
+                let v4 = entry.key.family == redirector_common::FAMILY_V4;
+                entry.serve = backends.iter().filter(|a| a.is_ipv4() == v4).copied().collect();
+            }
+        }
+        d
+    }
+
+    /// Counts live (not closing, seen in the last ~2 s) datapath flows per scaled service:
+    /// the concurrency that bypasses the activator in Serve mode.
+    pub fn update_flows(&self, prog: &Programmer) {
+        if self.scaled.is_empty() {
+            return;
+        }
+        let ids: HashMap<u32, &str> = prog.installed().map(|(_, v, n)| (v.id, n)).collect();
+        let now = crate::control::monotonic_coarse_ns();
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for (_, v) in prog.maps().conntrack.iter().filter_map(Result::ok) {
+            if v.flags & (CT_REPLY | CT_CLOSING) != 0 || now.saturating_sub(v.last_seen) > 2_500_000_000 {
+                continue;
+            }
+            if let Some(n) = ids.get(&v.svc_id) {
+                *counts.entry(n).or_default() += 1;
+            }
+        }
+        for (name, s) in &self.scaled {
+            s.flows.store(counts.get(name.as_str()).copied().unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
+    /// Stops every scaler and waits for their instances to stop.
+    pub async fn shutdown(&mut self) {
+        for (_, s) in self.scaled.drain() {
+            let _ = s.stop.send(true);
+            let _ = s.task.await;
+        }
+    }
+
+    pub fn states(&self) -> impl Iterator<Item = (&String, &Arc<ServiceState>)> {
+        self.states.iter()
+    }
+}
