@@ -19,8 +19,8 @@ use tokio::{
 };
 
 use crate::{
-    config::{Config, ConfigError, NodeConfig, DEFAULT_CONFIG},
     activator::{origdst::OrigDst, Activator},
+    config::{Config, ConfigError, NodeConfig, DEFAULT_CONFIG},
     control::{ControlError, Programmer},
     datapath::{AttachReport, Datapath, DatapathError, Hook},
     metrics::Histogram,
@@ -308,8 +308,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             }
         }
     }
+    tracing::info!("stopping: draining the activator, stopping instances");
+    activator.shutdown();
+    for l in listeners {
+        let _ = l.await;
+    }
+    serving.shutdown().await;
     tracing::info!(
-        "stopping; programs and maps stay pinned under {}",
+        "stopped; programs and maps stay pinned under {}",
         pin_path.display()
     );
     Ok(())
@@ -348,36 +354,134 @@ impl crate::metrics::Source for AgentMetrics {
         let mut gauges: Vec<(&str, &str, String, f64)> = Vec::new();
         for svc in reg.services() {
             let l = format!("service=\"{}\"", svc.name);
-            gauges.push(("redirector_activator_held_requests", "gauge", l.clone(), svc.held.load(Ordering::Relaxed) as f64));
-            gauges.push(("redirector_activator_held_bytes", "gauge", l.clone(), svc.held_bytes.load(Ordering::Relaxed) as f64));
-            gauges.push(("redirector_activator_in_flight", "gauge", l.clone(), svc.in_flight.load(Ordering::Relaxed) as f64));
-            gauges.push(("redirector_activator_forwarded_total", "counter", l.clone(), svc.forwarded.load(Ordering::Relaxed) as f64));
-            gauges.push(("redirector_activator_rejected_full_total", "counter", l.clone(), svc.rejected_full.load(Ordering::Relaxed) as f64));
-            gauges.push(("redirector_activator_timeouts_total", "counter", l.clone(), svc.timed_out.load(Ordering::Relaxed) as f64));
+            gauges.push((
+                "redirector_activator_held_requests",
+                "gauge",
+                l.clone(),
+                svc.held.load(Ordering::Relaxed) as f64,
+            ));
+            gauges.push((
+                "redirector_activator_held_bytes",
+                "gauge",
+                l.clone(),
+                svc.held_bytes.load(Ordering::Relaxed) as f64,
+            ));
+            gauges.push((
+                "redirector_activator_in_flight",
+                "gauge",
+                l.clone(),
+                svc.in_flight.load(Ordering::Relaxed) as f64,
+            ));
+            gauges.push((
+                "redirector_activator_forwarded_total",
+                "counter",
+                l.clone(),
+                svc.forwarded.load(Ordering::Relaxed) as f64,
+            ));
+            gauges.push((
+                "redirector_activator_rejected_full_total",
+                "counter",
+                l.clone(),
+                svc.rejected_full.load(Ordering::Relaxed) as f64,
+            ));
+            gauges.push((
+                "redirector_activator_timeouts_total",
+                "counter",
+                l.clone(),
+                svc.timed_out.load(Ordering::Relaxed) as f64,
+            ));
         }
-        gauges.push(("redirector_activator_held_requests_total", "gauge", String::new(), self.activator.global.held.load(Ordering::Relaxed) as f64));
-        gauges.push(("redirector_activator_held_bytes_total", "gauge", String::new(), self.activator.global.held_bytes.load(Ordering::Relaxed) as f64));
+        gauges.push((
+            "redirector_activator_held_requests_total",
+            "gauge",
+            String::new(),
+            self.activator.global.held.load(Ordering::Relaxed) as f64,
+        ));
+        gauges.push((
+            "redirector_activator_held_bytes_total",
+            "gauge",
+            String::new(),
+            self.activator.global.held_bytes.load(Ordering::Relaxed) as f64,
+        ));
         if let Ok(st) = self.statuses.lock() {
             for (name, s) in st.iter() {
                 let Ok(s) = s.lock() else { continue };
                 let l = format!("service=\"{name}\"");
-                gauges.push(("redirector_instances", "gauge", l.clone(), s.instances.len() as f64));
-                gauges.push(("redirector_ready_instances", "gauge", l.clone(), s.ready.len() as f64));
-                gauges.push(("redirector_desired_instances", "gauge", l.clone(), s.desired as f64));
-                gauges.push(("redirector_cold_starts_total", "counter", l.clone(), s.cold_starts as f64));
-                gauges.push(("redirector_instance_restarts_total", "counter", l, s.restarts as f64));
+                gauges.push((
+                    "redirector_instances",
+                    "gauge",
+                    l.clone(),
+                    s.instances.len() as f64,
+                ));
+                gauges.push((
+                    "redirector_ready_instances",
+                    "gauge",
+                    l.clone(),
+                    s.ready.len() as f64,
+                ));
+                gauges.push((
+                    "redirector_desired_instances",
+                    "gauge",
+                    l.clone(),
+                    s.desired as f64,
+                ));
+                gauges.push((
+                    "redirector_cold_starts_total",
+                    "counter",
+                    l.clone(),
+                    s.cold_starts as f64,
+                ));
+                gauges.push((
+                    "redirector_instance_restarts_total",
+                    "counter",
+                    l,
+                    s.restarts as f64,
+                ));
             }
         }
-        gauges.push(("redirector_flips_total", "counter", String::new(), self.flips.load(Ordering::Relaxed) as f64));
+        gauges.push((
+            "redirector_flips_total",
+            "counter",
+            String::new(),
+            self.flips.load(Ordering::Relaxed) as f64,
+        ));
         if let Ok(st) = crate::status::read(&self.pin_path) {
             for s in &st.services {
-                let l = format!("service=\"{}\",vip=\"{}\",port=\"{}\"", s.name, s.vip, s.port);
-                gauges.push(("redirector_service_packets_total", "counter", l.clone(), (s.packets + s.reply_packets) as f64));
-                gauges.push(("redirector_service_bytes_total", "counter", l.clone(), (s.bytes + s.reply_bytes) as f64));
-                gauges.push(("redirector_service_new_flows_total", "counter", l.clone(), s.new_flows as f64));
-                gauges.push(("redirector_service_proxied_flows_total", "counter", l, s.proxied_flows as f64));
+                let l = format!(
+                    "service=\"{}\",vip=\"{}\",port=\"{}\"",
+                    s.name, s.vip, s.port
+                );
+                gauges.push((
+                    "redirector_service_packets_total",
+                    "counter",
+                    l.clone(),
+                    (s.packets + s.reply_packets) as f64,
+                ));
+                gauges.push((
+                    "redirector_service_bytes_total",
+                    "counter",
+                    l.clone(),
+                    (s.bytes + s.reply_bytes) as f64,
+                ));
+                gauges.push((
+                    "redirector_service_new_flows_total",
+                    "counter",
+                    l.clone(),
+                    s.new_flows as f64,
+                ));
+                gauges.push((
+                    "redirector_service_proxied_flows_total",
+                    "counter",
+                    l,
+                    s.proxied_flows as f64,
+                ));
             }
-            gauges.push(("redirector_conntrack_entries", "gauge", String::new(), st.conntrack_entries as f64));
+            gauges.push((
+                "redirector_conntrack_entries",
+                "gauge",
+                String::new(),
+                st.conntrack_entries as f64,
+            ));
         }
         let mut last = "";
         for (name, kind, labels, v) in &gauges {
@@ -389,10 +493,15 @@ impl crate::metrics::Source for AgentMetrics {
         }
         let _ = writeln!(out, "# TYPE redirector_cold_start_ttfb_seconds histogram");
         for svc in reg.services() {
-            svc.cold_ttfb.render(&mut out, "redirector_cold_start_ttfb_seconds", &format!("service=\"{}\"", svc.name));
+            svc.cold_ttfb.render(
+                &mut out,
+                "redirector_cold_start_ttfb_seconds",
+                &format!("service=\"{}\"", svc.name),
+            );
         }
         let _ = writeln!(out, "# TYPE redirector_map_update_seconds histogram");
-        self.map_update.render(&mut out, "redirector_map_update_seconds", "");
+        self.map_update
+            .render(&mut out, "redirector_map_update_seconds", "");
         out
     }
 
@@ -416,7 +525,11 @@ impl crate::metrics::Source for AgentMetrics {
         let scalers: BTreeMap<String, crate::scaler::ScalerStatus> = self
             .statuses
             .lock()
-            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.lock().ok()?.clone()))).collect())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.lock().ok()?.clone())))
+                    .collect()
+            })
             .unwrap_or_default();
         serde_json::json!({ "activator": held, "scalers": scalers, "flips": self.flips.load(Ordering::Relaxed) }).to_string()
     }

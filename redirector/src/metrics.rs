@@ -36,7 +36,8 @@ impl Histogram {
                 self.counts[i].fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.sum_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -48,11 +49,19 @@ impl Histogram {
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", self.counts[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}",
+                self.counts[i].load(Ordering::Relaxed)
+            );
         }
         let n = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {n}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+        );
         let _ = writeln!(out, "{name}_count{{{labels}}} {n}");
     }
 }
@@ -75,14 +84,25 @@ pub async fn serve(addr: SocketAddr, source: Arc<dyn Source>) -> std::io::Result
                 let source = source.clone();
                 async move {
                     let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", source.metrics()),
+                        "/metrics" => (
+                            StatusCode::OK,
+                            "text/plain; version=0.0.4",
+                            source.metrics(),
+                        ),
                         "/status" => (StatusCode::OK, "application/json", source.status_json()),
                         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".to_owned(),
+                        ),
                     };
                     let mut r = Response::new(Full::new(Bytes::from(body)));
                     *r.status_mut() = status;
-                    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(ctype),
+                    );
                     Ok::<_, Infallible>(r)
                 }
             });

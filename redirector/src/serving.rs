@@ -36,8 +36,17 @@ pub struct Serving {
 }
 
 impl Serving {
-    pub fn new(activator: Arc<Activator>, cfg: &Config, updates: mpsc::UnboundedSender<Update>) -> Self {
-        let gw4 = cfg.node.activator.iter().find(|a| a.is_ipv4()).map(|a| a.ip());
+    pub fn new(
+        activator: Arc<Activator>,
+        cfg: &Config,
+        updates: mpsc::UnboundedSender<Update>,
+    ) -> Self {
+        let gw4 = cfg
+            .node
+            .activator
+            .iter()
+            .find(|a| a.is_ipv4())
+            .map(|a| a.ip());
         Self {
             activator,
             scaled: HashMap::new(),
@@ -46,7 +55,11 @@ impl Serving {
             statuses: Arc::default(),
             overrides: HashMap::new(),
             updates,
-            addresses: Arc::new(Addresses::new(cfg.node.instance_cidr, cfg.node.instance_cidr6, gw4)),
+            addresses: Arc::new(Addresses::new(
+                cfg.node.instance_cidr,
+                cfg.node.instance_cidr6,
+                gw4,
+            )),
         }
     }
 
@@ -74,7 +87,8 @@ impl Serving {
             } else {
                 self.scaled_remove(&name);
                 let cc = 0;
-                let instances: Instances = Arc::new(s.backends.iter().map(|a| Instance::new(*a, cc)).collect());
+                let instances: Instances =
+                    Arc::new(s.backends.iter().map(|a| Instance::new(*a, cc)).collect());
                 match self.statics.get(&name) {
                     Some((c, st, tx)) if c.timeout == s.timeout && c.protocol == s.protocol => {
                         let _ = tx.send(instances);
@@ -82,8 +96,16 @@ impl Serving {
                     }
                     _ => {
                         let (tx, rx) = watch::channel(instances);
-                        let st = Arc::new(ServiceState::new(name.clone(), s.protocol, s.timeout, cc, rx, Arc::new(Notify::new())));
-                        self.statics.insert(name.clone(), (s.clone(), st.clone(), tx));
+                        let st = Arc::new(ServiceState::new(
+                            name.clone(),
+                            s.protocol,
+                            s.timeout,
+                            cc,
+                            rx,
+                            Arc::new(Notify::new()),
+                        ));
+                        self.statics
+                            .insert(name.clone(), (s.clone(), st.clone(), tx));
                         st
                     }
                 }
@@ -91,7 +113,12 @@ impl Serving {
             self.states.insert(name.clone(), state.clone());
             registry.insert(state, &s.vips, s.port);
         }
-        let gone: Vec<String> = self.states.keys().filter(|n| !keep.contains(*n)).cloned().collect();
+        let gone: Vec<String> = self
+            .states
+            .keys()
+            .filter(|n| !keep.contains(*n))
+            .cloned()
+            .collect();
         for n in gone {
             self.scaled_remove(&n);
             self.statics.remove(&n);
@@ -115,10 +142,21 @@ impl Serving {
 
     fn start_scaler(&mut self, s: &ServiceConfig) {
         let name = s.full_name();
-        let cc = s.scale.as_ref().map(|x| x.container_concurrency).unwrap_or(0);
+        let cc = s
+            .scale
+            .as_ref()
+            .map(|x| x.container_concurrency)
+            .unwrap_or(0);
         let (tx, rx) = watch::channel::<Instances>(Arc::new(Vec::new()));
         let wake = Arc::new(Notify::new());
-        let state = Arc::new(ServiceState::new(name.clone(), s.protocol, s.timeout, cc, rx, wake));
+        let state = Arc::new(ServiceState::new(
+            name.clone(),
+            s.protocol,
+            s.timeout,
+            cc,
+            rx,
+            wake,
+        ));
         let flows = Arc::new(AtomicUsize::new(0));
         let status = Arc::new(Mutex::new(ScalerStatus::default()));
         if let Ok(mut m) = self.statuses.lock() {
@@ -136,15 +174,25 @@ impl Serving {
         };
         let task = tokio::spawn(scaler.run(stop_rx));
         // Until the scaler says otherwise, the service is Proxy with no backends.
-        self.overrides.insert(name.clone(), (Mode::Proxy, Vec::new()));
+        self.overrides
+            .insert(name.clone(), (Mode::Proxy, Vec::new()));
         self.states.insert(name.clone(), state);
-        self.scaled.insert(name, Scaled { cfg: s.clone(), stop, flows, task });
+        self.scaled.insert(
+            name,
+            Scaled {
+                cfg: s.clone(),
+                stop,
+                flows,
+                task,
+            },
+        );
     }
 
     /// Records a scaler's decision.
     pub fn record(&mut self, u: &Update) {
         if self.scaled.contains_key(&u.name) {
-            self.overrides.insert(u.name.clone(), (u.mode, u.backends.clone()));
+            self.overrides
+                .insert(u.name.clone(), (u.mode, u.backends.clone()));
         }
     }
 
@@ -158,7 +206,11 @@ impl Serving {
                     Mode::Proxy => redirector_common::MODE_PROXY,
                 };
                 let v4 = entry.key.family == redirector_common::FAMILY_V4;
-                entry.serve = backends.iter().filter(|a| a.is_ipv4() == v4).copied().collect();
+                entry.serve = backends
+                    .iter()
+                    .filter(|a| a.is_ipv4() == v4)
+                    .copied()
+                    .collect();
             }
         }
         d
@@ -174,7 +226,9 @@ impl Serving {
         let now = crate::control::monotonic_coarse_ns();
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for (_, v) in prog.maps().conntrack.iter().filter_map(Result::ok) {
-            if v.flags & (CT_REPLY | CT_CLOSING) != 0 || now.saturating_sub(v.last_seen) > 2_500_000_000 {
+            if v.flags & (CT_REPLY | CT_CLOSING) != 0
+                || now.saturating_sub(v.last_seen) > 2_500_000_000
+            {
                 continue;
             }
             if let Some(n) = ids.get(&v.svc_id) {
@@ -182,7 +236,10 @@ impl Serving {
             }
         }
         for (name, s) in &self.scaled {
-            s.flows.store(counts.get(name.as_str()).copied().unwrap_or(0), Ordering::Relaxed);
+            s.flows.store(
+                counts.get(name.as_str()).copied().unwrap_or(0),
+                Ordering::Relaxed,
+            );
         }
     }
 

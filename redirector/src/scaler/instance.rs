@@ -32,7 +32,10 @@ async fn ip(args: &[&str]) -> Result<(), InstanceError> {
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| InstanceError::Cmd { cmd: format!("ip {}", args.join(" ")), msg: e.to_string() })?;
+        .map_err(|e| InstanceError::Cmd {
+            cmd: format!("ip {}", args.join(" ")),
+            msg: e.to_string(),
+        })?;
     if !out.status.success() {
         return Err(InstanceError::Cmd {
             cmd: format!("ip {}", args.join(" ")),
@@ -60,25 +63,72 @@ pub struct Running {
 
 /// Creates the namespace and veth, and starts the process.
 pub async fn start(p: &Placement, cfg: &ScaleConfig) -> Result<Running, InstanceError> {
+    // Leftovers of an instance that was not cleaned up (e.g. an agent killed hard).
     let _ = ip(&["netns", "del", &p.netns]).await;
+    let _ = ip(&["link", "del", &p.host_if]).await;
     ip(&["netns", "add", &p.netns]).await?;
     let setup = async {
-        ip(&["link", "add", &p.host_if, "type", "veth", "peer", "name", "eth0", "netns", &p.netns]).await?;
+        ip(&[
+            "link", "add", &p.host_if, "type", "veth", "peer", "name", "eth0", "netns", &p.netns,
+        ])
+        .await?;
         ip(&["-n", &p.netns, "link", "set", "lo", "up"]).await?;
         ip(&["-n", &p.netns, "link", "set", "eth0", "up"]).await?;
         ip(&["link", "set", &p.host_if, "up"]).await?;
         if let Some(v4) = p.v4 {
-            ip(&["-n", &p.netns, "addr", "add", &format!("{v4}/32"), "dev", "eth0"]).await?;
+            ip(&[
+                "-n",
+                &p.netns,
+                "addr",
+                "add",
+                &format!("{v4}/32"),
+                "dev",
+                "eth0",
+            ])
+            .await?;
             if let Some(gw) = p.gw4 {
-                ip(&["-n", &p.netns, "route", "add", &gw.to_string(), "dev", "eth0"]).await?;
-                ip(&["-n", &p.netns, "route", "add", "default", "via", &gw.to_string(), "dev", "eth0"]).await?;
+                ip(&[
+                    "-n",
+                    &p.netns,
+                    "route",
+                    "add",
+                    &gw.to_string(),
+                    "dev",
+                    "eth0",
+                ])
+                .await?;
+                ip(&[
+                    "-n",
+                    &p.netns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gw.to_string(),
+                    "dev",
+                    "eth0",
+                ])
+                .await?;
             }
             ip(&["route", "replace", &v4.to_string(), "dev", &p.host_if]).await?;
         }
         if let Some(v6) = p.v6 {
             ip(&["addr", "add", "fe80::1/64", "dev", &p.host_if, "nodad"]).await?;
-            ip(&["-n", &p.netns, "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"]).await?;
-            ip(&["-n", &p.netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]).await?;
+            ip(&[
+                "-n",
+                &p.netns,
+                "addr",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .await?;
+            ip(&[
+                "-n", &p.netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ])
+            .await?;
             ip(&["-6", "route", "replace", &v6.to_string(), "dev", &p.host_if]).await?;
         }
         Ok::<(), InstanceError>(())
@@ -98,7 +148,10 @@ pub async fn start(p: &Placement, cfg: &ScaleConfig) -> Result<Running, Instance
         Ok(c) => c,
         Err(source) => {
             let _ = ip(&["netns", "del", &p.netns]).await;
-            return Err(InstanceError::Spawn { command: cfg.command.clone(), source });
+            return Err(InstanceError::Spawn {
+                command: cfg.command.clone(),
+                source,
+            });
         }
     };
     Ok(Running { child })
@@ -127,7 +180,11 @@ pub async fn probe(addr: SocketAddr, readiness: &Readiness) -> bool {
             }
         }
     };
-    tokio::time::timeout(Duration::from_millis(200), attempt).await.ok().flatten().unwrap_or(false)
+    tokio::time::timeout(Duration::from_millis(200), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// Removes an instance's namespace and route (the veth goes with the namespace).
@@ -138,5 +195,28 @@ pub async fn cleanup(p: &Placement) {
     }
     if let Some(v6) = p.v6 {
         let _ = ip(&["-6", "route", "del", &v6.to_string()]).await;
+    }
+}
+
+/// Removes instance namespaces left by agents that are gone (their pid tag is dead).
+pub async fn reap_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("rdi-") else {
+            continue;
+        };
+        let Some((tag, _)) = rest.split_once('-') else {
+            continue;
+        };
+        let alive = tag
+            .parse::<u32>()
+            .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            tracing::info!(netns = %name, "removing a stale instance namespace");
+            let _ = ip(&["netns", "del", &name]).await;
+        }
     }
 }

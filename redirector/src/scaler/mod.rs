@@ -71,7 +71,11 @@ pub struct Addresses {
 }
 
 impl Addresses {
-    pub fn new(cidr4: Option<(IpAddr, u8)>, cidr6: Option<(IpAddr, u8)>, gw4: Option<IpAddr>) -> Self {
+    pub fn new(
+        cidr4: Option<(IpAddr, u8)>,
+        cidr6: Option<(IpAddr, u8)>,
+        gw4: Option<IpAddr>,
+    ) -> Self {
         Self {
             tag: format!("{}", std::process::id() % 100_000),
             next: AtomicUsize::new(2),
@@ -86,14 +90,20 @@ impl Addresses {
         match base.0 {
             IpAddr::V4(a) => {
                 let host_bits = 32 - base.1 as u32;
-                (n < (1usize << host_bits.min(24)) - 1).then(|| IpAddr::V4((u32::from(a) + n as u32).into()))
+                (n < (1usize << host_bits.min(24)) - 1)
+                    .then(|| IpAddr::V4((u32::from(a) + n as u32).into()))
             }
             IpAddr::V6(a) => Some(IpAddr::V6((u128::from(a) + n as u128).into())),
         }
     }
 
     fn alloc(&self) -> Option<(usize, Placement)> {
-        let n = self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
+        let n = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
         let v4 = self.cidr4.and_then(|c| Self::nth(c, n));
         let v6 = self.cidr6.and_then(|c| Self::nth(c, n));
         if v4.is_none() && v6.is_none() {
@@ -146,20 +156,40 @@ pub struct Scaler {
 
 impl Scaler {
     fn addrs(&self, i: &Inst) -> Vec<SocketAddr> {
-        let Some(sc) = &self.svc.scale else { return Vec::new() };
-        [i.placement.v4, i.placement.v6].into_iter().flatten().map(|ip| SocketAddr::new(ip, sc.port)).collect()
+        let Some(sc) = &self.svc.scale else {
+            return Vec::new();
+        };
+        [i.placement.v4, i.placement.v6]
+            .into_iter()
+            .flatten()
+            .map(|ip| SocketAddr::new(ip, sc.port))
+            .collect()
     }
 
     async fn program(&self, mode: Mode, ready: &[&Inst]) {
         let backends = ready.iter().flat_map(|i| self.addrs(i)).collect();
         let (done, wait) = oneshot::channel();
-        if self.updates.send(Update { name: self.svc.full_name(), mode, backends, done }).is_ok() {
+        if self
+            .updates
+            .send(Update {
+                name: self.svc.full_name(),
+                mode,
+                backends,
+                done,
+            })
+            .is_ok()
+        {
             let _ = wait.await;
         }
     }
 
     fn publish(&self, insts: &BTreeMap<u64, Inst>) {
-        let cc = self.svc.scale.as_ref().map(|s| s.container_concurrency).unwrap_or(0);
+        let cc = self
+            .svc
+            .scale
+            .as_ref()
+            .map(|s| s.container_concurrency)
+            .unwrap_or(0);
         let set: Vec<Arc<Instance>> = insts
             .values()
             .filter(|i| i.ready && !i.stopping)
@@ -171,7 +201,9 @@ impl Scaler {
 
     /// Runs until `stop` flips; then stops every instance.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Some(sc) = self.svc.scale.clone() else { return };
+        let Some(sc) = self.svc.scale.clone() else {
+            return;
+        };
         let name = self.svc.full_name();
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
         let mut insts: BTreeMap<u64, Inst> = BTreeMap::new();
@@ -181,6 +213,8 @@ impl Scaler {
         let mut mode = Mode::Proxy;
         let mut published_ready: Vec<u64> = Vec::new();
         let mut wake_at: Option<Instant> = None;
+        let mut backoff_until = Instant::now();
+        instance::reap_stale().await;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.program(Mode::Proxy, &[]).await;
@@ -219,15 +253,21 @@ impl Scaler {
             }
             let mut want = (conc as f64 / sc.target_concurrency).ceil() as u32;
             want = want.clamp(sc.min_scale, sc.max_scale);
-            let live: Vec<u64> = insts.values().filter(|i| !i.stopping).map(|i| i.id).collect();
+            let live: Vec<u64> = insts
+                .values()
+                .filter(|i| !i.stopping)
+                .map(|i| i.id)
+                .collect();
             if want as usize >= live.len() {
                 last_needed_all = now;
             }
             // Scale up: immediately.
-            if want as usize > live.len() {
+            if want as usize > live.len() && now >= backoff_until {
                 if live.is_empty() && wake_at.is_none() {
                     wake_at = Some(now);
-                    if let Ok(mut s) = self.status.lock() { s.cold_starts += 1; }
+                    if let Ok(mut s) = self.status.lock() {
+                        s.cold_starts += 1;
+                    }
                 }
                 for _ in live.len()..want as usize {
                     let Some((slot, placement)) = self.addresses.alloc() else {
@@ -241,9 +281,16 @@ impl Scaler {
                             let pid = running.child.id();
                             tracing::info!(service = %name, instance = %placement.netns, ip = ?placement.v4, "instance started");
                             if let (Some(w), Ok(mut s)) = (wake_at, self.status.lock()) {
-                                s.last_cold_start = Some(ColdStart { started_us: w.elapsed().as_micros() as u64, ..Default::default() });
+                                s.last_cold_start = Some(ColdStart {
+                                    started_us: w.elapsed().as_micros() as u64,
+                                    ..Default::default()
+                                });
                             }
-                            let probe_addr = [placement.v4, placement.v6].into_iter().flatten().next().map(|ip| SocketAddr::new(ip, sc.port));
+                            let probe_addr = [placement.v4, placement.v6]
+                                .into_iter()
+                                .flatten()
+                                .next()
+                                .map(|ip| SocketAddr::new(ip, sc.port));
                             let (tx1, tx2) = (ev_tx.clone(), ev_tx.clone());
                             let readiness = sc.readiness.clone();
                             let child_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -264,11 +311,23 @@ impl Scaler {
                                     }
                                 });
                             }
-                            insts.insert(id, Inst { id, slot, placement, pid, ready: false, stopping: false });
+                            insts.insert(
+                                id,
+                                Inst {
+                                    id,
+                                    slot,
+                                    placement,
+                                    pid,
+                                    ready: false,
+                                    stopping: false,
+                                },
+                            );
                         }
                         Err(e) => {
-                            tracing::error!(service = %name, error = %e, "starting an instance failed");
+                            tracing::error!(service = %name, error = %e, "starting an instance failed; retrying in 1 s");
                             self.addresses.release(slot);
+                            backoff_until = now + Duration::from_secs(1);
+                            break;
                         }
                     }
                 }
@@ -276,8 +335,14 @@ impl Scaler {
             // Scale down: to zero after the idle timeout, otherwise after the stable window.
             let idle = now.duration_since(last_active) >= sc.idle_timeout;
             let target_live = if want == 0 {
-                if idle { 0 } else { live.len() }
-            } else if want as usize + 0 < live.len() && now.duration_since(last_needed_all) >= sc.stable_window {
+                if idle {
+                    0
+                } else {
+                    live.len()
+                }
+            } else if (want as usize) < live.len()
+                && now.duration_since(last_needed_all) >= sc.stable_window
+            {
                 want as usize
             } else {
                 live.len()
@@ -287,7 +352,11 @@ impl Scaler {
                 // Not-ready and newest first.
                 let mut order: Vec<&Inst> = insts.values().filter(|i| !i.stopping).collect();
                 order.sort_by_key(|i| (i.ready, std::cmp::Reverse(i.id)));
-                victims = order.iter().take(live.len() - target_live).map(|i| i.id).collect();
+                victims = order
+                    .iter()
+                    .take(live.len() - target_live)
+                    .map(|i| i.id)
+                    .collect();
                 for v in &victims {
                     if let Some(i) = insts.get_mut(v) {
                         i.stopping = true;
@@ -298,14 +367,18 @@ impl Scaler {
             let ready: Vec<&Inst> = insts.values().filter(|i| i.ready && !i.stopping).collect();
             let ready_ids: Vec<u64> = ready.iter().map(|i| i.id).collect();
             let spare = ready.len() as f64 * sc.target_concurrency - conc as f64;
-            let new_mode = if ready.is_empty() || sc.target_burst_capacity < 0.0 || (sc.target_burst_capacity > 0.0 && spare < sc.target_burst_capacity) {
+            let new_mode = if ready.is_empty()
+                || sc.target_burst_capacity < 0.0
+                || (sc.target_burst_capacity > 0.0 && spare < sc.target_burst_capacity)
+            {
                 Mode::Proxy
             } else {
                 Mode::Serve
             };
             if ready_ids != published_ready || new_mode != mode {
                 self.publish(&insts);
-                let ready_now: Vec<&Inst> = insts.values().filter(|i| i.ready && !i.stopping).collect();
+                let ready_now: Vec<&Inst> =
+                    insts.values().filter(|i| i.ready && !i.stopping).collect();
                 self.program(new_mode, &ready_now).await;
                 if new_mode != mode {
                     tracing::info!(service = %name, mode = ?new_mode, ready = ready_now.len(), "flipped");
@@ -314,11 +387,17 @@ impl Scaler {
                     if new_mode == Mode::Serve || !ready_now.is_empty() {
                         if let Ok(mut s) = self.status.lock() {
                             if let Some(cs) = s.last_cold_start.as_mut() {
-                                if cs.ready_us == 0 { cs.ready_us = w.elapsed().as_micros() as u64; }
-                                if new_mode == Mode::Serve { cs.flipped_us = w.elapsed().as_micros() as u64; }
+                                if cs.ready_us == 0 {
+                                    cs.ready_us = w.elapsed().as_micros() as u64;
+                                }
+                                if new_mode == Mode::Serve {
+                                    cs.flipped_us = w.elapsed().as_micros() as u64;
+                                }
                             }
                         }
-                        if new_mode == Mode::Serve { wake_at = None; }
+                        if new_mode == Mode::Serve {
+                            wake_at = None;
+                        }
                     }
                 }
                 mode = new_mode;
@@ -326,7 +405,11 @@ impl Scaler {
             }
             // Victims stop only now that the flip is in effect; pinned flows get a moment.
             if !victims.is_empty() {
-                let pids: Vec<(String, Option<u32>)> = victims.iter().filter_map(|v| insts.get(v)).map(|i| (i.placement.netns.clone(), i.pid)).collect();
+                let pids: Vec<(String, Option<u32>)> = victims
+                    .iter()
+                    .filter_map(|v| insts.get(v))
+                    .map(|i| (i.placement.netns.clone(), i.pid))
+                    .collect();
                 let flows = self.flows.clone();
                 let svc_name = name.clone();
                 tokio::spawn(async move {
@@ -350,7 +433,12 @@ impl Scaler {
             if let Ok(mut s) = self.status.lock() {
                 s.desired = want;
                 s.instances = insts.values().map(|i| i.placement.netns.clone()).collect();
-                s.ready = insts.values().filter(|i| i.ready && !i.stopping).flat_map(|i| self.addrs(i)).map(|a| a.to_string()).collect();
+                s.ready = insts
+                    .values()
+                    .filter(|i| i.ready && !i.stopping)
+                    .flat_map(|i| self.addrs(i))
+                    .map(|a| a.to_string())
+                    .collect();
                 s.mode = format!("{mode:?}").to_lowercase();
             }
         }
@@ -362,7 +450,9 @@ impl Scaler {
         }
         let t0 = Instant::now();
         while !insts.is_empty() && t0.elapsed() < STOP_GRACE {
-            if let Ok(Some(Event::Exited(id))) = tokio::time::timeout(Duration::from_millis(100), ev_rx.recv()).await {
+            if let Ok(Some(Event::Exited(id))) =
+                tokio::time::timeout(Duration::from_millis(100), ev_rx.recv()).await
+            {
                 if let Some(i) = insts.remove(&id) {
                     instance::cleanup(&i.placement).await;
                 }
