@@ -132,18 +132,28 @@ impl Datapath {
                     (PROG_TC_EGRESS, TcAttachType::Egress)
                 };
                 let prog = self.tc(name)?;
-                let id = prog
-                    .attach_with_options(
-                        ifname,
-                        ty,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(|e| err(format!("tcx: {e}")))?;
-                let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-                let fd: FdLink = link
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
-                (fd, "tcx")
+                match prog.attach_with_options(ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+                    Ok(id) => {
+                        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+                        let fd: FdLink = link
+                            .try_into()
+                            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+                        (fd, "tcx")
+                    }
+                    Err(tcx_err) => {
+                        // Kernels before 6.6: a clsact filter. It stays attached when the
+                        // agent exits (netlink filters outlive the process) but can't be
+                        // pinned; the next agent adds its own and the old one is harmless
+                        // (same maps).
+                        let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+                        let id = prog
+                            .attach_with_options(ifname, ty, TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()))
+                            .map_err(|e| err(format!("tcx: {tcx_err}; clsact: {e}")))?;
+                        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+                        std::mem::forget(link);
+                        return Ok(AttachReport::Attached { mode: "clsact" });
+                    }
+                }
             }
         };
         fd_link
