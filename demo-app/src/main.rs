@@ -2,15 +2,32 @@
 //! `hello from <addr>`, or with `MODE=line` a line protocol that echoes lines upper-cased.
 //! `STARTUP_DELAY_MS` simulates a slow start (the time the instance itself needs).
 //! Paths: `/` hello, `/healthz` 200, `/sleep?ms=N` answers after N ms, `/crash` exits.
+//! On SIGTERM it stops accepting, finishes requests in flight (answering them with
+//! `Connection: close`), closes idle keep-alive connections and exits — like a pod behind
+//! Knative's queue-proxy.
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{TcpListener, TcpStream},
-    time::Duration,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    time::{Duration, Instant},
 };
 
+static TERM: AtomicBool = AtomicBool::new(false);
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_term(_: libc::c_int) {
+    TERM.store(true, Ordering::SeqCst);
+}
+
 fn main() {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
-    if let Some(ms) = std::env::var("STARTUP_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
+    if let Some(ms) = std::env::var("STARTUP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         std::thread::sleep(Duration::from_millis(ms));
     }
     let line_mode = std::env::var("MODE").is_ok_and(|m| m == "line");
@@ -20,42 +37,86 @@ fn main() {
             eprintln!("redirector-hello: bind {port}: {e}");
             std::process::exit(1)
         });
-    for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || {
-            let _ = stream.set_nodelay(true);
-            if line_mode {
-                line(stream)
-            } else {
-                http(stream)
+    // SAFETY: installing an async-signal-safe handler that only stores an atomic.
+    unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
+    let _ = listener.set_nonblocking(true);
+    while !TERM.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                ACTIVE.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_nodelay(true);
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+                    if line_mode {
+                        line(stream)
+                    } else {
+                        http(stream)
+                    }
+                    ACTIVE.fetch_sub(1, Ordering::SeqCst);
+                });
             }
-        });
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    drop(listener);
+    let t0 = Instant::now();
+    while ACTIVE.load(Ordering::SeqCst) > 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads a line, retrying on the read timeout; None on EOF, error, or shutdown while idle.
+fn read_line(r: &mut BufReader<TcpStream>, buf: &mut String, idle: bool) -> Option<usize> {
+    loop {
+        match r.read_line(buf) {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if idle && buf.is_empty() && TERM.load(Ordering::SeqCst) {
+                    return None;
+                }
+            }
+            Err(_) => return None,
+        }
     }
 }
 
 fn line(stream: TcpStream) {
-    let Ok(mut out) = stream.try_clone() else { return };
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
     for l in BufReader::new(stream).lines() {
         let Ok(l) = l else { return };
-        if out.write_all(format!("{}\n", l.to_uppercase()).as_bytes()).is_err() {
+        if out
+            .write_all(format!("{}\n", l.to_uppercase()).as_bytes())
+            .is_err()
+        {
             return;
         }
     }
 }
 
 fn http(stream: TcpStream) {
-    let me = stream.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-    let Ok(mut out) = stream.try_clone() else { return };
+    let me = stream
+        .local_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
     let mut r = BufReader::new(stream);
     loop {
         let mut request_line = String::new();
-        if r.read_line(&mut request_line).unwrap_or(0) == 0 {
+        if read_line(&mut r, &mut request_line, true).is_none() {
             return;
         }
         let mut len = 0usize;
         let mut close = false;
         loop {
             let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 {
+            if read_line(&mut r, &mut h, false).is_none() {
                 return;
             }
             let h = h.trim_end();
@@ -71,9 +132,16 @@ fn http(stream: TcpStream) {
             }
         }
         let mut body = vec![0u8; len];
-        if r.read_exact(&mut body).is_err() {
-            return;
+        let mut got = 0;
+        while got < len {
+            match r.read(&mut body[got..]) {
+                Ok(0) => return,
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
         }
+        let close = close || TERM.load(Ordering::SeqCst);
         let path = request_line.split_whitespace().nth(1).unwrap_or("/");
         let text = if path.starts_with("/crash") {
             std::process::exit(3);
