@@ -276,7 +276,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 let _ = u.done.send(());
                 false
             }
-            _ = flows_tick.tick() => { serving.update_flows(&prog); false }
+            _ = flows_tick.tick() => {
+                serving.update_flows(&prog);
+                crate::status::write_live(&pin_path, &crate::metrics::Source::status_json(agent_metrics.as_ref()));
+                false
+            }
             _ = rescan_tick.tick() => { att.sync(&mut dp, &cfg.node); false }
             _ = gc_tick.tick() => {
                 let n = prog.gc_conntrack(&cfg.conntrack);

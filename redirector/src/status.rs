@@ -33,6 +33,9 @@ pub struct ServiceStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub services: Vec<ServiceStatus>,
+    /// The running agent's view (instances, held requests), when it is running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<serde_json::Value>,
     pub conntrack_entries: usize,
     pub counters: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -107,6 +110,7 @@ pub fn collect(maps: &Maps) -> Status {
     let g = maps.global_stats();
     Status {
         services,
+        agent: None,
         conntrack_entries: maps.conntrack_len(),
         counters: COUNTER_NAMES
             .iter()
@@ -115,9 +119,49 @@ pub fn collect(maps: &Maps) -> Status {
     }
 }
 
+/// Where the agent publishes its live state for `redirector status` (a file, so that it
+/// is readable from any network namespace).
+pub fn live_path(pin_path: &Path) -> std::path::PathBuf {
+    let tag: String = pin_path
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Path::new("/run/redirector").join(format!("status{tag}.json"))
+}
+
+/// Writes the agent's live state (best effort).
+pub fn write_live(pin_path: &Path, json: &str) {
+    let p = live_path(pin_path);
+    if let Some(d) = p.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let tmp = p.with_extension("tmp");
+    if std::fs::write(&tmp, json).is_ok() {
+        let _ = std::fs::rename(&tmp, &p);
+    }
+}
+
+/// The agent's live state if it was written in the last 5 seconds.
+fn read_live(pin_path: &Path) -> Option<serde_json::Value> {
+    let p = live_path(pin_path);
+    let age = std::fs::metadata(&p)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()?;
+    if age > std::time::Duration::from_secs(5) {
+        return None;
+    }
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
 /// Opens the pinned maps under `pin_path` and reads the status.
 pub fn read(pin_path: &Path) -> Result<Status, MapsError> {
-    Ok(collect(&Maps::open_pinned(pin_path)?))
+    let mut s = collect(&Maps::open_pinned(pin_path)?);
+    s.agent = read_live(pin_path);
+    Ok(s)
 }
 
 /// Human-readable table.
@@ -151,6 +195,60 @@ pub fn render(s: &Status) -> String {
             svc.bytes + svc.reply_bytes,
             svc.new_flows,
             svc.proxied_flows
+        );
+    }
+    if let Some(agent) = &s.agent {
+        if let Some(scalers) = agent.get("scalers").and_then(|v| v.as_object()) {
+            let _ = writeln!(
+                out,
+                "\n{:<24} {:<6} {:>8} {:>6} {:>6} {:>11}  READY",
+                "SCALED SERVICE", "MODE", "DESIRED", "INST", "HELD", "COLDSTARTS"
+            );
+            for (name, sc) in scalers {
+                let held = agent
+                    .pointer(&format!("/activator/{}/held", name.replace('/', "~1")))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+                let ready: Vec<String> = sc
+                    .get("ready")
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:<6} {:>8} {:>6} {:>6} {:>11}  {}",
+                    name,
+                    sc.get("mode").and_then(|v| v.as_str()).unwrap_or("-"),
+                    sc.get("desired").and_then(|v| v.as_u64()).unwrap_or(0),
+                    sc.get("instances")
+                        .and_then(|v| v.as_array())
+                        .map(|a| a.len())
+                        .unwrap_or(0),
+                    held,
+                    sc.get("cold_starts").and_then(|v| v.as_u64()).unwrap_or(0),
+                    if ready.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        ready.join(",")
+                    }
+                );
+            }
+        }
+        if let Some(act) = agent.get("activator").and_then(|v| v.as_object()) {
+            let held: u64 = act
+                .values()
+                .filter_map(|v| v.get("held").and_then(|h| h.as_u64()))
+                .sum();
+            let _ = writeln!(out, "activator: {held} requests held");
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "\n(no running agent found for this pin path: maps only)"
         );
     }
     let _ = writeln!(out, "\nconntrack entries: {}", s.conntrack_entries);

@@ -132,7 +132,11 @@ impl Datapath {
                     (PROG_TC_EGRESS, TcAttachType::Egress)
                 };
                 let prog = self.tc(name)?;
-                match prog.attach_with_options(ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+                match prog.attach_with_options(
+                    ifname,
+                    ty,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                ) {
                     Ok(id) => {
                         let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
                         let fd: FdLink = link
@@ -147,7 +151,11 @@ impl Datapath {
                         // (same maps).
                         let _ = aya::programs::tc::qdisc_add_clsact(ifname);
                         let id = prog
-                            .attach_with_options(ifname, ty, TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()))
+                            .attach_with_options(
+                                ifname,
+                                ty,
+                                TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
+                            )
                             .map_err(|e| err(format!("tcx: {tcx_err}; clsact: {e}")))?;
                         let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
                         std::mem::forget(link);
