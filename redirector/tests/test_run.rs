@@ -559,3 +559,38 @@ fn ten_thousand_services_fit() {
     let _g = common::serial();
     common::scale::memory_at_scale();
 }
+
+#[test]
+fn serve_without_backends_falls_back_to_activator() {
+    require_root!();
+    let _g = common::serial();
+    common::lifecycle::serve_without_backends();
+}
+
+#[test]
+fn idle_flows_expire_and_follow_the_mode() {
+    require_root!();
+    let _g = common::serial();
+    common::lifecycle::idle_flows_expire();
+}
+
+#[test]
+fn counters_follow_traffic() {
+    require_root!();
+    let _g = common::serial();
+    common::lifecycle::counters();
+}
+
+#[test]
+fn tcp_options_and_large_payload_are_rewritten() {
+    require_root!();
+    let _g = common::serial();
+    common::edge::tcp_options_and_large_payload();
+}
+
+#[test]
+fn udp_checksum_that_becomes_zero_is_sent_as_ffff() {
+    require_root!();
+    let _g = common::serial();
+    common::edge::udp_checksum_that_becomes_zero();
+}

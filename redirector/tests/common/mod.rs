@@ -2,8 +2,10 @@
 //! maps), a `Programmer` over its maps, and helpers to run a packet through one hook.
 #![allow(dead_code)]
 
+pub mod edge;
 pub mod fixture;
 pub mod fuzz;
+pub mod lifecycle;
 pub mod malformed;
 pub mod packet;
 pub mod scale;

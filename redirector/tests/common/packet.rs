@@ -35,6 +35,8 @@ pub struct Spec {
     pub udp_no_csum: bool,
     /// Pad the Ethernet frame with zeros up to this length (Ethernet minimum is 60).
     pub pad_to: usize,
+    /// TCP options (padded to a multiple of 4 bytes; data offset follows).
+    pub tcp_options: Vec<u8>,
 }
 
 impl Spec {
@@ -53,6 +55,7 @@ impl Spec {
             payload: b"hello, redirector".to_vec(),
             udp_no_csum: false,
             pad_to: 0,
+            tcp_options: Vec::new(),
         }
     }
 
@@ -109,11 +112,14 @@ impl Spec {
         let csum_at = if self.proto == TCP {
             l4.extend_from_slice(&self.seq.to_be_bytes());
             l4.extend_from_slice(&0x0a0b_0c0du32.to_be_bytes()); // ack
-            l4.push(5 << 4); // data offset
+            let mut opts = self.tcp_options.clone();
+            opts.resize(opts.len().div_ceil(4) * 4, 0);
+            l4.push((5 + opts.len() as u8 / 4) << 4); // data offset
             l4.push(self.tcp_flags);
             l4.extend_from_slice(&0xfaf0u16.to_be_bytes()); // window
             l4.extend_from_slice(&[0, 0]); // checksum
             l4.extend_from_slice(&[0, 0]); // urgent
+            l4.extend_from_slice(&opts);
             16
         } else {
             let len = (8 + self.payload.len()) as u16;

@@ -1,0 +1,142 @@
+//! Flow lifecycle and bookkeeping on the datapath: Serve without backends falls back to the
+//! activator, idle flows expire and are picked again, and the counters add up.
+use std::{net::SocketAddr, thread::sleep, time::Duration};
+
+use redirector_common::{
+    DatapathConfig, CONFIG_KEY, G_FRAGMENT_OR_OPTIONS, G_MALFORMED, G_NAT_FORWARD, G_NAT_REPLY,
+    G_NOT_IP, G_NO_BACKEND, MODE_PROXY,
+};
+
+use super::{
+    fixture, malformed,
+    packet::{diff, parse, Spec, TCP, UDP},
+    service, service_key, tc_test_run_refuses, Bench, Hook,
+};
+
+fn dst_of(b: &mut Bench, hook: Hook, s: &Spec) -> SocketAddr {
+    let out = b.run(hook, &s.build());
+    assert_eq!(out.ret, hook.pass());
+    parse(&out.pkt).expect("output parses").dst
+}
+
+/// Serve with no backends sends new flows to the activator; a Proxy service with no
+/// activator of the packet's family leaves the packet alone.
+pub fn serve_without_backends() {
+    let mut b = Bench::new();
+    b.apply(&[
+        service("10.96.9.1:80", TCP, false, &[], &[], "10.0.0.1:8012"),
+        service("10.96.9.2:80", TCP, true, &[], &[], "[fd00::1]:8012"),
+    ]);
+    for hook in [Hook::Xdp, Hook::TcIngress] {
+        let s = Spec::tcp("10.244.1.5:41000", "10.96.9.1:80");
+        assert_eq!(dst_of(&mut b, hook, &s), "10.0.0.1:8012".parse().unwrap());
+        let s = Spec::tcp("10.244.1.5:41001", "10.96.9.2:80");
+        let pkt = s.build();
+        let out = b.run(hook, &pkt);
+        assert!(
+            out.pkt == pkt,
+            "no activator: changed\n{}",
+            diff(&out.pkt, &pkt)
+        );
+    }
+    let g = b.prog.maps().global_stats();
+    assert_eq!(g[G_NO_BACKEND as usize], 2);
+}
+
+/// A flow idle past its timeout is a new flow again and follows the current mode.
+pub fn idle_flows_expire() {
+    let mut b = Bench::new();
+    b.apply(&fixture::services());
+    let cfg = DatapathConfig {
+        tcp_timeout_ns: 3_600_000_000_000,
+        udp_timeout_ns: 1_000_000, // 1 ms
+        closing_timeout_ns: 1_000_000,
+    };
+    b.prog.maps_mut().config.set(CONFIG_KEY, cfg, 0).unwrap();
+    let vip = fixture::serve_vip(true, UDP);
+    let key = service_key(vip, UDP);
+    let udp = Spec::new(UDP, fixture::client(true, 41_100), vip);
+    let tcp_vip = fixture::serve_vip(true, TCP);
+    let tcp = Spec::new(TCP, fixture::client(true, 41_101), tcp_vip);
+    let tcp_key = service_key(tcp_vip, TCP);
+    assert_eq!(
+        dst_of(&mut b, Hook::Xdp, &udp),
+        fixture::serve_backend(true, UDP)
+    );
+    assert_eq!(
+        dst_of(&mut b, Hook::Xdp, &tcp),
+        fixture::serve_backend(true, TCP)
+    );
+    b.prog.set_mode(&key, MODE_PROXY).unwrap();
+    b.prog.set_mode(&tcp_key, MODE_PROXY).unwrap();
+    // The coarse clock ticks every few ms.
+    sleep(Duration::from_millis(30));
+    let act = fixture::activator(true);
+    assert_eq!(
+        dst_of(&mut b, Hook::Xdp, &udp),
+        act,
+        "idle UDP flow expired"
+    );
+    let ack = tcp.clone().with_flags(0x10);
+    assert_eq!(
+        dst_of(&mut b, Hook::Xdp, &ack),
+        fixture::serve_backend(true, TCP),
+        "TCP flow (6 h timeout) kept"
+    );
+}
+
+/// Per-service and global counters follow the traffic.
+pub fn counters() {
+    let mut b = Bench::new();
+    b.apply(&fixture::services());
+    let id = |b: &Bench, vip: SocketAddr, proto: u8| {
+        let k = service_key(vip, proto);
+        *b.prog.installed().find(|(key, _, _)| **key == k).unwrap().1
+    };
+    let serve = fixture::serve_vip(true, TCP);
+    let proxy = fixture::proxy_vip(true, TCP);
+    let mut fwd = 0;
+    let mut replies = 0;
+    for i in 0..5u16 {
+        let c = fixture::client(true, 41_200 + i);
+        let s = Spec::new(TCP, c, serve);
+        let out = b.run(Hook::Xdp, &s.build());
+        b.run(Hook::Xdp, &s.build()); // established
+        fwd += 2;
+        let be = parse(&out.pkt).unwrap().dst;
+        b.run(Hook::Xdp, &Spec::new(TCP, be, c).build());
+        replies += 1;
+        b.run(Hook::TcIngress, &Spec::new(TCP, c, proxy).build());
+        fwd += 1;
+    }
+    let st = b.prog.maps().service_stats(id(&b, serve, TCP).id);
+    assert_eq!((st.packets, st.new_flows, st.proxied_flows), (10, 5, 0));
+    assert_eq!(st.reply_packets, 5);
+    let len = Spec::new(TCP, fixture::client(true, 1), serve)
+        .build()
+        .len() as u64
+        - 14;
+    assert_eq!(st.bytes, 10 * len);
+    let st = b.prog.maps().service_stats(id(&b, proxy, TCP).id);
+    assert_eq!((st.packets, st.new_flows, st.proxied_flows), (5, 5, 5));
+
+    let mut bad = 0;
+    for (_, pkt) in malformed::cases() {
+        if !tc_test_run_refuses(&pkt) {
+            b.run(Hook::TcIngress, &pkt);
+            bad += 1;
+        }
+    }
+    let mut arp = vec![0u8; 42];
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    b.run(Hook::Xdp, &arp);
+    let g = b.prog.maps().global_stats();
+    assert_eq!(g[G_NAT_FORWARD as usize], fwd);
+    assert_eq!(g[G_NAT_REPLY as usize], replies);
+    assert!(g[G_NOT_IP as usize] >= 1);
+    assert!(g[G_MALFORMED as usize] > 0 && g[G_FRAGMENT_OR_OPTIONS as usize] > 0);
+    assert!(
+        g[G_MALFORMED as usize] + g[G_FRAGMENT_OR_OPTIONS as usize] + g[G_NOT_IP as usize] > bad,
+        "every malformed (and the ARP) packet packet is counted: {g:?}"
+    );
+}
