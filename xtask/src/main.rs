@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
-use crate::util::{cargo, redirector_bin, require_root, run};
+use crate::util::{cargo, redirector_bin, require_root, run, target_dir};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,8 +40,13 @@ enum Task {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Bootstrap, build, then run the demo (as root).
-    Demo,
+    /// Bootstrap, build, then run the demo (as root): cold start, warm traffic, scale to
+    /// zero, a burst during a cold start, and a summary.
+    Demo {
+        /// Wait for Enter before cleaning up (to inspect the maps and namespaces).
+        #[arg(long)]
+        pause: bool,
+    },
     /// Bootstrap, release build, then run the perf test (as root).
     Perf(perf::PerfArgs),
     /// Build a container image (not implemented yet).
@@ -71,11 +76,13 @@ fn run_task(task: Task) -> Result<()> {
             run(&mut cargo(&args))
         }
         Task::Test { filter } => test::run_all(filter.as_deref()),
-        Task::Demo => {
+        Task::Demo { pause } => {
             require_root("demo")?;
             bootstrap::run_all()?;
+            // The workspace includes demo-app (`redirector-hello`), the app the demo scales.
             run(&mut cargo(&["build", "--workspace"]))?;
-            demo::run(&redirector_bin("debug"))
+            let hello = target_dir().join("debug").join("redirector-hello");
+            demo::run(&redirector_bin("debug"), &hello, pause)
         }
         Task::Perf(args) => perf::run_all(&args),
         Task::Image => bail!("`cargo xtask image` is not implemented yet (issue 4)"),
