@@ -140,3 +140,76 @@ pub fn counters() {
         "every malformed (and the ARP) packet packet is counted: {g:?}"
     );
 }
+
+/// A TCP flow that the *server* ended (RST in the reply direction) is dead: a later SYN on
+/// the same tuple is a new connection and must follow the current mode.
+pub fn syn_after_server_reset_is_a_new_flow() {
+    use super::packet::{TCP_ACK, TCP_RST, TCP_SYN};
+    let mut b = Bench::new();
+    b.apply(&fixture::services());
+    for hook in [Hook::Xdp, Hook::TcIngress] {
+        for v4 in fixture::FAMILIES {
+            let vip = fixture::serve_vip(v4, TCP);
+            let key = service_key(vip, TCP);
+            let be = fixture::serve_backend(v4, TCP);
+            let c = fixture::client(v4, if hook == Hook::Xdp { 41_500 } else { 41_501 });
+            let syn = Spec::new(TCP, c, vip).with_flags(TCP_SYN);
+            assert_eq!(dst_of(&mut b, hook, &syn), be);
+            let synack = Spec::new(TCP, be, c).with_flags(TCP_SYN | TCP_ACK);
+            b.run(hook, &synack.build());
+            let ack = syn.clone().with_flags(TCP_ACK);
+            assert_eq!(dst_of(&mut b, hook, &ack), be);
+            // The server resets the connection (e.g. the pod shuts down) ...
+            let rst = Spec::new(TCP, be, c).with_flags(TCP_RST | TCP_ACK);
+            b.run(hook, &rst.build());
+            // ... the service scales to zero and flips to Proxy ...
+            b.prog.set_mode(&key, MODE_PROXY).unwrap();
+            // ... and the client reuses its port for a new connection.
+            let mut again = syn.clone();
+            again.seq = 0x7777_0000;
+            assert_eq!(
+                dst_of(&mut b, hook, &again),
+                fixture::activator(v4),
+                "SYN after a server RST via {hook:?} (v4={v4}) stayed on the old backend"
+            );
+            b.prog
+                .set_mode(&key, redirector_common::MODE_SERVE)
+                .unwrap();
+        }
+    }
+}
+
+/// A flow that completed its handshake and then went silent (the pod vanished, the client
+/// gave up): a SYN on the same tuple is a new connection, not a retransmission (those only
+/// happen before the SYN-ACK), and must follow the current mode.
+pub fn syn_after_established_is_a_new_flow() {
+    use super::packet::{TCP_ACK, TCP_SYN};
+    let mut b = Bench::new();
+    b.apply(&fixture::services());
+    let vip = fixture::serve_vip(true, TCP);
+    let key = service_key(vip, TCP);
+    let be = fixture::serve_backend(true, TCP);
+    let c = fixture::client(true, 41_502);
+    let syn = Spec::new(TCP, c, vip).with_flags(TCP_SYN);
+    assert_eq!(dst_of(&mut b, Hook::Xdp, &syn), be);
+    // A retransmitted SYN before any reply stays pinned, even across a flip.
+    b.prog.set_mode(&key, MODE_PROXY).unwrap();
+    assert_eq!(dst_of(&mut b, Hook::Xdp, &syn), be, "SYN retransmission");
+    b.prog
+        .set_mode(&key, redirector_common::MODE_SERVE)
+        .unwrap();
+    let synack = Spec::new(TCP, be, c).with_flags(TCP_SYN | TCP_ACK);
+    b.run(Hook::Xdp, &synack.build());
+    assert_eq!(
+        dst_of(&mut b, Hook::Xdp, &syn.clone().with_flags(TCP_ACK)),
+        be
+    );
+    b.prog.set_mode(&key, MODE_PROXY).unwrap();
+    let mut again = syn.clone();
+    again.seq = 0x7777_0000;
+    assert_eq!(
+        dst_of(&mut b, Hook::Xdp, &again),
+        fixture::activator(true),
+        "SYN on an established, silent flow stayed on the old backend"
+    );
+}
