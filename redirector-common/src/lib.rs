@@ -40,6 +40,8 @@ pub const CT_REPLY: u16 = 1 << 0;
 pub const CT_PROXIED: u16 = 1 << 1;
 pub const CT_HAIRPIN: u16 = 1 << 2;
 pub const CT_CLOSING: u16 = 1 << 3;
+/// On the original-direction entry: the peer has answered (a later bare SYN is a new flow).
+pub const CT_SEEN_REPLY: u16 = 1 << 4;
 
 /// Index of the single `DatapathConfig` entry in the `CONFIG` array.
 pub const CONFIG_KEY: u32 = 0;

@@ -4,8 +4,9 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue, CONFIG_KEY,
-    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REPLY, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD, G_NAT_REPLY,
-    G_NO_BACKEND, MAGLEV_M, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE,
+    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REPLY, CT_SEEN_REPLY, G_CT_FULL, G_HAIRPIN,
+    G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MODE_PROXY, PROTO_TCP, SET_PROXY,
+    SET_SERVE,
 };
 
 use crate::{
@@ -55,13 +56,30 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
         let v = unsafe { *ct };
         let idle = now.saturating_sub(v.last_seen);
         let expired = idle > timeout(&cfg, p.key.proto, v.flags);
+        let is_reply = v.flags & CT_REPLY != 0;
+        // A bare SYN on a flow that was answered or is closing is a new connection reusing
+        // the client port: it follows the current mode. (A SYN retransmitted before any
+        // reply stays pinned.)
         let reopened = is_tcp
-            && v.flags & (CT_CLOSING | CT_REPLY) == CT_CLOSING
+            && !is_reply
+            && v.flags & (CT_CLOSING | CT_SEEN_REPLY) != 0
             && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if !expired && !reopened {
-            if is_tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 && v.flags & CT_CLOSING == 0 {
+            let fin = is_tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+            let mut flags = v.flags;
+            if fin {
+                flags |= CT_CLOSING;
+            }
+            if is_reply {
+                flags |= CT_SEEN_REPLY;
+                // First reply, or the server closing: tell the original-direction entry.
+                if v.flags & CT_SEEN_REPLY == 0 || (fin && v.flags & CT_CLOSING == 0) {
+                    mark_forward(&p.key, &v, fin, now);
+                }
+            }
+            if flags != v.flags {
                 unsafe {
-                    (*ct).flags = v.flags | CT_CLOSING;
+                    (*ct).flags = flags;
                     (*ct).last_seen = now;
                 }
             } else if idle > SECOND {
@@ -90,6 +108,32 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
     };
     let svc = *svc;
     new_flow(p, &svc, now)
+}
+
+/// Marks the original-direction entry of the flow whose reply entry `v` (key `rk`) was
+/// hit: a reply was seen, and the flow is closing if `fin`.
+#[inline(always)]
+fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64) {
+    let fkey = CtKey {
+        saddr: v.nat_daddr,
+        daddr: v.nat_saddr,
+        sport: v.nat_dport,
+        dport: v.nat_sport,
+        proto: rk.proto,
+        family: rk.family,
+        _pad: 0,
+    };
+    if let Some(f) = CONNTRACK.get_ptr_mut(&fkey) {
+        // SAFETY: LRU value; flag and timestamp updates are hints (see `decide`).
+        unsafe {
+            let mut flags = (*f).flags | CT_SEEN_REPLY;
+            if fin {
+                flags |= CT_CLOSING;
+                (*f).last_seen = now;
+            }
+            (*f).flags = flags;
+        }
+    }
 }
 
 #[inline(always)]

@@ -595,21 +595,18 @@ fn udp_checksum_that_becomes_zero_is_sent_as_ffff() {
     common::edge::udp_checksum_that_becomes_zero();
 }
 
-/// DATAPATH BUG (reported, fix suggested to the owner of nat.rs): a RST/FIN in the reply
-/// direction marks only the reply entry closing, so a later SYN reusing the tuple hits the
-/// non-closing forward entry and stays on the old target. Remove the ignore with the fix.
+/// A RST/FIN in the reply direction closes the original-direction entry too, so a later SYN
+/// reusing the tuple is a new flow and follows the current mode.
 #[test]
-#[ignore = "datapath bug: reply-direction RST/FIN does not close the forward entry"]
 fn syn_after_server_reset_follows_the_mode() {
     require_root!();
     let _g = common::serial();
     common::lifecycle::syn_after_server_reset_is_a_new_flow();
 }
 
-/// DATAPATH BUG (reported): a SYN on a forward entry whose flow has seen replies (so it is
-/// not a retransmission) is pinned to the old target for the whole TCP timeout (6 h).
+/// A bare SYN on a flow that has seen replies (so not a retransmission) is a new flow, not
+/// pinned to the old target for the whole TCP timeout.
 #[test]
-#[ignore = "datapath bug: SYN on an answered, silent flow is not treated as a new flow"]
 fn syn_after_established_follows_the_mode() {
     require_root!();
     let _g = common::serial();
