@@ -445,6 +445,10 @@ impl Drop for Env {
             .status();
         let _ = ip(&format!("netns del {}", self.client));
         let _ = ip(&format!("netns del {}", self.node));
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            eprintln!("agent log kept: {}", self.log_path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
