@@ -9,15 +9,12 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
 use redirector_tests::coldstart::{
-    is_root, net, redirector_bin, Config, Env, Scale, Svc, ACTIVATOR,
+    is_root, net, net::Tally, redirector_bin, Config, Env, Scale, Svc, ACTIVATOR,
 };
 use serde_json::Value;
 
@@ -330,49 +327,6 @@ fn idle_service_scales_to_zero_and_cold_starts_again() {
         .wait_status("serve again", LONG, |s| sc(s, &svc)["mode"] == "serve")
         .unwrap();
     assert_eq!(u(&sc(&st, &svc)["cold_starts"]), 2, "{st}");
-}
-
-/// Wall-clock time of day (UTC) with microseconds, to match the agent's log lines.
-fn utc_now() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let s = d.as_secs() % 86_400;
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        d.subsec_micros()
-    )
-}
-
-/// Outcomes of the requests of [`requests_during_scale_down_all_succeed`].
-#[derive(Default)]
-struct Tally {
-    ok: AtomicUsize,
-    failures: Mutex<Vec<String>>,
-}
-
-impl Tally {
-    /// One request from the client namespace; a failure is kept with its wall-clock time.
-    fn request(&self, env: (&str, SocketAddr)) {
-        let t0 = Instant::now();
-        match net::get(env.0, env.1, "/", Duration::from_secs(20)) {
-            Ok(r) if r.status == 200 => {
-                self.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            other => {
-                let what = match other {
-                    Ok(r) => format!("{r:?}"),
-                    Err(e) => format!("{e:#}"),
-                };
-                let (at, took) = (utc_now(), t0.elapsed());
-                let msg = format!("failed at {at} UTC after {took:?}: {what}");
-                self.failures.lock().unwrap().push(msg);
-            }
-        }
-    }
 }
 
 #[test]

@@ -7,7 +7,11 @@ use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
-    time::Duration,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -235,4 +239,47 @@ pub fn grpc_call(
             .await
             .context("h2c call timed out")?
     })
+}
+
+/// Wall-clock time of day (UTC) with microseconds, to match the agent's log lines.
+pub fn utc_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = d.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Outcomes of many requests: successes counted, failures kept with their wall-clock time.
+#[derive(Default)]
+pub struct Tally {
+    pub ok: AtomicUsize,
+    pub failures: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    /// One request from the client namespace; a failure is kept with its wall-clock time.
+    pub fn request(&self, env: (&str, SocketAddr)) {
+        let t0 = Instant::now();
+        match get(env.0, env.1, "/", Duration::from_secs(20)) {
+            Ok(r) if r.status == 200 => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            other => {
+                let what = match other {
+                    Ok(r) => format!("{r:?}"),
+                    Err(e) => format!("{e:#}"),
+                };
+                let (at, took) = (utc_now(), t0.elapsed());
+                let msg = format!("failed at {at} UTC after {took:?}: {what}");
+                self.failures.lock().unwrap().push(msg);
+            }
+        }
+    }
 }
