@@ -107,6 +107,15 @@ pub fn run(redirector_bin: &Path, hello_bin: &Path, pause: bool) -> Result<()> {
             return Err(anyhow!("{} is missing (build first)", b.display()));
         }
     }
+    // redirector-ebpf's host build is also a binary named `redirector`; a
+    // `cargo build --workspace` can leave that empty program at target/debug/redirector.
+    let version = crate::util::probe(&redirector_bin.to_string_lossy(), &["--version"]);
+    if !version.as_deref().unwrap_or("").starts_with("redirector") {
+        return Err(anyhow!(
+            "{} is not the agent (`--version` printed {version:?}); run `cargo build -p redirector`",
+            redirector_bin.display()
+        ));
+    }
     let cfg = DemoConfig::load(hello_bin)?;
     env::install_signal_handlers();
     println!("\n=== redirector demo: scale to zero with an eBPF data plane ===\n");
@@ -124,7 +133,16 @@ pub fn run(redirector_bin: &Path, hello_bin: &Path, pause: bool) -> Result<()> {
         cfg.startup_delay_ms.map_or("-".into(), |d| d.to_string()),
         cfg.idle_timeout.as_secs_f64()
     );
-    let env = Env::create(redirector_bin, &cfg)?;
+    let env = match Env::create(redirector_bin, &cfg) {
+        Ok(env) => env,
+        Err(e) => {
+            env::teardown();
+            if env::interrupted() {
+                std::process::exit(130);
+            }
+            return Err(e);
+        }
+    };
     println!(
         "agent: nsenter --net=/run/netns/{NODE_NS} {} agent ... (pid {}, log {})",
         redirector_bin.display(),
@@ -141,6 +159,11 @@ pub fn run(redirector_bin: &Path, hello_bin: &Path, pause: bool) -> Result<()> {
         },
     };
     let result = steps_and_summary(&ctx, pause);
+    if env::interrupted() {
+        // The signal watcher is tearing down; dropping `env` waits for it to finish.
+        drop(env);
+        std::process::exit(130);
+    }
     if let Err(e) = &result {
         eprintln!("demo failed: {e:#}");
         env.print_agent_log_tail(40);
@@ -174,6 +197,8 @@ fn steps_and_summary(ctx: &Ctx, pause: bool) -> Result<()> {
     let burst = steps::burst(ctx, BURST)?;
 
     summary(ctx, &[cold1, cold2], &warm, &burst);
+    // `redirector status` shows the agent's live state from a file it rewrites every second.
+    std::thread::sleep(Duration::from_millis(1100));
     inspect(ctx);
     if pause {
         println!(
@@ -228,6 +253,12 @@ fn summary(ctx: &Ctx, cold: &[Cold], warm: &steps::Warm, burst: &steps::Burst) {
             .map(|c| us_ms(c.cs.flipped_us.saturating_sub(c.cs.ready_us)))
             .collect(),
     );
+    if cold.iter().all(|c| c.cs.flipped_us == c.cs.ready_us) {
+        println!(
+            "  (the agent stamps ready_us when it publishes the ready instance, right after\n   \
+             programming the maps, so ready_us and flipped_us coincide)"
+        );
+    }
     println!();
     row(
         &format!("warm, {WARM_REQUESTS} requests on one keep-alive connection"),

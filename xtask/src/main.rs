@@ -79,8 +79,16 @@ fn run_task(task: Task) -> Result<()> {
         Task::Demo { pause } => {
             require_root("demo")?;
             bootstrap::run_all()?;
-            // The workspace includes demo-app (`redirector-hello`), the app the demo scales.
-            run(&mut cargo(&["build", "--workspace"]))?;
+            // The agent and demo-app's `redirector-hello` (the app the demo scales); not
+            // `--workspace`: redirector-ebpf's host build is also a binary named `redirector`
+            // and may overwrite target/debug/redirector.
+            run(&mut cargo(&[
+                "build",
+                "-p",
+                "redirector",
+                "-p",
+                "redirector-hello",
+            ]))?;
             let hello = target_dir().join("debug").join("redirector-hello");
             demo::run(&redirector_bin("debug"), &hello, pause)
         }

@@ -33,6 +33,7 @@ struct Teardown {
 }
 
 static STATE: Mutex<Option<Teardown>> = Mutex::new(None);
+static TEARDOWN: Mutex<()> = Mutex::new(());
 static SIGNALED: AtomicBool = AtomicBool::new(false);
 
 fn track(f: impl FnOnce(&mut Teardown)) {
@@ -108,6 +109,14 @@ impl Env {
         let tmp = std::env::temp_dir().join(format!("rdemo-{}", std::process::id()));
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         track(|t| t.tmp = Some(tmp.clone()));
+        // A private link to the agent binary: another `cargo build` in the workspace may
+        // replace target/debug/redirector while the demo runs.
+        let private = tmp.join("redirector");
+        if fs::hard_link(redirector, &private).is_err() {
+            fs::copy(redirector, &private).context("copying the redirector binary")?;
+        }
+        let redirector = private.as_path();
+        track(|t| t.redirector = redirector.to_path_buf());
         let config = tmp.join("demo.toml");
         fs::write(&config, &cfg.rendered)?;
 
@@ -186,6 +195,7 @@ impl Env {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);
@@ -271,6 +281,7 @@ fn remove_leftovers(redirector: &Path, pin_path: &Path) {
         found = true;
         uninstall(redirector, pin_path);
     }
+    remove_live_status(pin_path);
     for ns in [NODE_NS, CLIENT_NS] {
         if netns_exists(ns) {
             found = true;
@@ -315,6 +326,9 @@ fn uninstall(redirector: &Path, pin_path: &Path) {
 /// Stops the agent, removes the pins, instance and demo namespaces and the temporary
 /// directory. Idempotent: the first caller takes the list, later callers find it empty.
 pub fn teardown() {
+    // Held for the whole teardown: a second caller (Drop on the main thread while the signal
+    // watcher tears down) waits until the first one is done instead of exiting early.
+    let _serial = TEARDOWN.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut t) = STATE.lock().unwrap_or_else(|e| e.into_inner()).take() else {
         return;
     };
@@ -332,8 +346,15 @@ pub fn teardown() {
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
             let t0 = Instant::now();
             while child.try_wait().ok().flatten().is_none() {
-                if t0.elapsed() > Duration::from_secs(15) {
-                    println!("  the agent did not stop in 15 s: SIGKILL");
+                if t0.elapsed() > Duration::from_secs(10) {
+                    println!("  the agent did not stop in 10 s: SIGKILL; the end of its log:");
+                    if let Some(tmp) = &t.tmp {
+                        let log = fs::read_to_string(tmp.join("agent.log")).unwrap_or_default();
+                        let lines: Vec<&str> = log.lines().collect();
+                        for l in &lines[lines.len().saturating_sub(12)..] {
+                            println!("    {l}");
+                        }
+                    }
                     let _ = child.kill();
                     let _ = child.wait();
                     break;
@@ -343,6 +364,7 @@ pub fn teardown() {
         }
     }
     if let Some(pin) = t.pin_path.take() {
+        remove_live_status(&pin);
         if pin.exists() {
             println!("  redirector uninstall --pin-path {}", pin.display());
             uninstall(&t.redirector, &pin);
@@ -374,6 +396,19 @@ pub fn teardown() {
     if let Some(tmp) = t.tmp.take() {
         let _ = fs::remove_dir_all(&tmp);
     }
+}
+
+/// The agent publishes its live state for `redirector status` to
+/// /run/redirector/status<pin path with non-alphanumerics as '_'>.json and leaves it there.
+fn remove_live_status(pin_path: &Path) {
+    let tag: String = pin_path
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let dir = Path::new("/run/redirector");
+    let _ = fs::remove_file(dir.join(format!("status{tag}.json")));
+    let _ = fs::remove_dir(dir); // only if empty
 }
 
 fn kill_netns_pids(ns: &str) {

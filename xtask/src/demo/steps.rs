@@ -86,15 +86,20 @@ pub fn cold_start(ctx: &Ctx) -> Result<Cold> {
     let vip = ctx.vip();
     let sent = t0.elapsed();
     let resp = in_netns(CLIENT_NS, move || get_once(vip, "/", TIMEOUT));
+    // The flip is published right after the forward; give it a moment to show (the poller
+    // keeps watching meanwhile).
+    let after = match &resp {
+        Ok(_) => ctx
+            .target
+            .wait_until(Duration::from_millis(5), Duration::from_secs(5), |s| {
+                s.mode == "serve" && s.last_cold_start.is_some_and(|c| c.flipped_us > 0)
+            }),
+        Err(_) => ctx.target.fetch(),
+    };
     let tl = poller.finish()?;
     let resp = resp?;
+    let after = after?;
     ensure!(resp.status == 200, "cold request got HTTP {}", resp.status);
-    // The flip is published right after the forward; give it a moment to show.
-    let after = ctx
-        .target
-        .wait_until(Duration::from_millis(5), Duration::from_secs(5), |s| {
-            s.mode == "serve" && s.last_cold_start.is_some_and(|c| c.flipped_us > 0)
-        })?;
     let cs = after
         .last_cold_start
         .ok_or_else(|| anyhow!("/status has no last_cold_start"))?;
