@@ -52,6 +52,26 @@ pub fn hello_bin() -> PathBuf {
     }
 }
 
+/// Fails clearly when the agent binary is not the agent: `redirector-ebpf` builds a host
+/// stub also named `redirector` into the same target directory (`cargo build --workspace`),
+/// and whichever is linked last wins.
+pub fn check_agent_bin() -> Result<()> {
+    let bin = redirector_bin();
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let v = String::from_utf8_lossy(&out.stdout);
+    if !v.starts_with("redirector ") {
+        bail!(
+            "{} is not the agent (`--version` printed {v:?}); it is probably the host stub of \
+             redirector-ebpf, which has the same binary name: `cargo build -p redirector`",
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
 /// A name unique to this process and call.
 pub fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -243,6 +263,7 @@ pub struct Env {
 impl Env {
     /// Creates the namespaces and starts the agent on `cfg`; waits for its ready file.
     pub fn start(tag: &str, cfg: &Config) -> Result<Self> {
+        check_agent_bin()?;
         let id = unique(tag);
         let dir = std::env::temp_dir().join(format!("{id}-dir"));
         std::fs::create_dir_all(&dir)?;
@@ -443,6 +464,8 @@ impl Drop for Env {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        // If the binary could not run (e.g. being rebuilt), remove the pins by hand.
+        let _ = std::fs::remove_dir_all(&self.pin_path);
         let _ = ip(&format!("netns del {}", self.client));
         let _ = ip(&format!("netns del {}", self.node));
         if std::thread::panicking() {
