@@ -131,6 +131,8 @@ pub struct ClientArgs {
     /// Requests per kept-alive connection (loop run: 0 = until stopped).
     pub per_conn: usize,
     pub interval_ms: u64,
+    /// Padding: bytes added to each HTTP answer, or to each UDP datagram (≤ 1200).
+    pub pad: usize,
 }
 
 impl ClientArgs {
@@ -142,6 +144,7 @@ impl ClientArgs {
             keepalive,
             per_conn,
             interval_ms: 0,
+            pad: 0,
         }
     }
     pub fn udp(target: SocketAddr, new: usize, keepalive: usize, per_conn: usize) -> Self {
@@ -162,6 +165,8 @@ impl ClientArgs {
             self.per_conn.to_string(),
             "--interval-ms".into(),
             self.interval_ms.to_string(),
+            "--pad".into(),
+            self.pad.to_string(),
         ];
         if self.udp {
             v.push("--udp".into());

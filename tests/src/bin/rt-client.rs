@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rt-client --target ADDR [--udp] [--new N] [--keepalive C] [--per-conn R]
-//!           [--stop-file F] [--interval-ms MS] [--timeout-ms MS]
+//!           [--stop-file F] [--interval-ms MS] [--timeout-ms MS] [--pad BYTES]
 //! ```
 //! Without `--stop-file`: N requests on new connections (sequential) and C concurrent
 //! kept-alive connections of R requests each. With `--stop-file`: N threads looping over new
@@ -31,6 +31,7 @@ struct Opts {
     stop_file: Option<PathBuf>,
     interval: Duration,
     timeout: Duration,
+    pad: usize,
 }
 
 /// One answered request.
@@ -83,7 +84,7 @@ impl Totals {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: rt-client --target ADDR [--udp] [--new N] [--keepalive C] [--per-conn R] [--stop-file F] [--interval-ms MS] [--timeout-ms MS]");
+    eprintln!("usage: rt-client --target ADDR [--udp] [--new N] [--keepalive C] [--per-conn R] [--stop-file F] [--interval-ms MS] [--timeout-ms MS] [--pad BYTES]");
     std::process::exit(2)
 }
 
@@ -97,6 +98,7 @@ fn parse_args() -> Opts {
         stop_file: None,
         interval: Duration::ZERO,
         timeout: Duration::from_secs(5),
+        pad: 0,
     };
     let mut target = false;
     let mut args = std::env::args().skip(1);
@@ -115,6 +117,7 @@ fn parse_args() -> Opts {
             "--interval-ms" => o.interval = Duration::from_millis(num()),
             "--timeout-ms" => o.timeout = Duration::from_millis(num()),
             "--stop-file" => o.stop_file = Some(val().into()),
+            "--pad" => o.pad = num() as usize,
             _ => usage(),
         }
     }
@@ -145,6 +148,7 @@ struct Http {
     out: TcpStream,
     reader: BufReader<TcpStream>,
     peer: SocketAddr,
+    pad: usize,
 }
 
 impl Http {
@@ -162,12 +166,14 @@ impl Http {
             out,
             reader: BufReader::new(s),
             peer,
+            pad: o.pad,
         })
     }
 
     fn request(&mut self, close: bool) -> Result<Answer, String> {
         let req = format!(
-            "GET / HTTP/1.1\r\nHost: rt\r\n{}\r\n",
+            "GET /?pad={} HTTP/1.1\r\nHost: rt\r\n{}\r\n",
+            self.pad,
             if close { "Connection: close\r\n" } else { "" }
         );
         self.out
@@ -221,7 +227,7 @@ fn udp_socket(o: &Opts) -> Result<UdpSocket, String> {
 }
 
 fn udp_request(o: &Opts, s: &UdpSocket, seq: u64) -> Result<Answer, String> {
-    let payload = format!("ping {seq}");
+    let payload = format!("ping {seq} {}", "x".repeat(o.pad.min(1200)));
     s.send_to(payload.as_bytes(), o.target)
         .map_err(|e| format!("udp send: {e}"))?;
     let mut buf = [0u8; 2048];

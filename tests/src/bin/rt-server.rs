@@ -14,6 +14,7 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// The answer: `req` is the UDP payload echoed back (or the HTTP padding).
 fn body(name: &str, peer: SocketAddr, local: SocketAddr, req: &str) -> String {
     serde_json::json!({
         "id": name, "peer": peer.to_string(), "local": local.to_string(), "req": req
@@ -30,6 +31,7 @@ fn serve_conn(name: &str, stream: TcpStream) -> std::io::Result<()> {
         // Request line and headers; a request body is not expected.
         let mut close = false;
         let mut first = true;
+        let mut pad = 0usize;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
@@ -42,13 +44,23 @@ fn serve_conn(name: &str, stream: TcpStream) -> std::io::Result<()> {
                 }
                 break;
             }
+            if first {
+                // `GET /?pad=N`: add N bytes of padding to the answer.
+                if let Some(i) = l.find("pad=") {
+                    let digits: String = l[i + 4..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    pad = digits.parse().unwrap_or(0).min(16 << 20);
+                }
+            }
             first = false;
             let lower = l.to_ascii_lowercase();
             if lower.starts_with("connection:") && lower.contains("close") {
                 close = true;
             }
         }
-        let b = body(name, peer, local, "");
+        let b = body(name, peer, local, &"x".repeat(pad));
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{}",
             b.len(),
