@@ -28,8 +28,10 @@ const WARM_REQUESTS: usize = 2000;
 /// New connections in the warm step: clients x connections each.
 const WARM_CLIENTS: usize = 8;
 const WARM_PER_CLIENT: usize = 50;
-/// Concurrent requests during the last cold start.
-const BURST: usize = 100;
+/// Concurrent requests during the last cold start. With target_concurrency 100 this is one
+/// instance's worth even though the agent counts a proxied request twice (activator
+/// concurrency + its conntrack flow); 100 would sometimes start a second instance.
+const BURST: usize = 50;
 
 /// The rendered config and the values the demo needs from it.
 pub struct DemoConfig {
