@@ -33,6 +33,7 @@ pub struct Serving {
     overrides: HashMap<String, (Mode, Vec<SocketAddr>)>,
     updates: mpsc::UnboundedSender<Update>,
     addresses: Arc<Addresses>,
+    pin_path: std::path::PathBuf,
 }
 
 impl Serving {
@@ -60,6 +61,7 @@ impl Serving {
                 cfg.node.instance_cidr6,
                 gw4,
             )),
+            pin_path: cfg.node.pin_path.clone(),
         }
     }
 
@@ -163,11 +165,19 @@ impl Serving {
             m.insert(name.clone(), status.clone());
         }
         let (stop, stop_rx) = watch::channel(false);
+        let view = match crate::scaler::DatapathView::open(&self.pin_path, s) {
+            Ok(v) => Some(Arc::new(v)),
+            Err(e) => {
+                tracing::warn!(service = %name, error = %e, "scaler can't read the datapath maps");
+                None
+            }
+        };
         let scaler = Scaler {
             svc: s.clone(),
             act: state.clone(),
             instances_tx: tx,
             flows: flows.clone(),
+            view,
             updates: self.updates.clone(),
             addresses: self.addresses.clone(),
             status,

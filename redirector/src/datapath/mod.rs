@@ -17,7 +17,7 @@ pub use maps::{Maps, MapsError};
 
 /// The eBPF object, built by build.rs and embedded: no path to a build folder at run time.
 pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
 
 /// Program names in the object.
 pub const PROG_XDP: &str = "redirector_xdp";

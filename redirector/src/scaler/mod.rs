@@ -4,6 +4,7 @@
 //! instances to the activator first, then asks the agent to program the datapath (Serve
 //! when ready, Proxy otherwise), and stops instances only after the flip is in effect.
 mod instance;
+mod view;
 
 use std::{
     collections::BTreeMap,
@@ -23,11 +24,14 @@ use crate::{
     config::{Mode, ServiceConfig},
 };
 pub use instance::Placement;
+pub use view::DatapathView;
 
 /// How long an instance gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long scale-down waits for flows pinned to an instance to finish after the flip.
-const DRAIN_MAX: Duration = Duration::from_secs(2);
+const DRAIN_MAX: Duration = Duration::from_secs(5);
+/// The least it waits: connections that picked the instance just before the flip.
+const DRAIN_MIN: Duration = Duration::from_millis(300);
 
 /// A request to program the datapath for one service.
 #[derive(Debug)]
@@ -149,6 +153,8 @@ pub struct Scaler {
     pub instances_tx: watch::Sender<Instances>,
     /// Active datapath flows to the service's instances (updated by the agent).
     pub flows: Arc<AtomicUsize>,
+    /// Counters and conntrack, read directly (None: maps not pinned).
+    pub view: Option<Arc<DatapathView>>,
     pub updates: mpsc::UnboundedSender<Update>,
     pub addresses: Arc<Addresses>,
     pub status: Arc<Mutex<ScalerStatus>>,
@@ -214,6 +220,8 @@ impl Scaler {
         let mut published_ready: Vec<u64> = Vec::new();
         let mut wake_at: Option<Instant> = None;
         let mut backoff_until = Instant::now();
+        let mut last_packets = 0u64;
+        let mut last_forwarded = 0u64;
         instance::reap_stale().await;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -248,9 +256,13 @@ impl Scaler {
             }
             let conc = self.act.concurrency() + self.flows.load(Ordering::Relaxed);
             let now = Instant::now();
-            if conc > 0 {
+            let packets = self.view.as_ref().map(|v| v.packets()).unwrap_or(0);
+            let forwarded = self.act.forwarded.load(Ordering::Relaxed);
+            if conc > 0 || packets != last_packets || forwarded != last_forwarded {
                 last_active = now;
             }
+            last_packets = packets;
+            last_forwarded = forwarded;
             let mut want = (conc as f64 / sc.target_concurrency).ceil() as u32;
             want = want.clamp(sc.min_scale, sc.max_scale);
             let live: Vec<u64> = insts
@@ -410,11 +422,26 @@ impl Scaler {
                     .filter_map(|v| insts.get(v))
                     .map(|i| (i.placement.netns.clone(), i.pid))
                     .collect();
-                let flows = self.flows.clone();
+                let ips: Vec<IpAddr> = victims
+                    .iter()
+                    .filter_map(|v| insts.get(v))
+                    .flat_map(|i| [i.placement.v4, i.placement.v6])
+                    .flatten()
+                    .collect();
+                let view = self.view.clone();
                 let svc_name = name.clone();
                 tokio::spawn(async move {
+                    // Flows pinned to the victims (conntrack) end first, within DRAIN_MAX.
                     let t0 = Instant::now();
-                    while flows.load(Ordering::Relaxed) > 0 && t0.elapsed() < DRAIN_MAX {
+                    tokio::time::sleep(DRAIN_MIN).await;
+                    while let Some(v) = &view {
+                        let left = v.flows_to(&ips);
+                        if left == 0 || t0.elapsed() >= DRAIN_MAX {
+                            if left > 0 {
+                                tracing::info!(service = %svc_name, flows = left, "drain deadline reached");
+                            }
+                            break;
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     for (ns, pid) in pids {
