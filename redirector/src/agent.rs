@@ -249,7 +249,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut file_tick = tokio::time::interval(Duration::from_millis(250));
     let mut rescan_tick = tokio::time::interval(Duration::from_secs(5));
     let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
-    let mut flows_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut flows_tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_mtime = opts.config.as_deref().and_then(mtime);
 
     loop {
@@ -313,11 +313,18 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
     }
     tracing::info!("stopping: draining the activator, stopping instances");
+    // Scalers still report while they drain; acknowledge (the maps stay as they are).
+    tokio::spawn(async move {
+        while let Some(u) = upd_rx.recv().await {
+            let _ = u.done.send(());
+        }
+    });
     activator.shutdown();
     for l in listeners {
         let _ = l.await;
     }
     serving.shutdown().await;
+    let _ = std::fs::remove_file(crate::status::live_path(&pin_path));
     tracing::info!(
         "stopped; programs and maps stay pinned under {}",
         pin_path.display()
@@ -339,6 +346,7 @@ pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
         let _ = std::fs::remove_file(pin_path.join(name));
     }
     let _ = std::fs::remove_dir(pin_path);
+    let _ = std::fs::remove_file(crate::status::live_path(pin_path));
     Ok(n)
 }
 

@@ -7,7 +7,7 @@ use std::{
     sync::{atomic::AtomicUsize, atomic::Ordering, Arc, Mutex},
 };
 
-use redirector_common::{CT_CLOSING, CT_REPLY};
+use redirector_common::{CT_CLOSING, CT_PROXIED, CT_REPLY};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::{
@@ -226,8 +226,9 @@ impl Serving {
         d
     }
 
-    /// Counts live (not closing, seen in the last ~2 s) datapath flows per scaled service:
-    /// the concurrency that bypasses the activator in Serve mode.
+    /// Counts live (not closing, seen in the last ~2 s) direct datapath flows per scaled
+    /// service: the concurrency that bypasses the activator in Serve mode (flows to the
+    /// activator are already counted by it).
     pub fn update_flows(&self, prog: &Programmer) {
         if self.scaled.is_empty() {
             return;
@@ -236,7 +237,7 @@ impl Serving {
         let now = crate::control::monotonic_coarse_ns();
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for (_, v) in prog.maps().conntrack.iter().filter_map(Result::ok) {
-            if v.flags & (CT_REPLY | CT_CLOSING) != 0
+            if v.flags & (CT_REPLY | CT_CLOSING | CT_PROXIED) != 0
                 || now.saturating_sub(v.last_seen) > 2_500_000_000
             {
                 continue;

@@ -234,6 +234,13 @@ impl Scaler {
                     Event::Ready(id) => {
                         if let Some(i) = insts.get_mut(&id) {
                             i.ready = true;
+                            if let (Some(w), Ok(mut s)) = (wake_at, self.status.lock()) {
+                                if let Some(cs) = s.last_cold_start.as_mut() {
+                                    if cs.ready_us == 0 {
+                                        cs.ready_us = w.elapsed().as_micros() as u64;
+                                    }
+                                }
+                            }
                             tracing::info!(service = %name, instance = %i.placement.netns, "instance ready");
                         }
                     }
