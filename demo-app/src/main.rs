@@ -56,7 +56,9 @@ fn main() {
                     ACTIVE.fetch_sub(1, Ordering::SeqCst);
                 });
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }
