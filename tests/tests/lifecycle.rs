@@ -1,0 +1,303 @@
+//! The control plane under real traffic: mode flips, backend changes, agent restarts, bad
+//! config input and interfaces that appear after the agent started.
+use std::{collections::BTreeSet, thread::sleep, time::Duration};
+
+use redirector_tests::{
+    agent::{service_entries, service_mode_is},
+    bins,
+    cluster::{Cluster, ECHO, ID_ACT_A, ID_BEA, ID_BEB, TCP_BACKEND_PORT, UDP_BACKEND_PORT, WEB},
+    netns::wait_for,
+    require_root,
+    traffic::{run_client, ClientArgs, ClientLoop, Server, Summary},
+};
+use serde_json::Value;
+
+/// Client loops against WEB (v4, v6) and ECHO (v4, v6) from the client pod: new connections
+/// and kept-alive connections of `per_conn` requests.
+fn start_loops(c: &Cluster, per_conn: usize) -> Vec<(String, ClientLoop)> {
+    let cli = &c.topo.pod("cli").ns;
+    let mut loops = Vec::new();
+    for (svc, v6) in [(WEB, false), (WEB, true), (ECHO, false), (ECHO, true)] {
+        let mut args = if svc.udp() {
+            ClientArgs::udp(svc.vip(v6), 1, 2, per_conn)
+        } else {
+            ClientArgs::tcp(svc.vip(v6), 2, 3, per_conn)
+        };
+        args.interval_ms = 10;
+        let name = format!("{} v6={v6}", svc.name);
+        let stop = c.path(&format!("stop-{}-{v6}", svc.name));
+        loops.push((
+            name,
+            ClientLoop::start(&c.bins, cli, &args, stop).expect("client loop"),
+        ));
+    }
+    loops
+}
+
+/// Stops the loops; every request must have succeeded and every kept-alive connection must
+/// have been answered by one server only.
+fn stop_loops(loops: Vec<(String, ClientLoop)>) -> Vec<(String, Summary)> {
+    let mut out = Vec::new();
+    for (name, l) in loops {
+        let s = l.stop().expect("client loop summary");
+        eprintln!(
+            "{name}: ok={} failed={} conns={} keepalive_conns={} ids={:?}",
+            s.ok, s.failed, s.conns, s.keepalive_conns, s.identities
+        );
+        s.assert_all_ok(&name);
+        assert_eq!(
+            s.unstable_conns, 0,
+            "{name}: kept-alive connections changed server: {:?}",
+            s.unstable
+        );
+        assert!(
+            s.keepalive_conns > 0,
+            "{name}: no kept-alive connection: {s:?}"
+        );
+        out.push((name, s));
+    }
+    out
+}
+
+/// The parts of a status that a restart or a rejected config must not change.
+fn services_digest(st: &Value) -> BTreeSet<String> {
+    st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {} {} {} {} gen={} {} {}",
+                s["name"],
+                s["vip"],
+                s["port"],
+                s["protocol"],
+                s["mode"],
+                s["backends"],
+                s["generation"],
+                s["activator"],
+                s["proxy_pool"]
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn flip_under_load() {
+    require_root!();
+    let mut c = Cluster::new("flip", bins!()).expect("cluster");
+    // A spare backend on node B, added to and removed from the services during the flips.
+    let bec = c.topo.add_pod("bec", 1, 30).expect("pod bec");
+    let (v4, v6) = (bec.ip(false), bec.ip(true));
+    let spare = [
+        (v4, TCP_BACKEND_PORT),
+        (v6, TCP_BACKEND_PORT),
+        (v4, UDP_BACKEND_PORT),
+        (v6, UDP_BACKEND_PORT),
+    ]
+    .map(|(ip, port)| std::net::SocketAddr::new(ip, port));
+    let srv = Server::start(&c.bins, &bec.ns, "be-c", &spare[..2], &spare[2..]).unwrap();
+    c.servers.push(srv);
+
+    let loops = start_loops(&c, 40);
+    sleep(Duration::from_millis(500));
+    for i in 0..50 {
+        for proxy in [true, false] {
+            c.update_configs(|cfg| {
+                for s in [WEB.name, ECHO.name] {
+                    cfg.service_mut(s).proxy = proxy;
+                }
+                // Every tenth cycle the spare backend joins; five cycles later it leaves.
+                let with_spare = i % 10 >= 5;
+                for (name, addrs) in [(WEB.name, &spare[..2]), (ECHO.name, &spare[2..])] {
+                    let b = &mut cfg.service_mut(name).backends;
+                    b.retain(|a| !addrs.contains(a));
+                    if with_spare {
+                        b.extend_from_slice(addrs);
+                    }
+                }
+            })
+            .unwrap();
+            let mode = if proxy { "proxy" } else { "serve" };
+            for a in &c.agents {
+                a.wait_status(
+                    &format!("flip {i}: web and echo in mode {mode}"),
+                    Duration::from_secs(15),
+                    |s| service_mode_is(s, WEB.name, mode) && service_mode_is(s, ECHO.name, mode),
+                )
+                .unwrap();
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+    let results = stop_loops(loops);
+    let web4 = &results[0].1;
+    for id in [ID_BEA, ID_BEB, ID_ACT_A, "be-c"] {
+        assert!(
+            web4.identities.contains_key(id),
+            "web v4: {id} never answered across the flips: {:?}",
+            web4.identities
+        );
+    }
+    for a in &mut c.agents {
+        assert!(a.alive(), "agent {} died", a.label);
+    }
+}
+
+#[test]
+fn agent_restart_under_load() {
+    require_root!();
+    let mut c = Cluster::new("rst", bins!()).expect("cluster");
+    let before: Vec<_> = c
+        .agents
+        .iter()
+        .map(|a| services_digest(&a.status().unwrap()))
+        .collect();
+    let loops = start_loops(&c, 30);
+    sleep(Duration::from_millis(500));
+    for round in 0..3 {
+        for a in c.agents.iter_mut() {
+            a.stop()
+                .unwrap_or_else(|e| panic!("round {round}: stopping: {e:#}"));
+            // Programs stay attached while no agent runs.
+            sleep(Duration::from_millis(300));
+            a.spawn()
+                .unwrap_or_else(|e| panic!("round {round}: restarting: {e:#}"));
+            sleep(Duration::from_millis(300));
+        }
+    }
+    sleep(Duration::from_millis(500));
+    stop_loops(loops);
+    for (a, before) in c.agents.iter_mut().zip(before) {
+        assert!(a.alive(), "agent {} died", a.label);
+        let after = services_digest(&a.status().unwrap());
+        assert_eq!(
+            after, before,
+            "agent {}: services changed by restarts",
+            a.label
+        );
+        assert!(
+            a.log().contains("adopted pinned state"),
+            "agent {} did not adopt the pins",
+            a.label
+        );
+    }
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not in config"))
+}
+
+fn web_traffic_ok(c: &Cluster, what: &str) -> Summary {
+    let cli = &c.topo.pod("cli").ns;
+    let mut last = None;
+    for v6 in [false, true] {
+        let s = run_client(&c.bins, cli, &ClientArgs::tcp(WEB.vip(v6), 20, 2, 5)).unwrap();
+        s.assert_all_ok(&format!("{what} v6={v6}"));
+        last = Some(s);
+    }
+    last.unwrap()
+}
+
+#[test]
+fn config_reload_bad_input() {
+    require_root!();
+    let mut c = Cluster::new("bad", bins!()).expect("cluster");
+    let agent = &c.agents[0];
+    let before = services_digest(&agent.status().unwrap());
+    let good = c.configs[0].to_toml();
+    let path = agent.config_path.display().to_string();
+
+    // 1. A backend address without a port (the first backend of the first service, web).
+    let good_backend = c.configs[0].clone().service_mut(WEB.name).backends[0];
+    let bad_backend = good_backend.ip().to_string();
+    let text = good.replacen(
+        &format!("\"{good_backend}\""),
+        &format!("\"{bad_backend}\""),
+        1,
+    );
+    assert_ne!(text, good);
+    let line = line_of(&text, &format!("\"{bad_backend}\""));
+    agent.write_raw_config(&text).unwrap();
+    let want = format!("{path}:{line}:");
+    let log = wait_for(
+        "the bad-config error in the log",
+        Duration::from_secs(10),
+        || {
+            let log = agent.log();
+            log.lines()
+                .find(|l| l.contains(&want) && l.contains("ERROR"))
+                .map(str::to_owned)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    assert!(
+        log.contains("backends"),
+        "the error must name the field: {log}"
+    );
+    assert!(
+        log.contains(&bad_backend),
+        "the error must name the value: {log}"
+    );
+    web_traffic_ok(&c, "after a bad backend address");
+    assert_eq!(services_digest(&agent.status().unwrap()), before);
+
+    // 2. Broken TOML.
+    let broken = good.replacen("mode = \"serve\"", "mode = \"serve", 1);
+    let line = broken.lines().position(|l| l == "mode = \"serve").unwrap() + 1;
+    agent.write_raw_config(&broken).unwrap();
+    let want = format!("{path}:{line}:");
+    wait_for("the TOML error in the log", Duration::from_secs(10), || {
+        agent.log().contains(&want).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", agent.log()));
+    web_traffic_ok(&c, "after broken TOML");
+    assert_eq!(services_digest(&agent.status().unwrap()), before);
+    assert!(c.agents[0].alive(), "the agent died on bad input");
+
+    // 3. A good config is still picked up afterwards.
+    c.set_mode(WEB.name, true).unwrap();
+    let s = web_traffic_ok(&c, "after a good config");
+    assert_eq!(s.identities(), [ID_ACT_A].into(), "{s:?}");
+}
+
+#[test]
+fn new_interface_attached() {
+    require_root!();
+    let mut c = Cluster::new("nif", bins!()).expect("cluster");
+    let pin = c.agents[0].pin_path.clone();
+    let pod = c.topo.add_pod("late", 0, 30).expect("late pod");
+    let link = pin
+        .join("links")
+        .join(format!("{}@tc-ingress", pod.host_if));
+    wait_for(
+        "the agent to attach to the new pod's veth",
+        Duration::from_secs(15),
+        || link.exists().then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", c.agents[0].log()));
+    for v6 in [false, true] {
+        for svc in [WEB, ECHO] {
+            let args = if svc.udp() {
+                ClientArgs::udp(svc.vip(v6), 30, 2, 5)
+            } else {
+                ClientArgs::tcp(svc.vip(v6), 30, 2, 5)
+            };
+            let s = run_client(&c.bins, &pod.ns, &args).unwrap();
+            let what = format!("{} from the new pod v6={v6}", svc.name);
+            s.assert_all_ok(&what);
+            assert_eq!(s.identities(), [ID_BEA, ID_BEB].into(), "{what}: {s:?}");
+            assert_eq!(
+                s.server_peers,
+                [pod.ip(v6).to_string()].into(),
+                "{what}: servers must see the new pod's address"
+            );
+            assert_eq!(s.socket_peers, [svc.vip(v6).to_string()].into(), "{what}");
+        }
+    }
+    let st = c.agents[0].status().unwrap();
+    assert!(!service_entries(&st, WEB.name).is_empty());
+}
