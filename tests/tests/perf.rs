@@ -18,6 +18,8 @@
 //!   compare like with like.
 #[path = "../../redirector/tests/common/mod.rs"]
 mod common;
+#[path = "perf/node.rs"]
+mod node;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -43,7 +45,7 @@ struct Args {
 fn args() -> Args {
     let env = std::env::var("PERF_ARGS").unwrap_or_default();
     let has = |f: &str| env.split_whitespace().any(|a| a == f);
-    let any_scenario = has("--datapath") || has("--activator");
+    let any_scenario = has("--datapath") || has("--activator") || has("--node");
     Args {
         datapath: has("--datapath") || !any_scenario,
         quick: has("--quick"),
