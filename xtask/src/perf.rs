@@ -15,6 +15,9 @@ pub struct PerfArgs {
     /// Measure the Proxy path through the activator.
     #[arg(long)]
     pub activator: bool,
+    /// Node level: redirector beside kube-proxy's iptables and nftables rules, through the VIP.
+    #[arg(long)]
+    pub node: bool,
     /// Short runs (smoke test of the harness, numbers not meaningful).
     #[arg(long)]
     pub quick: bool,
@@ -26,6 +29,7 @@ impl PerfArgs {
         [
             (self.datapath, "--datapath"),
             (self.activator, "--activator"),
+            (self.node, "--node"),
             (self.quick, "--quick"),
         ]
         .iter()
@@ -75,6 +79,7 @@ mod tests {
         let a = PerfArgs {
             datapath: true,
             activator: false,
+            node: false,
             quick: true,
         };
         assert_eq!(a.to_env(), "--datapath --quick");
