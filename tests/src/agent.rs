@@ -21,6 +21,45 @@ pub fn redirector_bin() -> PathBuf {
     }
 }
 
+/// A private, checked copy of the agent binary for one test: a hard link next to it (a copy
+/// in `dir` if linking fails), so a concurrent rebuild of `target/debug/redirector` (or the
+/// `redirector-ebpf` host stub of the same name overwriting it) can't change the binary
+/// under a running test. Removed on drop.
+pub struct AgentBin(pub PathBuf);
+
+impl AgentBin {
+    pub fn new(dir: &Path, tag: &str) -> Result<Self> {
+        let src = redirector_bin();
+        let linked = src.with_file_name(format!(".{tag}-redirector"));
+        let _ = std::fs::remove_file(&linked);
+        let path = if std::fs::hard_link(&src, &linked).is_ok() {
+            linked
+        } else {
+            let copy = dir.join("redirector");
+            std::fs::copy(&src, &copy)
+                .with_context(|| format!("copying {} to {}", src.display(), copy.display()))?;
+            copy
+        };
+        let bin = AgentBin(path);
+        let out = Command::new(&bin.0).arg("--version").output()?;
+        let v = String::from_utf8_lossy(&out.stdout);
+        if !v.starts_with("redirector ") {
+            bail!(
+                "{} is not the agent (`--version` printed {v:?}); build it with \
+                 `cargo build -p redirector` or set REDIRECTOR_BIN",
+                src.display()
+            );
+        }
+        Ok(bin)
+    }
+}
+
+impl Drop for AgentBin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
     Tcp,
@@ -94,6 +133,8 @@ impl AgentConfig {
 /// A running (or stopped) agent in a node namespace. Drop stops it and uninstalls.
 pub struct Agent {
     pub label: String,
+    /// The agent binary (see [`AgentBin`]).
+    pub bin: PathBuf,
     pub ns_path: String,
     pub dir: PathBuf,
     pub config_path: PathBuf,
@@ -106,9 +147,16 @@ pub struct Agent {
 
 impl Agent {
     /// Writes the config into `dir` and starts the agent in `node`; waits for the ready file.
-    pub fn start(node: &Netns, dir: &Path, label: &str, cfg: &AgentConfig) -> Result<Self> {
+    pub fn start(
+        bin: &Path,
+        node: &Netns,
+        dir: &Path,
+        label: &str,
+        cfg: &AgentConfig,
+    ) -> Result<Self> {
         let mut a = Agent {
             label: label.to_owned(),
+            bin: bin.to_owned(),
             ns_path: node.path(),
             dir: dir.to_owned(),
             config_path: dir.join(format!("{label}.toml")),
@@ -133,7 +181,7 @@ impl Agent {
         self.starts += 1;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns_path))
-            .arg(redirector_bin())
+            .arg(&self.bin)
             .arg("agent")
             .arg("--config")
             .arg(&self.config_path)
@@ -147,7 +195,7 @@ impl Agent {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", redirector_bin().display()))?;
+            .with_context(|| format!("starting {}", self.bin.display()))?;
         self.proc = Some(Proc {
             child,
             what: format!("agent {}", self.label),
@@ -216,7 +264,7 @@ impl Agent {
 
     /// `redirector status --pin-path P --json`.
     pub fn status(&self) -> Result<Value> {
-        status(&self.pin_path)
+        status(&self.bin, &self.pin_path)
     }
 
     /// Waits until `pred` holds for the status.
@@ -247,7 +295,7 @@ impl Drop for Agent {
                 let _ = p.child.kill();
             }
         }
-        let _ = Command::new(redirector_bin())
+        let _ = Command::new(&self.bin)
             .arg("uninstall")
             .arg("--pin-path")
             .arg(&self.pin_path)
@@ -258,8 +306,8 @@ impl Drop for Agent {
 }
 
 /// `redirector status --pin-path P --json`, parsed.
-pub fn status(pin_path: &Path) -> Result<Value> {
-    let out = Command::new(redirector_bin())
+pub fn status(bin: &Path, pin_path: &Path) -> Result<Value> {
+    let out = Command::new(bin)
         .arg("status")
         .arg("--pin-path")
         .arg(pin_path)

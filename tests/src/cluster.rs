@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    agent::{service_mode_is, Agent, AgentConfig, Proto, ServiceSpec},
+    agent::{service_mode_is, Agent, AgentBin, AgentConfig, Proto, ServiceSpec},
     topo::Topology,
     traffic::{Bins, Server},
 };
@@ -121,6 +121,7 @@ pub struct Cluster {
     pub agents: Vec<Agent>,
     pub servers: Vec<Server>,
     pub topo: Topology,
+    pub agent_bin: AgentBin,
     pub dir: ScratchDir,
     pub bins: Bins,
     /// The config each agent was last given.
@@ -141,11 +142,14 @@ impl Cluster {
         topo.add_pod("beb", 1, 20)?;
         let dir = PathBuf::from(format!("/tmp/{}", topo.tag));
         std::fs::create_dir_all(&dir)?;
+        let dir = ScratchDir(dir);
+        let agent_bin = AgentBin::new(&dir.0, &topo.tag)?;
         let mut c = Cluster {
             agents: Vec::new(),
             servers: Vec::new(),
             topo,
-            dir: ScratchDir(dir),
+            agent_bin,
+            dir,
             bins,
             configs: Vec::new(),
         };
@@ -171,7 +175,7 @@ impl Cluster {
             let cfg = c.standard_config(i);
             let n = c.topo.node(i);
             let label = format!("agent-{}", ['a', 'b'][i as usize]);
-            let agent = Agent::start(&n.ns, &c.dir.0, &label, &cfg)?;
+            let agent = Agent::start(&c.agent_bin.0, &n.ns, &c.dir.0, &label, &cfg)?;
             c.agents.push(agent);
             c.configs.push(cfg);
         }
