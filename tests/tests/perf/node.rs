@@ -873,7 +873,7 @@ fn wrk(ns: &Netns, to: SocketAddr, conns: usize, dur: Duration) -> Result<Load> 
             l.errors += v.trim().parse::<u64>().unwrap_or(0);
         }
     }
-    if !(l.rate > 0.0) {
+    if l.rate.is_nan() || l.rate <= 0.0 {
         bail!("wrk produced no rate:\n{out}");
     }
     Ok(l)
@@ -939,7 +939,8 @@ struct Samples {
 }
 
 /// Flip methods: name -> landed µs samples.
-type Flips = BTreeMap<(String, usize), Vec<f64>>;
+/// Flip samples: (method, services) -> (landed µs, probe connections needed).
+type Flips = BTreeMap<(String, usize), Vec<(f64, u32)>>;
 
 struct Plan {
     rounds: usize,
@@ -978,11 +979,15 @@ fn measure_flips(
             })
             .collect()
     };
-    let mut rec = |m: &str, d: Duration| {
+    let mut rec = |m: &str, (d, probes): (Duration, u32)| {
+        println!(
+            "    flip {m} at {n}: {:.0} us, {probes} probe(s)",
+            d.as_secs_f64() * 1e6
+        );
         flips
             .entry((m.to_owned(), n))
             .or_default()
-            .push(d.as_secs_f64() * 1e6)
+            .push((d.as_secs_f64() * 1e6, probes))
     };
     for _ in 0..reps {
         for (want, want_id) in [(MODE_PROXY, ACT_ID), (MODE_SERVE, BE_ID)] {
@@ -1000,7 +1005,7 @@ fn measure_flips(
                     let t0 = Instant::now();
                     prober.arm(t0, want_id);
                     maps.services.insert(key, v, 0)?;
-                    let (d, _) = prober.landed()?;
+                    let d = prober.landed()?;
                     rec("redirector: map write", d);
                     // The same flip through the agent: config file rewritten + SIGHUP.
                     // First put the map back, then let the agent flip it.
@@ -1011,7 +1016,7 @@ fn measure_flips(
                     let t0 = Instant::now();
                     prober.arm(t0, want_id);
                     a.reload(&toml)?;
-                    let (d, _) = prober.landed()?;
+                    let d = prober.landed()?;
                     rec("redirector: config + SIGHUP", d);
                 }
                 Variant::Iptables => {
@@ -1021,7 +1026,7 @@ fn measure_flips(
                     let t0 = Instant::now();
                     prober.arm(t0, want_id);
                     bed.feed("iptables-restore", &["--noflush"], &text)?;
-                    let (d, _) = prober.landed()?;
+                    let d = prober.landed()?;
                     rec("iptables: full restore", d);
                     // Back, then the same flip the way kube-proxy >= 1.27 writes it.
                     let back = if to_proxy {
@@ -1038,7 +1043,7 @@ fn measure_flips(
                     let t0 = Instant::now();
                     prober.arm(t0, want_id);
                     bed.feed("iptables-restore", &["--noflush"], &text)?;
-                    let (d, _) = prober.landed()?;
+                    let d = prober.landed()?;
                     rec("iptables: partial restore", d);
                 }
                 Variant::Nftables => {
@@ -1047,7 +1052,7 @@ fn measure_flips(
                     let t0 = Instant::now();
                     prober.arm(t0, want_id);
                     bed.feed("nft", &["-f", "-"], &nft_rules(to))?;
-                    let (d, _) = prober.landed()?;
+                    let d = prober.landed()?;
                     rec("nftables: full ruleset", d);
                     let back = if to_proxy {
                         svcs.to_vec()
@@ -1059,7 +1064,7 @@ fn measure_flips(
                     let t0 = Instant::now();
                     prober.arm(t0, want_id);
                     bed.feed("nft", &["-f", "-"], &text)?;
-                    let (d, _) = prober.landed()?;
+                    let d = prober.landed()?;
                     rec("nftables: incremental", d);
                 }
             }
@@ -1184,8 +1189,9 @@ fn measure_scale(n: usize) -> Result<Scale> {
             let msg = format!("{e:#}");
             let short: Vec<&str> = msg
                 .lines()
-                .filter(|l| l.contains("ERROR") || l.contains("error") || l.contains("rror:"))
-                .take(3)
+                .map(str::trim)
+                .filter(|l| l.starts_with("Error:") || l.contains("ERROR"))
+                .take(2)
                 .collect();
             let _ = Command::new(redirector_bin())
                 .args(["uninstall", "--pin-path"])
@@ -1318,7 +1324,7 @@ fn node() {
             flip_counts: vec![1000, 10_000],
             run: Duration::from_secs(5),
             warm: Duration::from_secs(1),
-            flips: 2,
+            flips: 1,
             wrk_conns: 16,
             gen_threads: 4,
         }
@@ -1406,14 +1412,17 @@ fn node() {
     let flip_rows: Vec<Value> = flips
         .iter()
         .map(|((m, n), v)| {
-            json!({"method": m, "services": n, "median_us": median(v), "p99_us": pct(v, 0.99),
-                   "max_us": pct(v, 1.0), "count": v.len()})
+            let us: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let probes: Vec<f64> = v.iter().map(|x| x.1 as f64).collect();
+            json!({"method": m, "services": n, "median_us": median(&us), "p99_us": pct(&us, 0.99),
+                   "max_us": pct(&us, 1.0), "count": v.len(), "samples_us": us,
+                   "max_probes": pct(&probes, 1.0)})
         })
         .collect();
     let flip = |m: &str, n: usize| -> f64 {
         flips
             .get(&(m.to_owned(), n))
-            .map(|v| median(v))
+            .map(|v| median(&v.iter().map(|x| x.0).collect::<Vec<_>>()))
             .unwrap_or(f64::NAN)
     };
     let dp: Option<Value> = std::fs::read_to_string(out_dir().join("datapath.json"))
@@ -1535,18 +1544,19 @@ fn node() {
            service changed; `partial` is kube-proxy's MinimizeIPTablesRestore (KUBE-SERVICES in \
            full + the changed chains); `incremental` is the nftables proxier's transaction for one \
            changed service.\n\n";
-    md += "| services | method | median | p99 | max | flips | vs redirector map write |\n|---:|---|---:|---:|---:|---:|---:|\n";
+    md += "| services | method | median | p99 | max | flips | probes needed (max) | vs redirector map write |\n|---:|---|---:|---:|---:|---:|---:|---:|\n";
     for r in &flip_rows {
         let n = r["services"].as_u64().unwrap_or(0) as usize;
         let med = r["median_us"].as_f64().unwrap_or(f64::NAN);
         let _ = writeln!(
             md,
-            "| {n} | {} | {} | {} | {} | {} | {:.0}x |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {:.0}x |",
             r["method"].as_str().unwrap_or(""),
             fmt_us(med),
             fmt_us(r["p99_us"].as_f64().unwrap_or(f64::NAN)),
             fmt_us(r["max_us"].as_f64().unwrap_or(f64::NAN)),
             r["count"],
+            r["max_probes"],
             med / flip("redirector: map write", n)
         );
     }
