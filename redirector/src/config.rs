@@ -609,7 +609,7 @@ backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
         assert_eq!(s.full_name(), "default/hello");
         assert_eq!(s.vips.len(), 2);
         assert_eq!(s.mode, Mode::Proxy);
-        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(s.protocol, Protocol::Http);
         assert_eq!(c.node.activator.len(), 2);
         assert_eq!(c.node.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
     }
