@@ -16,6 +16,8 @@
 //!   same packets (each single run includes the kernel's timer overhead, which the ratio to
 //!   the empty program shows). Established and non-VIP are also reported that way, to
 //!   compare like with like.
+#[path = "perf/activator.rs"]
+mod activator;
 #[path = "../../redirector/tests/common/mod.rs"]
 mod common;
 #[path = "perf/node.rs"]

@@ -35,6 +35,7 @@ pub const TOOL_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "wrk",
+    "nginx",
     "iperf3",
     "tshark",
     "curl",

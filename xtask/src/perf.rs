@@ -63,6 +63,8 @@ pub fn run_all(args: &PerfArgs) -> Result<()> {
         "--",
         "--ignored",
         "--nocapture",
+        // One benchmark at a time: they share the machine's two cores.
+        "--test-threads=1",
     ]);
     cmd.env("REDIRECTOR_BIN", &bin)
         .env("PERF_ARGS", args.to_env());
