@@ -551,10 +551,21 @@ impl AgentRun {
         let took = t0.elapsed();
         match r {
             Ok(true) => Ok((a, took)),
-            _ => bail!(
-                "agent {label} did not become ready; log:\n{}",
-                a.log_tail(15)
-            ),
+            _ => {
+                let raw = std::fs::read_to_string(&a.log).unwrap_or_default();
+                let raw = redirector_tests::agent::strip_ansi(&raw);
+                let first_error = raw
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| l.starts_with("Error:") || l.contains("ERROR"))
+                    .unwrap_or("")
+                    .to_owned();
+                bail!(
+                    "agent {label} did not become ready after {:.1} s: {first_error}\nlog:\n{}",
+                    t0.elapsed().as_secs_f64(),
+                    a.log_tail(15)
+                )
+            }
         }
     }
 
@@ -1187,12 +1198,7 @@ fn measure_scale(n: usize) -> Result<Scale> {
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            let short: Vec<&str> = msg
-                .lines()
-                .map(str::trim)
-                .filter(|l| l.starts_with("Error:") || l.contains("ERROR"))
-                .take(2)
-                .collect();
+            let short: Vec<&str> = msg.lines().take(1).collect();
             let _ = Command::new(redirector_bin())
                 .args(["uninstall", "--pin-path"])
                 .arg(&pin)
