@@ -63,6 +63,13 @@ pub struct Running {
 
 /// Creates the namespace and veth, and starts the process.
 pub async fn start(p: &Placement, cfg: &ScaleConfig) -> Result<Running, InstanceError> {
+    prepare(p).await?;
+    spawn(p, cfg)
+}
+
+/// Creates the instance's sandbox: namespace, veth, addresses, routes. Done ahead of time
+/// for a spare, so a cold start only has to start the process.
+pub async fn prepare(p: &Placement) -> Result<(), InstanceError> {
     // Leftovers of an instance that was not cleaned up (e.g. an agent killed hard).
     let _ = ip(&["netns", "del", &p.netns]).await;
     let _ = ip(&["link", "del", &p.host_if]).await;
@@ -137,23 +144,39 @@ pub async fn start(p: &Placement, cfg: &ScaleConfig) -> Result<Running, Instance
         let _ = ip(&["netns", "del", &p.netns]).await;
         return Err(e);
     }
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &p.netns, &cfg.command])
-        .args(&cfg.args)
+    Ok(())
+}
+
+/// Starts the process inside a prepared sandbox (setns before exec: no `ip netns exec`).
+pub fn spawn(p: &Placement, cfg: &ScaleConfig) -> Result<Running, InstanceError> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(format!("/run/netns/{}", p.netns)).map_err(|source| {
+        InstanceError::Spawn {
+            command: cfg.command.clone(),
+            source,
+        }
+    })?;
+    let ns_fd = ns.as_raw_fd();
+    let mut cmd = Command::new(&cfg.command);
+    cmd.args(&cfg.args)
         .env("PORT", cfg.port.to_string())
         .envs(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(source) => {
-            let _ = ip(&["netns", "del", &p.netns]).await;
-            return Err(InstanceError::Spawn {
-                command: cfg.command.clone(),
-                source,
-            });
-        }
-    };
+    // SAFETY: between fork and exec we only call setns(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| InstanceError::Spawn {
+        command: cfg.command.clone(),
+        source,
+    })?;
+    drop(ns);
     Ok(Running { child })
 }
 

@@ -135,6 +135,8 @@ impl Addresses {
 enum Event {
     Ready(u64),
     Exited(u64),
+    /// A spare sandbox is ready (or failed: None).
+    Prepared(usize, Option<Placement>),
 }
 
 struct Inst {
@@ -221,6 +223,10 @@ impl Scaler {
         let mut wake_at: Option<Instant> = None;
         let mut backoff_until = Instant::now();
         let mut last_packets = 0u64;
+        // A sandbox (netns, veth, addresses, routes) made ahead of time, so that a cold start
+        // only has to start the process.
+        let mut spare: Option<(usize, Placement)> = None;
+        let mut preparing = false;
         let mut last_forwarded = 0u64;
         instance::reap_stale().await;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -242,6 +248,16 @@ impl Scaler {
                                 }
                             }
                             tracing::info!(service = %name, instance = %i.placement.netns, "instance ready");
+                        }
+                    }
+                    Event::Prepared(slot, p) => {
+                        preparing = false;
+                        match p {
+                            Some(p) => spare = Some((slot, p)),
+                            None => {
+                                self.addresses.release(slot);
+                                backoff_until = Instant::now() + Duration::from_secs(1);
+                            }
                         }
                     }
                     Event::Exited(id) => {
@@ -289,11 +305,24 @@ impl Scaler {
                     }
                 }
                 for _ in live.len()..want as usize {
-                    let Some((slot, placement)) = self.addresses.alloc() else {
-                        tracing::error!(service = %name, "no instance address configured (node.instance_cidr)");
-                        break;
+                    let (slot, placement, started) = match spare.take() {
+                        Some((slot, p)) => {
+                            let r = instance::spawn(&p, &sc);
+                            if r.is_err() {
+                                instance::cleanup(&p).await;
+                            }
+                            (slot, p, r)
+                        }
+                        None => {
+                            let Some((slot, p)) = self.addresses.alloc() else {
+                                tracing::error!(service = %name, "no instance address configured (node.instance_cidr)");
+                                break;
+                            };
+                            let r = instance::start(&p, &sc).await;
+                            (slot, p, r)
+                        }
                     };
-                    match instance::start(&placement, &sc).await {
+                    match started {
                         Ok(mut running) => {
                             let id = next_id;
                             next_id += 1;
@@ -349,6 +378,22 @@ impl Scaler {
                             break;
                         }
                     }
+                }
+            }
+            if spare.is_none() && !preparing && now >= backoff_until {
+                if let Some((slot, p)) = self.addresses.alloc() {
+                    preparing = true;
+                    let tx = ev_tx.clone();
+                    tokio::spawn(async move {
+                        let ok = match instance::prepare(&p).await {
+                            Ok(()) => Some(p),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "preparing a spare sandbox failed");
+                                None
+                            }
+                        };
+                        let _ = tx.send(Event::Prepared(slot, ok));
+                    });
                 }
             }
             // Scale down: to zero after the idle timeout, otherwise after the stable window.
@@ -476,7 +521,26 @@ impl Scaler {
                 s.mode = format!("{mode:?}").to_lowercase();
             }
         }
-        // Shutdown: stop everything.
+        // Shutdown: stop everything (and drop the spare sandbox).
+        if preparing {
+            if let Ok(Some(Event::Prepared(_, Some(p)))) =
+                tokio::time::timeout(Duration::from_secs(2), async {
+                    loop {
+                        match ev_rx.recv().await {
+                            Some(Event::Prepared(s, p)) => return Some(Event::Prepared(s, p)),
+                            Some(_) => continue,
+                            None => return None,
+                        }
+                    }
+                })
+                .await
+            {
+                instance::cleanup(&p).await;
+            }
+        }
+        if let Some((_, p)) = spare.take() {
+            instance::cleanup(&p).await;
+        }
         for i in insts.values() {
             if let Some(pid) = i.pid {
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };

@@ -427,6 +427,21 @@ impl Env {
             })
             .unwrap_or_default()
     }
+
+    /// Instance namespaces that have a process in them (the agent also keeps one empty,
+    /// prepared sandbox per scaled service so a cold start only starts the process).
+    pub fn running_instances(&self) -> Vec<String> {
+        self.instance_netns()
+            .into_iter()
+            .filter(|ns| {
+                std::process::Command::new("ip")
+                    .args(["netns", "pids", ns])
+                    .output()
+                    .map(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
 }
 
 impl Drop for Env {
