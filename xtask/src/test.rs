@@ -33,7 +33,13 @@ pub fn run_all(filter: Option<&str>) -> Result<()> {
     println!("[test] tests (REDIRECTOR_BIN={})", bin.display());
     let threads = format!("--test-threads={TEST_THREADS}");
     // Every test binary runs even when one fails, so a CI log shows all failures at once.
-    let mut args = vec!["test", "--workspace", "--no-fail-fast", "--", threads.as_str()];
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--",
+        threads.as_str(),
+    ];
     if let Some(f) = filter {
         args.push(f);
     }
