@@ -52,10 +52,24 @@ pub fn svg(c: &Chart) -> String {
     let ns = c.series.len().max(1);
     let bar = 26.0;
     let gap = 34.0;
-    let (left, right, top, bottom) = (78.0, 20.0, 62.0, 56.0);
-    let group_w = ns as f64 * bar + gap;
-    let width = (left + right + group_w * c.groups.len() as f64).max(560.0);
-    let height = 380.0;
+    let (left, right, bottom) = (78.0, 20.0, 56.0);
+    let longest = c.groups.iter().map(|g| g.len()).max().unwrap_or(0) as f64;
+    let group_w = (ns as f64 * bar + gap).max(longest * 6.2 + 12.0);
+    let width = (left + right + group_w * c.groups.len() as f64).max(640.0);
+    // Legend entries, wrapped into rows that fit the width.
+    let mut legend = Vec::new();
+    let (mut lx, mut ly) = (left, 32.0);
+    for name in &c.series {
+        let w = 24.0 + 6.5 * name.len() as f64;
+        if lx + w > width - right && lx > left {
+            lx = left;
+            ly += 16.0;
+        }
+        legend.push((lx, ly, name));
+        lx += w;
+    }
+    let top = ly + 30.0;
+    let height = top + 260.0 + bottom;
     let plot_h = height - top - bottom;
     let finite: Vec<f64> = c
         .values
@@ -93,17 +107,15 @@ pub fn svg(c: &Chart) -> String {
         width / 2.0,
         esc(&c.title)
     );
-    // Legend.
-    let mut lx = left;
-    for (i, name) in c.series.iter().enumerate() {
+    for (i, (lx, ly, name)) in legend.iter().enumerate() {
         let _ = writeln!(
             s,
-            r#"<rect x="{lx:.0}" y="32" width="12" height="12" fill="{}"/><text x="{:.0}" y="42">{}</text>"#,
+            r#"<rect x="{lx:.0}" y="{ly:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#,
             COLORS[i % COLORS.len()],
             lx + 16.0,
+            ly + 10.0,
             esc(name)
         );
-        lx += 24.0 + 6.5 * name.len() as f64;
     }
     // Axis and grid.
     let ticks: Vec<f64> = if c.log {
@@ -148,7 +160,7 @@ pub fn svg(c: &Chart) -> String {
     );
     // Bars.
     for (g, name) in c.groups.iter().enumerate() {
-        let gx = left + gap / 2.0 + g as f64 * group_w;
+        let gx = left + (group_w - ns as f64 * bar) / 2.0 + g as f64 * group_w;
         for (k, v) in c.values.get(g).into_iter().flatten().enumerate() {
             let x = gx + k as f64 * bar;
             if !v.is_finite() || *v <= 0.0 {
