@@ -102,8 +102,19 @@ fn args() -> Args {
     }
 }
 
+/// Median (mean of the two middle values for an even count).
 fn median(v: &[f64]) -> f64 {
-    pct(v, 0.5)
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
