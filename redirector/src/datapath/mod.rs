@@ -117,40 +117,34 @@ impl Datapath {
     }
 
     pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
+        program(&mut self.ebpf, name)
     }
 
     pub fn tc(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })
+        program(&mut self.ebpf, name)
     }
 }
 
+/// A program of the object, as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let err = |name| move |source| DatapathError::Program { name, source };
     for name in [PROG_XDP, PROG_XDP_EMPTY] {
-        let p: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        p.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        program::<Xdp>(ebpf, name)?.load().map_err(err(name))?;
     }
     for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_EMPTY] {
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        p.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        program::<SchedClassifier>(ebpf, name)?
+            .load()
+            .map_err(err(name))?;
     }
     Ok(())
 }
