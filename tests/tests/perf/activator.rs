@@ -509,7 +509,12 @@ fn cold_starts(n: usize) -> Result<Cold> {
             sc(s, &svc)["mode"] == "proxy" && len(&sc(s, &svc)["instances"]) == 0
         })?;
         let before = u(&sc(&st, &svc)["cold_starts"]);
-        std::thread::sleep(Duration::from_millis(100));
+        // A service at zero for a while: the agent's prepared spare sandbox (an instance
+        // namespace with no process yet) is in place, as it would be after a real idle spell.
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = wait_for("a prepared sandbox", Duration::from_secs(5), || {
+            (env.instance_netns().len() > env.running_instances().len()).then_some(())
+        });
         let (ttfb, status) = timed_get(&env.client, svc.addr())?;
         if status != 200 {
             bail!("cold start {i}: status {status}");
