@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod coldstart;
+pub mod kubeapi;
 pub mod netns;
 pub mod topo;
 pub mod traffic;

@@ -1,0 +1,599 @@
+//! The HTTP side of the test API server: routing of `/api/v1/...` and
+//! `/apis/{group}/{version}/...` paths, list / watch / get / create / replace / patch /
+//! delete, discovery and `/version`.
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{
+    body::{Frame, Incoming},
+    Method, Request, Response, StatusCode,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{
+    selector::{FieldSelector, LabelSelector, Selectors},
+    store::{ApiError, Res},
+    RequestRecord, Shared,
+};
+
+/// A response body: all at once, or a stream of chunks (a watch).
+pub enum Body {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+}
+
+fn json_response(code: u16, v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_vec(v).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::Full(Some(body.into())))
+        .expect("response")
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(e.code, &e.status())
+}
+
+fn query_map(q: Option<&str>) -> HashMap<String, String> {
+    q.map(|q| {
+        url_decode_pairs(q)
+            .into_iter()
+            .collect::<HashMap<String, String>>()
+    })
+    .unwrap_or_default()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// `application/x-www-form-urlencoded` decoding of a query string.
+pub fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn url_decode_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (url_decode(k), url_decode(v))
+        })
+        .collect()
+}
+
+/// What a path names.
+#[derive(Debug)]
+enum Route {
+    Version,
+    /// `/api`
+    CoreVersions,
+    /// `/apis`
+    Groups,
+    /// `/api/v1`, `/apis/{g}/{v}`
+    Resources(String, String),
+    /// `/apis/{g}`
+    Group(String),
+    /// A collection: namespace `None` = all namespaces (or cluster-scoped).
+    Collection(Res, Option<String>),
+    /// One object, optionally a subresource (`status`).
+    Object(Res, Option<String>, String, Option<String>),
+}
+
+fn route(path: &str) -> Option<Route> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["version"] => return Some(Route::Version),
+        ["api"] => return Some(Route::CoreVersions),
+        ["apis"] => return Some(Route::Groups),
+        ["apis", g] => return Some(Route::Group(g.to_string())),
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return None,
+    };
+    let r = |name: &str| Res::new(group, version, name);
+    Some(match rest {
+        [] => Route::Resources(group.into(), version.into()),
+        ["namespaces", ns, res] => Route::Collection(r(res), Some(ns.to_string())),
+        ["namespaces", ns, res, name] => {
+            Route::Object(r(res), Some(ns.to_string()), name.to_string(), None)
+        }
+        ["namespaces", ns, res, name, sub] => Route::Object(
+            r(res),
+            Some(ns.to_string()),
+            name.to_string(),
+            Some(sub.to_string()),
+        ),
+        [res] => Route::Collection(r(res), None),
+        [res, name] => Route::Object(r(res), None, name.to_string(), None),
+        [res, name, sub] => Route::Object(r(res), None, name.to_string(), Some(sub.to_string())),
+        _ => return None,
+    })
+}
+
+fn selectors(q: &HashMap<String, String>) -> Result<Selectors, ApiError> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map_or("", |s| s.as_str()))
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", |s| s.as_str()))
+        .map_err(ApiError::bad_request)?;
+    Ok(Selectors { labels, fields })
+}
+
+fn parse_rv(q: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+    match q.get("resourceVersion").map(|s| s.as_str()) {
+        None | Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}"))),
+    }
+}
+
+fn discovery(shared: &Shared, r: &Route) -> Value {
+    let store = shared.store.lock().unwrap();
+    match r {
+        Route::Version => json!({
+            "major": "1", "minor": "33", "gitVersion": "v1.33.0-redirector-test",
+            "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+            "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc",
+            "platform": "linux/amd64",
+        }),
+        Route::CoreVersions => json!({
+            "kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0",
+                                            "serverAddress": "127.0.0.1"}],
+        }),
+        Route::Groups | Route::Group(_) => {
+            let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+            for r in store.types.keys().filter(|r| !r.group.is_empty()) {
+                match groups.iter_mut().find(|(g, _)| *g == r.group) {
+                    Some((_, vs)) if !vs.contains(&r.version) => vs.push(r.version.clone()),
+                    Some(_) => {}
+                    None => groups.push((r.group.clone(), vec![r.version.clone()])),
+                }
+            }
+            let group_json = |(g, vs): &(String, Vec<String>)| {
+                let versions: Vec<Value> = vs
+                    .iter()
+                    .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                    .collect();
+                json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
+            };
+            if let Route::Group(g) = r {
+                match groups.iter().find(|(n, _)| n == g) {
+                    Some(e) => {
+                        let mut v = group_json(e);
+                        v["kind"] = json!("APIGroup");
+                        v["apiVersion"] = json!("v1");
+                        v
+                    }
+                    None => ApiError::not_found(format!("group {g}")).status(),
+                }
+            } else {
+                json!({"kind": "APIGroupList", "apiVersion": "v1",
+                       "groups": groups.iter().map(group_json).collect::<Vec<_>>()})
+            }
+        }
+        Route::Resources(g, v) => {
+            let resources: Vec<Value> = store
+                .resources_of(g, v)
+                .into_iter()
+                .map(|(r, t)| {
+                    json!({
+                        "name": r.resource, "singularName": t.kind.to_lowercase(),
+                        "namespaced": t.namespaced, "kind": t.kind,
+                        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                        "shortNames": t.short_names,
+                    })
+                })
+                .collect();
+            let gv = if g.is_empty() {
+                v.clone()
+            } else {
+                format!("{g}/{v}")
+            };
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                   "resources": resources})
+        }
+        _ => Value::Null,
+    }
+}
+
+/// Serves one request.
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let path = uri.path().to_owned();
+    let q = query_map(uri.query());
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let resp = dispatch(&shared, &method, &path, &q, &content_type, &body).await;
+    shared.requests.lock().unwrap().push(RequestRecord {
+        method: method.to_string(),
+        path,
+        query: uri.query().unwrap_or("").to_owned(),
+        status: resp.status().as_u16(),
+    });
+    resp
+}
+
+async fn dispatch(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    q: &HashMap<String, String>,
+    content_type: &str,
+    body: &Bytes,
+) -> Response<Body> {
+    let Some(r) = route(path) else {
+        return error_response(&ApiError::not_found(format!("path {path}")));
+    };
+    let parse_body = || -> Result<Value, ApiError> {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("request body is not JSON: {e}")))
+    };
+    let result: Result<(u16, Value), ApiError> = match (&r, method) {
+        (Route::Collection(res, ns), &Method::GET) => {
+            let watch = matches!(q.get("watch").map(|s| s.as_str()), Some("true" | "1"));
+            if watch {
+                return watch_response(shared, res, ns.as_deref(), q);
+            }
+            let limit = q.get("limit").and_then(|l| l.parse().ok());
+            selectors(q).and_then(|sel| {
+                let mut st = shared.store.lock().unwrap();
+                st.list(
+                    res,
+                    ns.as_deref(),
+                    &sel,
+                    limit,
+                    q.get("continue").map(|s| s.as_str()),
+                )
+                .map(|v| (200, v))
+            })
+        }
+        (Route::Collection(res, ns), &Method::POST) => parse_body().and_then(|obj| {
+            shared
+                .mutate(|st| st.create(res, ns.as_deref().unwrap_or(""), obj))
+                .map(|v| (201, v))
+        }),
+        (Route::Object(res, ns, name, sub), m) => {
+            let ns = ns.clone().unwrap_or_default();
+            let current = || {
+                shared
+                    .store
+                    .lock()
+                    .unwrap()
+                    .get(res, &ns, name)
+                    .ok_or_else(|| ApiError::not_found(format!("{} {name:?}", res.resource)))
+            };
+            match *m {
+                Method::GET => current().map(|v| (200, v)),
+                Method::PUT => parse_body().and_then(|mut obj| {
+                    obj["metadata"]["name"] = json!(name);
+                    if sub.as_deref() == Some("status") {
+                        // Only the status of the stored object changes.
+                        let mut cur = current()?;
+                        cur["status"] = obj["status"].clone();
+                        cur["metadata"]["resourceVersion"] =
+                            obj["metadata"]["resourceVersion"].clone();
+                        obj = cur;
+                    }
+                    shared
+                        .mutate(|st| st.update(res, &ns, obj))
+                        .map(|v| (200, v))
+                }),
+                Method::PATCH => {
+                    if content_type.contains("json-patch") {
+                        Err(ApiError::new(
+                            415,
+                            "UnsupportedMediaType",
+                            "JSON patch is not supported by the test API server; use a merge \
+                             patch",
+                        ))
+                    } else {
+                        // Merge, strategic merge and apply patches are all applied as JSON
+                        // merge patches here.
+                        parse_body().and_then(|mut p| {
+                            if sub.as_deref() == Some("status") {
+                                p = json!({"status": p["status"].clone()});
+                            }
+                            let created =
+                                current().is_err() && content_type.contains("apply-patch");
+                            if created {
+                                p["metadata"]["name"] = json!(name);
+                                shared.mutate(|st| st.create(res, &ns, p)).map(|v| (201, v))
+                            } else {
+                                shared
+                                    .mutate(|st| st.patch(res, &ns, name, &p))
+                                    .map(|v| (200, v))
+                            }
+                        })
+                    }
+                }
+                Method::DELETE => shared
+                    .mutate(|st| st.delete(res, &ns, name))
+                    .map(|v| (200, v)),
+                _ => Err(ApiError::new(405, "MethodNotAllowed", "method not allowed")),
+            }
+        }
+        (
+            Route::Version
+            | Route::CoreVersions
+            | Route::Groups
+            | Route::Group(_)
+            | Route::Resources(..),
+            &Method::GET,
+        ) => {
+            let v = discovery(shared, &r);
+            if v["code"] == 404 {
+                Err(ApiError::not_found(path.to_owned()))
+            } else {
+                Ok((200, v))
+            }
+        }
+        _ => Err(ApiError::new(405, "MethodNotAllowed", "method not allowed")),
+    };
+    match result {
+        Ok((code, v)) => json_response(code, &v),
+        Err(e) => error_response(&e),
+    }
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    b.into()
+}
+
+fn watch_response(
+    shared: &Arc<Shared>,
+    res: &Res,
+    ns: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Response<Body> {
+    let sel = match selectors(q) {
+        Ok(s) => s,
+        Err(e) => return error_response(&e),
+    };
+    let rv = match parse_rv(q) {
+        Ok(rv) => rv,
+        Err(e) => return error_response(&e),
+    };
+    let bookmarks = q.get("allowWatchBookmarks").map(|s| s.as_str()) == Some("true");
+    let initial_events = q.get("sendInitialEvents").map(|s| s.as_str()) == Some("true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let mut changed = shared.changed.subscribe();
+    changed.borrow_and_update();
+    let (kind, start) = {
+        let mut st = shared.store.lock().unwrap();
+        let kind = st.type_of(res).kind;
+        // sendInitialEvents: the current state first, then a bookmark marking its end.
+        let start = if initial_events {
+            st.watch_start(res, ns, &sel, None)
+        } else {
+            st.watch_start(res, ns, &sel, rv)
+        };
+        (kind, start)
+    };
+    let gone_as_http = *shared.gone_as_http.lock().unwrap();
+    let start = match start {
+        Ok(s) => s,
+        Err(e) if e.code == 410 && gone_as_http => return error_response(&e),
+        Err(e) => {
+            // The real API server answers 200 and sends one ERROR event with the Status.
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(line(&json!({"type": "ERROR", "object": e.status()})));
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(Body::Stream(rx))
+                .expect("response");
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let shared = shared.clone();
+    let res = res.clone();
+    let ns = ns.map(str::to_owned);
+    let api_version = res.api_version();
+    let bookmark = move |rv: u64, initial_end: bool| {
+        let mut meta = json!({"resourceVersion": rv.to_string()});
+        if initial_end {
+            meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        line(&json!({"type": "BOOKMARK",
+                     "object": {"kind": kind, "apiVersion": api_version, "metadata": meta}}))
+    };
+    shared
+        .active_watches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let guard = WatchGuard(shared.clone());
+    tokio::spawn(async move {
+        let _guard = guard;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        for e in start.initial {
+            if tx.send(line(&e)).await.is_err() {
+                return;
+            }
+        }
+        let mut cursor = start.cursor;
+        if initial_events && tx.send(bookmark(cursor, true)).await.is_err() {
+            return;
+        }
+        let interval = *shared.bookmark_interval.lock().unwrap();
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let end = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(end);
+        loop {
+            tokio::select! {
+                r = changed.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    changed.borrow_and_update();
+                    let got = shared
+                        .store
+                        .lock()
+                        .unwrap()
+                        .events_since(&res, ns.as_deref(), &sel, cursor);
+                    match got {
+                        Ok((evs, c)) => {
+                            cursor = c;
+                            for e in evs {
+                                if tx.send(line(&e)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let err = json!({"type": "ERROR", "object": e.status()});
+                            let _ = tx.send(line(&err)).await;
+                            return;
+                        }
+                    }
+                }
+                _ = ticks.tick(), if bookmarks => {
+                    // Everything of this watch up to the store's version is sent first, so
+                    // the bookmark may carry that version.
+                    let got = shared
+                        .store
+                        .lock()
+                        .unwrap()
+                        .events_since(&res, ns.as_deref(), &sel, cursor);
+                    if let Ok((evs, c)) = got {
+                        for e in evs {
+                            if tx.send(line(&e)).await.is_err() {
+                                return;
+                            }
+                        }
+                        cursor = c;
+                        if tx.send(bookmark(cursor, false)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                _ = &mut end => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::Stream(rx))
+        .expect("response")
+}
+
+struct WatchGuard(Arc<Shared>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0
+            .active_watches
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert!(matches!(route("/version"), Some(Route::Version)));
+        assert!(matches!(route("/api"), Some(Route::CoreVersions)));
+        assert!(
+            matches!(route("/api/v1"), Some(Route::Resources(g, v)) if g.is_empty() && v == "v1")
+        );
+        match route("/api/v1/services") {
+            Some(Route::Collection(r, None)) => assert_eq!(r, Res::services()),
+            other => panic!("{other:?}"),
+        }
+        match route("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices") {
+            Some(Route::Collection(r, Some(ns))) => {
+                assert_eq!(r, Res::endpoint_slices());
+                assert_eq!(ns, "ns");
+            }
+            other => panic!("{other:?}"),
+        }
+        match route("/apis/networking.internal.knative.dev/v1alpha1/namespaces/a/serverlessservices/b/status") {
+            Some(Route::Object(r, Some(ns), name, Some(sub))) => {
+                assert_eq!(r, Res::sks());
+                assert_eq!((ns.as_str(), name.as_str(), sub.as_str()), ("a", "b", "status"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_decoding() {
+        let q = query_map(Some(
+            "watch=true&labelSelector=app%3Dweb%2Ctier+in+%28a%29&resourceVersion=5",
+        ));
+        assert_eq!(q["labelSelector"], "app=web,tier in (a)");
+        assert_eq!(q["resourceVersion"], "5");
+        assert_eq!(url_decode("a%2"), "a%2");
+    }
+}
