@@ -160,6 +160,7 @@ fn apply(prog: &mut Programmer, cfg: &Config, serving: &Serving) -> Result<(), C
         updated = r.updated,
         removed = r.removed,
         unchanged = r.unchanged,
+        skipped = r.skipped,
         took_us = started.elapsed().as_micros() as u64,
         "maps programmed"
     );

@@ -142,6 +142,16 @@ pub struct ApplyReport {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Entries that did not fit (out of ids).
+    pub skipped: usize,
+}
+
+/// What `upsert` did to one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Added,
+    Updated,
+    Unchanged,
 }
 
 /// Owns the maps' contents.
@@ -284,7 +294,15 @@ impl Programmer {
         let mut ids = Vec::with_capacity(members.len());
         let mut names = Vec::with_capacity(members.len());
         for sa in members {
-            ids.push(self.backend_ref(*sa)?);
+            match self.backend_ref(*sa) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for done in members.iter().take(ids.len()) {
+                        self.backend_unref(*done);
+                    }
+                    return Err(e);
+                }
+            }
             names.push(sa.to_string());
         }
         let table = maglev::build_table(&names).unwrap_or_default();
@@ -302,104 +320,11 @@ impl Programmer {
     }
 
     /// Makes the maps hold exactly `desired`. Idempotent; only changed entries are written.
+    /// Entries that don't fit (out of service or backend ids) are skipped and counted; the
+    /// rest is programmed.
     pub fn apply(&mut self, desired: &[DesiredService]) -> Result<ApplyReport, ControlError> {
         let mut report = ApplyReport::default();
-        let mut keep = std::collections::HashSet::new();
-        for d in desired {
-            keep.insert(d.key);
-            let old = self.services.get(&d.key).cloned();
-            if let Some(old) = &old {
-                if old.desired == *d {
-                    report.unchanged += 1;
-                    continue;
-                }
-            }
-            let (id, generation) = match &old {
-                Some(o) => (o.value.id, o.value.generation.wrapping_add(1)),
-                None => {
-                    let id = self.svc_ids.alloc("service")?;
-                    let _ = self.maps.reset_service_stats(id);
-                    (id, 1)
-                }
-            };
-            if old.as_ref().map(|o| &o.desired.name) != Some(&d.name) {
-                let mut meta = ServiceMeta { name: [0; 128] };
-                let n = d.name.len().min(127);
-                meta.name[..n].copy_from_slice(&d.name.as_bytes()[..n]);
-                self.maps
-                    .meta
-                    .insert(id, meta, 0)
-                    .map_err(werr("SERVICE_META"))?;
-            }
-            // 1. backends and tables (only the sets that changed).
-            let old_serve = old
-                .as_ref()
-                .map(|o| o.desired.serve.clone())
-                .unwrap_or_default();
-            let old_proxy = old
-                .as_ref()
-                .map(|o| o.desired.proxy.clone())
-                .unwrap_or_default();
-            let backend_count = if old_serve != d.serve || old.is_none() {
-                self.write_set(id, SET_SERVE, &d.serve)?
-            } else {
-                old.as_ref().map(|o| o.value.backend_count).unwrap_or(0)
-            };
-            let proxy_count = if old_proxy != d.proxy || old.is_none() {
-                self.write_set(id, SET_PROXY, &d.proxy)?
-            } else {
-                old.as_ref().map(|o| o.value.proxy_count).unwrap_or(0)
-            };
-            // 2. the service entry: one write (a flip is exactly this).
-            let value = ServiceValue {
-                id,
-                mode: d.mode,
-                backend_count,
-                proxy_count,
-                generation,
-                activator: d.activator.map(endpoint).unwrap_or_default(),
-                ..ServiceValue::default()
-            };
-            self.maps
-                .services
-                .insert(d.key, value, 0)
-                .map_err(werr("SERVICES"))?;
-            // 3. release what the old entry referenced.
-            if let Some(o) = &old {
-                if o.desired.serve != d.serve {
-                    for sa in &o.desired.serve {
-                        self.backend_unref(*sa);
-                    }
-                    if d.serve.is_empty() {
-                        let _ = self.maps.maglev.remove(&MaglevKey {
-                            svc_id: id,
-                            set: SET_SERVE,
-                        });
-                    }
-                }
-                if o.desired.proxy != d.proxy {
-                    for sa in &o.desired.proxy {
-                        self.backend_unref(*sa);
-                    }
-                    if d.proxy.is_empty() {
-                        let _ = self.maps.maglev.remove(&MaglevKey {
-                            svc_id: id,
-                            set: SET_PROXY,
-                        });
-                    }
-                }
-                report.updated += 1;
-            } else {
-                report.added += 1;
-            }
-            self.services.insert(
-                d.key,
-                Installed {
-                    value,
-                    desired: d.clone(),
-                },
-            );
-        }
+        let keep: std::collections::HashSet<ServiceKey> = desired.iter().map(|d| d.key).collect();
         let gone: Vec<ServiceKey> = self
             .services
             .keys()
@@ -410,7 +335,133 @@ impl Programmer {
             self.remove(&key)?;
             report.removed += 1;
         }
+        for d in desired {
+            match self.upsert(d) {
+                Ok(Change::Added) => report.added += 1,
+                Ok(Change::Updated) => report.updated += 1,
+                Ok(Change::Unchanged) => report.unchanged += 1,
+                Err(ControlError::Exhausted(what)) => {
+                    if report.skipped == 0 {
+                        tracing::error!(service = %d.name, "out of {what} ids: skipping services that don't fit");
+                    }
+                    report.skipped += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(report)
+    }
+
+    /// Programs one entry (backends, then the table, then the service entry).
+    pub fn upsert(&mut self, d: &DesiredService) -> Result<Change, ControlError> {
+        let old = self.services.get(&d.key).cloned();
+        if let Some(old) = &old {
+            if old.desired == *d {
+                return Ok(Change::Unchanged);
+            }
+        }
+        let (id, generation) = match &old {
+            Some(o) => (o.value.id, o.value.generation.wrapping_add(1)),
+            None => {
+                let id = self.svc_ids.alloc("service")?;
+                let _ = self.maps.reset_service_stats(id);
+                (id, 1)
+            }
+        };
+        let r = self.write_entry(d, old.as_ref(), id, generation);
+        if r.is_err() && old.is_none() {
+            self.svc_ids.release(id);
+        }
+        r
+    }
+
+    fn write_entry(
+        &mut self,
+        d: &DesiredService,
+        old: Option<&Installed>,
+        id: u32,
+        generation: u32,
+    ) -> Result<Change, ControlError> {
+        if old.map(|o| &o.desired.name) != Some(&d.name) {
+            let mut meta = ServiceMeta { name: [0; 128] };
+            let n = d.name.len().min(127);
+            meta.name[..n].copy_from_slice(&d.name.as_bytes()[..n]);
+            self.maps
+                .meta
+                .insert(id, meta, 0)
+                .map_err(werr("SERVICE_META"))?;
+        }
+        // 1. backends and tables (only the sets that changed).
+        let serve_changed = old.is_none_or(|o| o.desired.serve != d.serve);
+        let proxy_changed = old.is_none_or(|o| o.desired.proxy != d.proxy);
+        let backend_count = match old {
+            Some(o) if !serve_changed => o.value.backend_count,
+            _ => self.write_set(id, SET_SERVE, &d.serve)?,
+        };
+        let proxy_count = match old {
+            Some(o) if !proxy_changed => o.value.proxy_count,
+            _ => match self.write_set(id, SET_PROXY, &d.proxy) {
+                Ok(n) => n,
+                Err(e) => {
+                    if serve_changed {
+                        for sa in &d.serve {
+                            self.backend_unref(*sa);
+                        }
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        // 2. the service entry: one write (a flip is exactly this).
+        let value = ServiceValue {
+            id,
+            mode: d.mode,
+            backend_count,
+            proxy_count,
+            generation,
+            activator: d.activator.map(endpoint).unwrap_or_default(),
+            ..ServiceValue::default()
+        };
+        self.maps
+            .services
+            .insert(d.key, value, 0)
+            .map_err(werr("SERVICES"))?;
+        // 3. release what the old entry referenced.
+        let change = if let Some(o) = old {
+            if serve_changed {
+                for sa in &o.desired.serve {
+                    self.backend_unref(*sa);
+                }
+                if d.serve.is_empty() {
+                    let _ = self.maps.maglev.remove(&MaglevKey {
+                        svc_id: id,
+                        set: SET_SERVE,
+                    });
+                }
+            }
+            if proxy_changed {
+                for sa in &o.desired.proxy {
+                    self.backend_unref(*sa);
+                }
+                if d.proxy.is_empty() {
+                    let _ = self.maps.maglev.remove(&MaglevKey {
+                        svc_id: id,
+                        set: SET_PROXY,
+                    });
+                }
+            }
+            Change::Updated
+        } else {
+            Change::Added
+        };
+        self.services.insert(
+            d.key,
+            Installed {
+                value,
+                desired: d.clone(),
+            },
+        );
+        Ok(change)
     }
 
     fn remove(&mut self, key: &ServiceKey) -> Result<(), ControlError> {
