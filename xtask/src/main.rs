@@ -1,13 +1,14 @@
 //! Developer tasks for redirector, run as `cargo xtask <task>` (alias in .cargo/config.toml).
 mod bootstrap;
 mod demo;
+mod image;
 mod perf;
 mod test;
 mod util;
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::util::{cargo, redirector_bin, require_root, run, target_dir};
@@ -49,8 +50,10 @@ enum Task {
     },
     /// Bootstrap, release build, then run the perf test (as root).
     Perf(perf::PerfArgs),
-    /// Build a container image (not implemented yet).
-    Image,
+    /// Bootstrap (plus buildah, musl-tools and the musl target), build a static musl binary
+    /// with the eBPF object embedded, and an image FROM scratch with buildah, tagged
+    /// `redirector:<version>` (as root).
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,6 @@ fn run_task(task: Task) -> Result<()> {
             demo::run(&redirector_bin("debug"), &hello, pause)
         }
         Task::Perf(args) => perf::run_all(&args),
-        Task::Image => bail!("`cargo xtask image` is not implemented yet (issue 4)"),
+        Task::Image(args) => image::run_all(&args),
     }
 }
