@@ -252,7 +252,7 @@ struct Rev {
     requests: f64,
     conc_sum: f64,
     samples: u32,
-    /// Seen in the latest sample (revisions that disappear are dropped).
+    /// In the latest sample.
     seen: bool,
 }
 
@@ -401,8 +401,11 @@ impl StatReporter {
         });
     }
 
-    /// Feeds one sample of every revision: a revision with activity that is not tracked yet
-    /// is reported at once (the first-request report). Called by [`StatReporter::run`].
+    /// Feeds one sample of the revisions: a revision with activity that is not tracked yet
+    /// is reported at once (the first-request report). A revision missing from `samples`
+    /// counts as idle (concurrency 0, no new requests); an untracked one that is missing is
+    /// forgotten, so its request counter restarts from its next sample. Called by
+    /// [`StatReporter::run`].
     pub fn sample(&self, samples: Vec<RevisionSample>) {
         let mut urgent = Vec::new();
         {
@@ -434,8 +437,14 @@ impl StatReporter {
                 rev.conc_sum += conc;
                 rev.samples += 1;
             }
-            // Revisions the activator no longer has (and that are not just woken).
-            revs.retain(|_, r| r.seen || (r.active && r.samples == 0));
+            // A revision missing from the sample is idle: a tracked one counts a sample of 0
+            // (it gets its idle report and is then untracked), an untracked one is forgotten.
+            revs.retain(|_, r| {
+                if !r.seen && r.active {
+                    r.samples += 1;
+                }
+                r.seen || r.active
+            });
         }
         if !urgent.is_empty() {
             self.inner
@@ -479,7 +488,8 @@ impl StatReporter {
     }
 
     /// Samples `states` every `sample_interval` and reports every `report_interval` until
-    /// [`StatReporter::shutdown`]. `states` returns every revision the activator holds.
+    /// [`StatReporter::shutdown`]. `states` returns the revisions the activator holds (one
+    /// missing from a sample counts as idle, see [`StatReporter::sample`]).
     pub async fn run<F>(&self, states: F)
     where
         F: Fn() -> Vec<RevisionSample>,
@@ -887,12 +897,21 @@ mod tests {
     }
 
     #[test]
-    fn revisions_that_disappear_are_dropped() {
-        let (r, _rx) = reporter();
-        r.sample(sample(1.0, 0));
+    fn revisions_that_disappear_are_idle() {
+        let (r, mut rx) = reporter();
+        r.sample(sample(4.0, 0));
+        assert!(rx.try_recv().unwrap().urgent);
+        r.sample(sample(4.0, 0));
+        // Gone for the rest of the period: the mean includes the missing sample as 0.
         r.sample(Vec::new());
-        let rep = r.report();
-        assert!(rep.is_empty(), "{rep:?}");
+        r.sample(Vec::new());
+        assert_eq!(conc_and_count(&r.report()[0]), (1.0, 0.0)); // (4+4+0+0)/4 - 1
+        r.sample(Vec::new());
+        // Idle for a whole period: one report with 0, then forgotten.
+        assert_eq!(conc_and_count(&r.report()[0]), (0.0, 0.0));
+        r.sample(Vec::new());
+        assert!(r.report().is_empty());
+        assert!(r.inner.revs.lock().unwrap().is_empty());
     }
 
     #[test]
