@@ -477,3 +477,50 @@ async fn frames_are_binary_and_pings_are_answered() {
     }
     reporter.shutdown();
 }
+
+/// An autoscaler that stops answering (pings unanswered) is dropped and dialled again.
+#[tokio::test]
+async fn reconnects_when_pongs_stop() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let reporter = StatReporter::start(ReporterConfig {
+        ping_interval: Duration::from_millis(50),
+        pong_timeout: Duration::from_millis(300),
+        ..config(url)
+    });
+    // First connection: handshake, then never read (so never pong).
+    let (stream, _) = timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let _stalled = tokio_tungstenite::accept_async(stream).await.unwrap();
+    let t = Instant::now();
+    let (stream, _) = timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("no reconnect after the pong timeout")
+        .unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+    reporter.wake("ns", "after-stall", 1.0);
+    loop {
+        match timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Binary(b) => {
+                let w = WireStatMessages::from_bytes(&b).unwrap();
+                assert_eq!(w.messages[0].name, "after-stall");
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(reporter.counters().connects, 2);
+    reporter.shutdown();
+}

@@ -615,23 +615,14 @@ async fn connection(inner: Arc<Inner>, mut rx: mpsc::Receiver<Frame>) {
                 } else {
                     tracing::debug!(error = %e, "autoscaler stat websocket: connect failed");
                 }
-                let sleep = tokio::time::sleep(backoff.step(cfg));
-                tokio::pin!(sleep);
-                loop {
-                    tokio::select! {
-                        _ = &mut sleep => break,
-                        f = rx.recv() => match f {
-                            Some(f) => keep_pending(&inner, &mut pending, f),
-                            None => return,
-                        },
-                        _ = stop.changed() => return,
-                    }
+                if !idle(&inner, &mut rx, &mut pending, &mut stop, backoff.step(cfg)).await {
+                    return;
                 }
                 continue;
             }
         };
-        backoff = Backoff::new(cfg);
         logged_down = false;
+        let since = Instant::now();
         inner.connects.fetch_add(1, Ordering::Relaxed);
         inner.connected.store(true, Ordering::Relaxed);
         tracing::info!(url = %cfg.url, "connected to the autoscaler");
@@ -646,6 +637,51 @@ async fn connection(inner: Arc<Inner>, mut rx: mpsc::Receiver<Frame>) {
                 tracing::warn!(url = %cfg.url, error = %e, "autoscaler stat websocket broke; reconnecting")
             }
         }
+        if since.elapsed() >= Duration::from_secs(1) {
+            backoff = Backoff::new(cfg);
+        } else if !idle(&inner, &mut rx, &mut pending, &mut stop, backoff.step(cfg)).await {
+            // A peer that drops every connection at once is not hammered.
+            return;
+        }
+    }
+}
+
+/// Waits `d` while keeping the wakes that arrive; false when the reporter stops.
+async fn idle(
+    inner: &Inner,
+    rx: &mut mpsc::Receiver<Frame>,
+    pending: &mut HashMap<Key, WireStatMessage>,
+    stop: &mut watch::Receiver<bool>,
+    d: Duration,
+) -> bool {
+    let sleep = tokio::time::sleep(d);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            f = rx.recv() => match f {
+                Some(f) => keep_pending(inner, pending, f),
+                None => return false,
+            },
+            _ = stop.changed() => return false,
+        }
+    }
+}
+
+type WsError = tokio_tungstenite::tungstenite::Error;
+
+/// Writes one frame; a write stuck for `limit` (the peer stopped reading) breaks the
+/// connection.
+async fn write<S>(sink: &mut S, m: Message, limit: Duration) -> Result<(), WsError>
+where
+    S: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    match tokio::time::timeout(limit, sink.send(m)).await {
+        Ok(r) => r,
+        Err(_) => Err(WsError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "writing to the autoscaler timed out",
+        ))),
     }
 }
 
@@ -669,9 +705,9 @@ async fn session(
         (n, Message::binary(bytes))
     };
     if !pending.is_empty() {
-        let msgs: Vec<_> = pending.drain().map(|(_, m)| m).collect();
-        let (n, m) = send(msgs);
-        sink.send(m).await?;
+        let (n, m) = send(pending.values().cloned().collect());
+        write(&mut sink, m, cfg.pong_timeout).await?;
+        pending.clear();
         inner.frames_sent.fetch_add(1, Ordering::Relaxed);
         inner.messages_sent.fetch_add(n, Ordering::Relaxed);
     }
@@ -685,7 +721,7 @@ async fn session(
                     return Ok(Ended::Stopped);
                 };
                 let (n, m) = send(f.msgs);
-                if let Err(e) = sink.send(m).await {
+                if let Err(e) = write(&mut sink, m, cfg.pong_timeout).await {
                     inner.dropped.fetch_add(n, Ordering::Relaxed);
                     return Err(e);
                 }
@@ -699,7 +735,7 @@ async fn session(
                         "no pong from the autoscaler",
                     )));
                 }
-                sink.send(Message::Ping(Default::default())).await?;
+                write(&mut sink, Message::Ping(Default::default()), cfg.pong_timeout).await?;
             }
             m = stream.next() => match m {
                 None => return Ok(Ended::Closed),
