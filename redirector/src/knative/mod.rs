@@ -9,9 +9,15 @@
 //! - [`probe`]: `K-Network-Probe: queue` probing of a revision's pods; [`Prober`] publishes
 //!   the ready subset of a set of candidate endpoints.
 //!
-//! Wiring: `StatReporter::start(cfg)` once, `tokio::spawn(r.run(move ||
-//! knative::activator_samples(&act)))` for the periodic reports, and the activator's wake
-//! (a held request no instance can take) calls `r.wake(namespace, revision, concurrency)`.
+//! Wiring:
+//!
+//! ```ignore
+//! let reporter = StatReporter::start(ReporterConfig { url, ..Default::default() });
+//! let (r, a) = (reporter.clone(), activator.clone());
+//! tokio::spawn(async move { r.run(move || knative::activator_samples(&a)).await });
+//! // when a held request finds no instance (the activator's wake):
+//! reporter.wake(namespace, revision, concurrency);
+//! ```
 pub mod probe;
 pub mod stats;
 
