@@ -461,3 +461,599 @@ fn kubeapi_raw_watch_wire_format() {
     let typed: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(es).unwrap();
     assert_eq!(typed.endpoints[0].addresses, vec!["10.1.0.5".to_string()]);
 }
+
+// ---------------------------------------------------------------------------------------
+// The agent with `--kubernetes` (root).
+// ---------------------------------------------------------------------------------------
+
+mod agent_k8s {
+    use std::{
+        collections::BTreeSet,
+        net::{IpAddr, SocketAddr},
+        thread::JoinHandle,
+        time::{Duration, Instant},
+    };
+
+    use redirector_tests::{
+        coldstart::Resp,
+        kubeapi::{
+            autoscaler::Autoscaler,
+            node::{AgentOpts, KubeNode, ACTIVATOR_PORT, NODE_IP},
+            objects::{self, Ep, Mode, QUEUE_PORT},
+            Res,
+        },
+        require_root,
+    };
+    use serde_json::{json, Value};
+
+    /// Kubernetes namespace of the revisions.
+    const NS: &str = "rt";
+    const LONG: Duration = Duration::from_secs(30);
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn strings(v: &Value) -> BTreeSet<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn set(items: &[String]) -> BTreeSet<String> {
+        items.iter().cloned().collect()
+    }
+
+    /// `ip:port` as the status prints it.
+    fn ep(ip: IpAddr, port: u16) -> String {
+        SocketAddr::new(ip, port).to_string()
+    }
+
+    /// The status entry of `ns/name` at `vip:80`.
+    fn entry(st: &Value, name: &str, vip: IpAddr) -> Option<Value> {
+        let full = format!("{NS}/{name}");
+        st["services"].as_array()?.iter().find_map(|s| {
+            (s["name"] == full.as_str() && s["vip"] == vip.to_string().as_str() && s["port"] == 80)
+                .then(|| s.clone())
+        })
+    }
+
+    /// True when `name` at `vip` is in `mode` with exactly `backends` (Serve set).
+    fn is(st: &Value, name: &str, vip: IpAddr, mode: &str, backends: &BTreeSet<String>) -> bool {
+        entry(st, name, vip)
+            .is_some_and(|e| e["mode"] == mode && strings(&e["backends"]) == *backends)
+    }
+
+    /// A revision: public Service (`vips`), private Service, SKS, private EndpointSlice "a".
+    fn create_revision(k: &KubeNode, name: &str, vips: &[IpAddr], mode: Mode, eps: &[Ep]) {
+        let api = &k.api;
+        api.create(&Res::services(), objects::public_service(NS, name, vips))
+            .unwrap();
+        api.create(
+            &Res::services(),
+            objects::private_service(NS, name, &[ip("10.96.200.1")]),
+        )
+        .unwrap();
+        api.create(
+            &Res::endpoint_slices(),
+            objects::private_slice(NS, name, "a", eps),
+        )
+        .unwrap();
+        api.create(&Res::sks(), objects::sks(NS, name, mode, 0))
+            .unwrap();
+    }
+
+    fn set_mode(k: &KubeNode, name: &str, mode: Mode) {
+        k.api
+            .patch(
+                &Res::sks(),
+                NS,
+                name,
+                json!({"spec": {"mode": mode.as_str()}}),
+            )
+            .unwrap();
+    }
+
+    fn set_endpoints(k: &KubeNode, name: &str, slice: &str, eps: &[Ep]) {
+        k.api
+            .apply(
+                &Res::endpoint_slices(),
+                objects::private_slice(NS, name, slice, eps),
+            )
+            .unwrap();
+    }
+
+    /// A request from the client pod on its own thread.
+    fn request_in_background(k: &KubeNode, vip: SocketAddr) -> JoinHandle<anyhow::Result<Resp>> {
+        let client = k.client.name.clone();
+        std::thread::spawn(move || {
+            redirector_tests::coldstart::net::get(&client, vip, "/", Duration::from_secs(60))
+        })
+    }
+
+    /// Until the agent has `--kubernetes` (issue 4, in progress), the agent scenarios print
+    /// why they did not run. Remove once it lands.
+    macro_rules! require_kubernetes_agent {
+        () => {
+            let help = std::process::Command::new(redirector_tests::agent::redirector_bin())
+                .args(["agent", "--help"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if !help.contains("--kubernetes") {
+                eprintln!("skipped: the agent has no --kubernetes yet");
+                return;
+            }
+        };
+    }
+
+    fn no_agent_errors(k: &KubeNode) {
+        let log = k.log();
+        assert!(
+            !log.contains("panicked"),
+            "the agent panicked:\n{}",
+            redirector_tests::kubeapi::node::tail(&log, 60)
+        );
+    }
+
+    #[test]
+    fn agent_sks_proxy_then_serve_when_endpoints_ready() {
+        require_root!();
+        require_kubernetes_agent!();
+        let mut k = KubeNode::new("ps").unwrap();
+        let vip = ip("10.96.0.30");
+        let rev = "hello-00001";
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let none = BTreeSet::new();
+        let st = k
+            .wait_status("the SKS in proxy", LONG, |s| {
+                is(s, rev, vip, "proxy", &none)
+            })
+            .unwrap();
+        let e = entry(&st, rev, vip).unwrap();
+        assert_eq!(
+            e["activator"],
+            ep(NODE_IP.into(), ACTIVATOR_PORT).as_str(),
+            "Proxy leads to the node-local activator: {e}"
+        );
+
+        // A request while no pod is ready: the node-local activator holds it.
+        let held = request_in_background(&k, SocketAddr::new(vip, 80));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            !held.is_finished(),
+            "the request must be held while no pod is ready"
+        );
+
+        // The pod comes up on the queue-proxy port, its endpoint turns ready, the SKS flips.
+        let p = k.add_pod(20).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod_ip = k.pods[p].v4();
+        set_endpoints(&k, rev, "a", &[Ep::ready(pod_ip)]);
+        set_mode(&k, rev, Mode::Serve);
+        let want = set(&[ep(pod_ip, QUEUE_PORT)]);
+        k.wait_status("the SKS in serve with the pod", LONG, |s| {
+            is(s, rev, vip, "serve", &want)
+        })
+        .unwrap();
+        let r = held.join().unwrap().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.body.contains(&pod_ip.to_string()), "{r:?}");
+
+        // New requests go to the pod directly through the VIP.
+        let before = entry(&k.status().unwrap(), rev, vip).unwrap()["proxied_flows"].clone();
+        for _ in 0..5 {
+            let r = k.get(SocketAddr::new(vip, 80), "/", LONG).unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            assert!(r.body.contains(&pod_ip.to_string()), "{r:?}");
+        }
+        let e = entry(&k.status().unwrap(), rev, vip).unwrap();
+        assert_eq!(
+            e["proxied_flows"], before,
+            "warm requests are not proxied: {e}"
+        );
+        no_agent_errors(&k);
+    }
+
+    #[test]
+    fn agent_num_activators_subset_with_knative_activator() {
+        require_root!();
+        require_kubernetes_agent!();
+        let mut k = KubeNode::new("na").unwrap();
+        let acts: Vec<IpAddr> = (1..=6).map(|i| ip(&format!("10.244.3.{i}"))).collect();
+        let api = &k.api;
+        api.create(
+            &Res::services(),
+            objects::activator_service(ip("10.96.100.1")),
+        )
+        .unwrap();
+        let act_eps: Vec<Ep> = acts.iter().map(|a| Ep::ready(*a)).collect();
+        api.create(
+            &Res::endpoint_slices(),
+            objects::activator_slice("x1", &act_eps),
+        )
+        .unwrap();
+        let vip = ip("10.96.0.31");
+        let (r1, r2) = ("first-00001", "second-00001");
+        create_revision(&k, r1, &[vip], Mode::Proxy, &[]);
+        let vip2 = ip("10.96.0.32");
+        create_revision(&k, r2, &[vip2], Mode::Proxy, &[]);
+        api.patch(&Res::sks(), NS, r1, json!({"spec": {"numActivators": 2}}))
+            .unwrap();
+        api.patch(&Res::sks(), NS, r2, json!({"spec": {"numActivators": 3}}))
+            .unwrap();
+        k.start_agent(&AgentOpts {
+            args: vec!["--activator".into(), "knative".into()],
+            ..Default::default()
+        })
+        .unwrap();
+
+        let names: Vec<String> = acts.iter().map(|a| a.to_string()).collect();
+        let expect = |n: usize, target: &str| -> BTreeSet<String> {
+            objects::choose_subset(&names, n, target)
+                .into_iter()
+                .map(|a| ep(ip(&a), QUEUE_PORT))
+                .collect()
+        };
+        let pool = |s: &Value, name: &str, vip: IpAddr| {
+            entry(s, name, vip).map(|e| strings(&e["proxy_pool"]))
+        };
+        let (w1, w2) = (expect(2, r1), expect(3, r2));
+        assert_eq!((w1.len(), w2.len()), (2, 3));
+        k.wait_status("the numActivators subsets", LONG, |s| {
+            pool(s, r1, vip).as_ref() == Some(&w1) && pool(s, r2, vip2).as_ref() == Some(&w2)
+        })
+        .unwrap();
+
+        // numActivators changes; 0 means all.
+        k.api
+            .patch(&Res::sks(), NS, r1, json!({"spec": {"numActivators": 4}}))
+            .unwrap();
+        k.api
+            .patch(&Res::sks(), NS, r2, json!({"spec": {"numActivators": 0}}))
+            .unwrap();
+        let (w1, all) = (expect(4, r1), expect(0, r2));
+        assert_eq!(all.len(), 6);
+        k.wait_status("the new subsets", LONG, |s| {
+            pool(s, r1, vip).as_ref() == Some(&w1) && pool(s, r2, vip2).as_ref() == Some(&all)
+        })
+        .unwrap();
+
+        // An activator leaves (not ready) and a new one joins: the subset is recomputed over
+        // the ready activators.
+        let mut eps = act_eps.clone();
+        eps[0] = Ep::not_ready(acts[0]);
+        eps.push(Ep::ready(ip("10.244.3.7")));
+        k.api
+            .apply(
+                &Res::endpoint_slices(),
+                objects::activator_slice("x1", &eps),
+            )
+            .unwrap();
+        let ready: Vec<String> = eps
+            .iter()
+            .filter(|e| e.ready)
+            .map(|e| e.ip.to_string())
+            .collect();
+        let w1: BTreeSet<String> = objects::choose_subset(&ready, 4, r1)
+            .into_iter()
+            .map(|a| ep(ip(&a), QUEUE_PORT))
+            .collect();
+        k.wait_status("the subset over the ready activators", LONG, |s| {
+            pool(s, r1, vip).as_ref() == Some(&w1)
+        })
+        .unwrap();
+        no_agent_errors(&k);
+    }
+
+    #[test]
+    fn agent_dual_stack_public_service() {
+        require_root!();
+        require_kubernetes_agent!();
+        let mut k = KubeNode::new("ds").unwrap();
+        let (v4, v6) = (ip("10.96.0.33"), ip("fd00:96::33"));
+        let rev = "dual-00001";
+        let p = k.add_pod(21).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let (p4, p6) = (k.pods[p].v4(), k.pods[p].v6());
+        create_revision(&k, rev, &[v4, v6], Mode::Serve, &[Ep::ready(p4)]);
+        set_endpoints(&k, rev, "b", &[Ep::ready(p6)]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let (w4, w6) = (set(&[ep(p4, QUEUE_PORT)]), set(&[ep(p6, QUEUE_PORT)]));
+        k.wait_status("both VIPs in serve", LONG, |s| {
+            is(s, rev, v4, "serve", &w4) && is(s, rev, v6, "serve", &w6)
+        })
+        .unwrap();
+        for vip in [v4, v6] {
+            let r = k.get(SocketAddr::new(vip, 80), "/", LONG).unwrap();
+            assert_eq!(r.status, 200, "via {vip}: {r:?}");
+        }
+        // Proxy: both VIPs lead to the node-local activator of their family.
+        set_mode(&k, rev, Mode::Proxy);
+        let st = k
+            .wait_status("both VIPs in proxy", LONG, |s| {
+                [v4, v6]
+                    .iter()
+                    .all(|v| entry(s, rev, *v).is_some_and(|e| e["mode"] == "proxy"))
+            })
+            .unwrap();
+        let a6 = entry(&st, rev, v6).unwrap()["activator"].clone();
+        assert!(
+            a6.as_str().is_some_and(|a| a.starts_with('[')),
+            "the v6 VIP's activator is the node's v6 activator: {a6}"
+        );
+        no_agent_errors(&k);
+    }
+
+    #[test]
+    fn agent_endpoint_churn_leaves_no_stale_entries() {
+        require_root!();
+        require_kubernetes_agent!();
+        let mut k = KubeNode::new("ch").unwrap();
+        let vip = ip("10.96.0.34");
+        let rev = "churn-00001";
+        let pods: Vec<IpAddr> = (1..=6).map(|i| ip(&format!("10.244.4.{i}"))).collect();
+        create_revision(
+            &k,
+            rev,
+            &[vip],
+            Mode::Serve,
+            &[Ep::ready(pods[0]), Ep::ready(pods[1])],
+        );
+        // A second revision that must stay untouched.
+        let other_vip = ip("10.96.0.35");
+        create_revision(
+            &k,
+            "other-00001",
+            &[other_vip],
+            Mode::Serve,
+            &[Ep::ready(pods[5])],
+        );
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let eps = |ids: &[usize]| -> BTreeSet<String> {
+            ids.iter().map(|&i| ep(pods[i], QUEUE_PORT)).collect()
+        };
+        let other = eps(&[5]);
+        let check = |k: &KubeNode, what: &str, want: BTreeSet<String>| {
+            k.wait_status(what, LONG, |s| {
+                is(s, rev, vip, "serve", &want) && is(s, "other-00001", other_vip, "serve", &other)
+            })
+            .unwrap();
+        };
+        check(&k, "initial endpoints", eps(&[0, 1]));
+        set_endpoints(
+            &k,
+            rev,
+            "a",
+            &[Ep::ready(pods[0]), Ep::ready(pods[1]), Ep::ready(pods[2])],
+        );
+        check(&k, "one added", eps(&[0, 1, 2]));
+        set_endpoints(&k, rev, "a", &[Ep::ready(pods[1]), Ep::ready(pods[2])]);
+        check(&k, "one removed", eps(&[1, 2]));
+        set_endpoints(&k, rev, "a", &[Ep::not_ready(pods[1]), Ep::ready(pods[2])]);
+        check(&k, "one not ready", eps(&[2]));
+        set_endpoints(
+            &k,
+            rev,
+            "a",
+            &[Ep::terminating(pods[1]), Ep::ready(pods[2])],
+        );
+        check(&k, "terminating is not a backend", eps(&[2]));
+        set_endpoints(&k, rev, "b", &[Ep::ready(pods[3]), Ep::ready(pods[4])]);
+        check(&k, "a second slice", eps(&[2, 3, 4]));
+        k.api
+            .delete(
+                &Res::endpoint_slices(),
+                NS,
+                &format!("{}-a", objects::private_name(rev)),
+            )
+            .unwrap();
+        check(&k, "first slice deleted", eps(&[3, 4]));
+        // Rapid churn: the final state wins.
+        for i in 0..20 {
+            let n = i % 3;
+            let set: Vec<Ep> = (0..=n).map(|j| Ep::ready(pods[j])).collect();
+            set_endpoints(&k, rev, "b", &set);
+        }
+        check(&k, "after rapid churn", eps(&[0, 1]));
+        // No ready endpoints in Serve: the service stays programmed (falls back to the
+        // activator in the datapath), no backends.
+        set_endpoints(&k, rev, "b", &[]);
+        k.wait_status("no backends", LONG, |s| {
+            entry(s, rev, vip).is_some_and(|e| strings(&e["backends"]).is_empty())
+        })
+        .unwrap();
+        // Deleting the revision's objects removes its entries; the other stays.
+        k.api.delete(&Res::sks(), NS, rev).unwrap();
+        k.api.delete(&Res::services(), NS, rev).unwrap();
+        k.wait_status("entries removed", LONG, |s| {
+            entry(s, rev, vip).is_none() && is(s, "other-00001", other_vip, "serve", &other)
+        })
+        .unwrap();
+        let st = k.status().unwrap();
+        let stale: Vec<&Value> = st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] != "rt/other-00001")
+            .collect();
+        assert!(stale.is_empty(), "stale entries: {stale:?}");
+        no_agent_errors(&k);
+    }
+
+    #[test]
+    fn agent_api_server_restart_keeps_maps_then_relists_after_gone() {
+        require_root!();
+        require_kubernetes_agent!();
+        let mut k = KubeNode::new("rs").unwrap();
+        let vip = ip("10.96.0.36");
+        let rev = "restart-00001";
+        let pods: Vec<IpAddr> = (1..=3).map(|i| ip(&format!("10.244.5.{i}"))).collect();
+        create_revision(
+            &k,
+            rev,
+            &[vip],
+            Mode::Serve,
+            &[Ep::ready(pods[0]), Ep::ready(pods[1])],
+        );
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let want = set(&[ep(pods[0], QUEUE_PORT), ep(pods[1], QUEUE_PORT)]);
+        let before = k
+            .wait_status("programmed", LONG, |s| is(s, rev, vip, "serve", &want))
+            .unwrap();
+        let watches = k.api.active_watches();
+        assert!(
+            watches >= 3,
+            "the agent watches SKS, Services, EndpointSlices: {watches}"
+        );
+        let lists_before = list_count(&k);
+
+        // The API server goes away mid-watch: nothing is flushed.
+        k.api.stop();
+        std::thread::sleep(Duration::from_secs(4));
+        let during = k.status().unwrap();
+        assert_eq!(
+            entry(&during, rev, vip),
+            entry(&before, rev, vip).map(|mut e| {
+                // Counters may move; the programmed state may not.
+                for c in [
+                    "packets",
+                    "bytes",
+                    "reply_packets",
+                    "reply_bytes",
+                    "new_flows",
+                    "proxied_flows",
+                ] {
+                    e[c] = entry(&during, rev, vip).unwrap()[c].clone();
+                }
+                e
+            }),
+            "the maps must stay as they were while the API server is down"
+        );
+        assert!(
+            k.agent_alive(),
+            "the agent survives the API server going away"
+        );
+
+        // Meanwhile the cluster changed; the server comes back with its history compacted
+        // (410 Gone for every old resourceVersion): the agent re-lists and converges.
+        k.api
+            .apply(
+                &Res::endpoint_slices(),
+                objects::private_slice(NS, rev, "a", &[Ep::ready(pods[2])]),
+            )
+            .unwrap();
+        let vip2 = ip("10.96.0.37");
+        create_revision(&k, "late-00001", &[vip2], Mode::Proxy, &[]);
+        k.api.restart_with_gone().unwrap();
+        let want = set(&[ep(pods[2], QUEUE_PORT)]);
+        k.wait_status(
+            "converged after the restart",
+            Duration::from_secs(60),
+            |s| {
+                is(s, rev, vip, "serve", &want)
+                    && is(s, "late-00001", vip2, "proxy", &BTreeSet::new())
+            },
+        )
+        .unwrap();
+        assert!(list_count(&k) > lists_before, "the agent re-listed");
+        let gone = k
+            .api
+            .requests()
+            .iter()
+            .filter(|r| r.is_watch() && r.query.contains("resourceVersion="))
+            .count();
+        assert!(gone > 0);
+
+        // And it keeps following.
+        set_mode(&k, rev, Mode::Proxy);
+        k.wait_status("events after the re-list", LONG, |s| {
+            entry(s, rev, vip).is_some_and(|e| e["mode"] == "proxy")
+        })
+        .unwrap();
+        no_agent_errors(&k);
+    }
+
+    fn list_count(k: &KubeNode) -> usize {
+        k.api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && !r.is_watch() && r.status == 200)
+            .filter(|r| {
+                ["/serverlessservices", "/services", "/endpointslices"]
+                    .iter()
+                    .any(|p| r.path.ends_with(p))
+            })
+            .count()
+    }
+
+    /// Extra agent options that point the stat reporter at the test autoscaler.
+    fn autoscaler_opts(url: &str) -> AgentOpts {
+        AgentOpts {
+            args: vec!["--autoscaler-url".into(), url.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn agent_cold_start_in_the_cluster_path() {
+        require_root!();
+        require_kubernetes_agent!();
+        let mut k = KubeNode::new("cs").unwrap();
+        let autoscaler = Autoscaler::start_in(Some(&k.node.name)).unwrap();
+        let vip = ip("10.96.0.38");
+        let rev = "cold-00001";
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        let p = k.add_pod(22).unwrap();
+        k.start_agent(&autoscaler_opts(&autoscaler.url())).unwrap();
+        k.wait_status("proxy at zero", LONG, |s| {
+            is(s, rev, vip, "proxy", &BTreeSet::new())
+        })
+        .unwrap();
+
+        let t0 = Instant::now();
+        let held = request_in_background(&k, SocketAddr::new(vip, 80));
+        // Knative's activator tells the autoscaler at once: a stat for the revision.
+        let m = autoscaler
+            .wait_for(Duration::from_secs(15), |m| {
+                m.namespace == NS && m.name == rev && m.has_stat
+            })
+            .unwrap();
+        assert!(
+            m.average_concurrent_requests >= 1.0 || m.request_count >= 1.0,
+            "the wake stat carries the held request: {m:?}"
+        );
+        let woke = t0.elapsed();
+        assert!(!held.is_finished(), "held until a pod is ready");
+
+        // The test plays Knative's controllers: the pod starts, its endpoint turns ready,
+        // the SKS flips to Serve.
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod_ip = k.pods[p].v4();
+        set_endpoints(&k, rev, "a", &[Ep::ready(pod_ip)]);
+        set_mode(&k, rev, Mode::Serve);
+        let r = held.join().unwrap().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            r.body.contains(&pod_ip.to_string()),
+            "answered by the pod: {r:?}"
+        );
+        eprintln!(
+            "cold start: stat after {woke:?}, answered after {:?}; {} stat messages on {} \
+             connections",
+            t0.elapsed(),
+            autoscaler.messages().len(),
+            autoscaler.connections()
+        );
+        assert!(autoscaler.errors().is_empty(), "{:?}", autoscaler.errors());
+        let want = set(&[ep(pod_ip, QUEUE_PORT)]);
+        k.wait_status("serve", LONG, |s| is(s, rev, vip, "serve", &want))
+            .unwrap();
+        no_agent_errors(&k);
+    }
+}

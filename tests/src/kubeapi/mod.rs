@@ -24,6 +24,7 @@
 //! open watch is cut).
 pub mod autoscaler;
 pub mod http;
+pub mod node;
 pub mod objects;
 pub mod selector;
 pub mod store;
