@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod k8s;
 pub mod knative;
 pub mod maglev;
 pub mod metrics;

@@ -1,0 +1,231 @@
+//! The node-local activator's view of kube-sourced services: one [`ServiceState`] per
+//! revision (`namespace/revision`), kept across snapshots so held requests keep waiting on
+//! the same state, with the ready private endpoints as instances (the activator forwards to
+//! pods directly). A held request with nothing ready calls the [`Waker`].
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+
+use super::{mapping::ActivatorService, Waker};
+use crate::{
+    activator::{Instance, Instances, ServiceState},
+    config::Protocol,
+};
+
+/// How long the activator holds and forwards a request for a kube-sourced revision
+/// (Knative's default revision timeout).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+struct Entry {
+    protocol: Protocol,
+    state: Arc<ServiceState>,
+    tx: watch::Sender<Instances>,
+    waker: JoinHandle<()>,
+}
+
+/// Kube-sourced services of the activator, by `namespace/revision`.
+#[derive(Default)]
+pub struct KubeServices {
+    entries: HashMap<String, Entry>,
+}
+
+impl Drop for KubeServices {
+    fn drop(&mut self) {
+        for e in self.entries.values() {
+            e.waker.abort();
+        }
+    }
+}
+
+/// What the activator registry needs of one service.
+pub struct RegistryEntry {
+    pub state: Arc<ServiceState>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<u16>,
+}
+
+impl KubeServices {
+    /// Brings the states in line with `services`; returns what the registry should hold.
+    pub fn sync(
+        &mut self,
+        services: &[ActivatorService],
+        waker: &Arc<dyn Waker>,
+    ) -> Vec<RegistryEntry> {
+        let mut out = Vec::with_capacity(services.len());
+        let mut keep = std::collections::HashSet::new();
+        for s in services {
+            if !keep.insert(s.name.as_str()) {
+                continue; // two SKS for one revision: the first (sorted) wins
+            }
+            let reuse = self
+                .entries
+                .get(&s.name)
+                .is_some_and(|e| e.protocol == s.protocol);
+            if !reuse {
+                if let Some(old) = self.entries.remove(&s.name) {
+                    old.waker.abort();
+                }
+                let (tx, rx) = watch::channel::<Instances>(Arc::new(Vec::new()));
+                let wake = Arc::new(Notify::new());
+                let state = Arc::new(ServiceState::new(
+                    s.name.clone(),
+                    s.protocol,
+                    REQUEST_TIMEOUT,
+                    0,
+                    rx,
+                    wake.clone(),
+                ));
+                let task = spawn_waker(
+                    Arc::downgrade(&state),
+                    wake,
+                    s.namespace.clone(),
+                    s.revision.clone(),
+                    waker.clone(),
+                );
+                self.entries.insert(
+                    s.name.clone(),
+                    Entry {
+                        protocol: s.protocol,
+                        state,
+                        tx,
+                        waker: task,
+                    },
+                );
+            }
+            let e = &self.entries[&s.name];
+            let current = e.tx.borrow().clone();
+            let same = current.len() == s.instances.len()
+                && current.iter().zip(&s.instances).all(|(i, a)| i.addr == *a);
+            if !same {
+                // Instances that stay keep their in-flight counts.
+                let by_addr: HashMap<SocketAddr, &Arc<Instance>> =
+                    current.iter().map(|i| (i.addr, i)).collect();
+                let next: Vec<Arc<Instance>> = s
+                    .instances
+                    .iter()
+                    .map(|a| {
+                        by_addr
+                            .get(a)
+                            .map(|i| Arc::clone(i))
+                            .unwrap_or_else(|| Instance::new(*a, 0))
+                    })
+                    .collect();
+                let _ = e.tx.send(Arc::new(next));
+            }
+            out.push(RegistryEntry {
+                state: e.state.clone(),
+                vips: s.vips.clone(),
+                ports: s.ports.clone(),
+            });
+        }
+        self.entries.retain(|name, e| {
+            let k = keep.contains(name.as_str());
+            if !k {
+                e.waker.abort();
+            }
+            k
+        });
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Calls the waker whenever the activator rings the service's wake bell with nothing ready.
+fn spawn_waker(
+    state: Weak<ServiceState>,
+    wake: Arc<Notify>,
+    namespace: String,
+    revision: String,
+    waker: Arc<dyn Waker>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            wake.notified().await;
+            let Some(st) = state.upgrade() else { return };
+            if st.cold() {
+                tracing::debug!(service = %st.name, concurrency = st.concurrency(), "waking the revision");
+                waker.wake(&namespace, &revision, st.concurrency() as f64);
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, String, f64)>>);
+    impl Waker for Recorder {
+        fn wake(&self, namespace: &str, revision: &str, concurrency: f64) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((namespace.into(), revision.into(), concurrency));
+        }
+    }
+
+    fn svc(instances: &[&str]) -> ActivatorService {
+        ActivatorService {
+            name: "ns/rev-1".into(),
+            namespace: "ns".into(),
+            revision: "rev-1".into(),
+            sks: "ns/rev-1".into(),
+            protocol: Protocol::Http,
+            vips: vec!["10.96.0.1".parse().unwrap()],
+            ports: vec![80],
+            instances: instances.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn states_persist_and_held_requests_wake_the_revision() {
+        let rec = Arc::new(Recorder::default());
+        let waker: Arc<dyn Waker> = rec.clone();
+        let mut k = KubeServices::default();
+        let first = k.sync(&[svc(&[])], &waker);
+        let st = first[0].state.clone();
+        assert!(st.cold());
+        // A held request: acquire() rings the bell and waits.
+        let held = {
+            let st = st.clone();
+            tokio::spawn(async move { st.acquire().await.instance.addr })
+        };
+        for _ in 0..100 {
+            if !rec.0.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rec.0.lock().unwrap()[0].0, "ns");
+        assert_eq!(rec.0.lock().unwrap()[0].1, "rev-1");
+        // Endpoints become ready: same state, the held request goes through.
+        let second = k.sync(&[svc(&["10.244.1.5:8012"])], &waker);
+        assert!(Arc::ptr_eq(&second[0].state, &st));
+        let addr = tokio::time::timeout(Duration::from_secs(2), held)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(addr, "10.244.1.5:8012".parse().unwrap());
+        // Gone from the cluster: gone from the registry.
+        assert!(k.sync(&[], &waker).is_empty());
+        assert!(k.is_empty());
+    }
+}

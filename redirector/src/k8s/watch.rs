@@ -1,0 +1,252 @@
+//! Reflector stores for SKS (all namespaces), Services and EndpointSlices, fed by kube-rs
+//! watchers, and a coordinator that publishes a [`Snapshot`] of all three on every change
+//! (debounced by [`DEBOUNCE`]) once every store has finished its initial list.
+//!
+//! Failure behaviour: a store changes only on watch events, and a re-list swaps its content
+//! in one step when the list is complete (kube's reflector buffers `Init`..`InitDone`). So
+//! while the API server is unreachable, or a watch is broken, nothing is published and the
+//! agent keeps what it programmed last; nothing is ever published before every store has
+//! been listed once. kube's watcher re-lists when a watch reports 410 Gone (an `ERROR`
+//! event with code 410); a watch request answered with HTTP 410 would make it retry the same
+//! resourceVersion forever, so that case restarts the watcher here (a fresh list).
+use std::{fmt::Debug, sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    runtime::{
+        reflector::{store::Writer, Store},
+        watcher::{self, Event},
+        WatchStreamExt as _,
+    },
+    Api, Client, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use super::{mapping::Snapshot, sks::ServerlessService};
+
+/// How long a change waits for more before the snapshot is published.
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The latest published snapshot (`None` until every store has been listed).
+pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
+pub type SnapshotTx = watch::Sender<Option<Arc<Snapshot>>>;
+
+/// A channel to publish snapshots on: the watcher's, or a test's.
+pub fn channel() -> (SnapshotTx, SnapshotRx) {
+    watch::channel(None)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sks = 0,
+    Services = 1,
+    Slices = 2,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Sks => "serverlessservices",
+            Kind::Services => "services",
+            Kind::Slices => "endpointslices",
+        }
+    }
+}
+
+/// A store changed; `listed` when it finished a (re-)list.
+#[derive(Debug)]
+struct Changed {
+    kind: Kind,
+    listed: bool,
+}
+
+/// The running watches. Dropping it stops them.
+pub struct ClusterWatch {
+    pub snapshots: SnapshotRx,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ClusterWatch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts watching every namespace with `client`.
+pub fn start(client: Client) -> ClusterWatch {
+    let (tx, rx) = channel();
+    let (ch_tx, ch_rx) = mpsc::unbounded_channel();
+    let sks = Writer::<ServerlessService>::default();
+    let svc = Writer::<Service>::default();
+    let eps = Writer::<EndpointSlice>::default();
+    let stores = Stores {
+        sks: sks.as_reader(),
+        services: svc.as_reader(),
+        slices: eps.as_reader(),
+    };
+    let tasks = vec![
+        tokio::spawn(run_resource(
+            Api::all(client.clone()),
+            sks,
+            Kind::Sks,
+            ch_tx.clone(),
+        )),
+        tokio::spawn(run_resource(
+            Api::all(client.clone()),
+            svc,
+            Kind::Services,
+            ch_tx.clone(),
+        )),
+        tokio::spawn(run_resource(Api::all(client), eps, Kind::Slices, ch_tx)),
+        tokio::spawn(coordinate(ch_rx, stores, tx)),
+    ];
+    ClusterWatch {
+        snapshots: rx,
+        tasks,
+    }
+}
+
+struct Stores {
+    sks: Store<ServerlessService>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+}
+
+impl Stores {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            sks: self.sks.state(),
+            services: self.services.state(),
+            slices: self.slices.state(),
+        }
+    }
+}
+
+/// Publishes a snapshot at most every [`DEBOUNCE`] while changes come in, and only once
+/// every store has been listed.
+async fn coordinate(mut rx: mpsc::UnboundedReceiver<Changed>, stores: Stores, tx: SnapshotTx) {
+    let mut listed = [false; 3];
+    let mut announced = false;
+    while let Some(c) = rx.recv().await {
+        listed[c.kind as usize] |= c.listed;
+        let deadline = tokio::time::sleep(DEBOUNCE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                more = rx.recv() => match more {
+                    Some(c) => listed[c.kind as usize] |= c.listed,
+                    None => return,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        if !listed.iter().all(|l| *l) {
+            continue;
+        }
+        let snap = stores.snapshot();
+        if !announced {
+            announced = true;
+            tracing::info!(
+                sks = snap.sks.len(),
+                services = snap.services.len(),
+                endpointslices = snap.slices.len(),
+                "kubernetes: initial list complete"
+            );
+        }
+        if tx.send(Some(Arc::new(snap))).is_err() {
+            return;
+        }
+    }
+}
+
+struct Backoff(Duration);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+/// An HTTP 410 to the watch request itself (kube's watcher would retry the same version).
+fn gone_at_start(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 410)
+}
+
+/// Keeps one store in sync with the API server, forever.
+async fn run_resource<K>(
+    api: Api<K>,
+    mut writer: Writer<K>,
+    kind: Kind,
+    tx: mpsc::UnboundedSender<Changed>,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let mut backoff = Backoff(BACKOFF_MIN);
+    let mut failing = false;
+    loop {
+        let stream = watcher(api.clone(), watcher::Config::default()).modify(|o| {
+            o.meta_mut().managed_fields = None;
+        });
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    if failing {
+                        tracing::debug!(resource = kind.name(), error = %e, "kubernetes watch still failing");
+                    } else {
+                        failing = true;
+                        tracing::warn!(resource = kind.name(), error = %e, "kubernetes watch failed; keeping the programmed state, retrying");
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                    if gone_at_start(&e) {
+                        break; // a fresh watcher lists again
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            if failing && !matches!(ev, Event::Init | Event::InitApply(_)) {
+                failing = false;
+                tracing::info!(resource = kind.name(), "kubernetes watch resumed");
+            }
+            writer.apply_watcher_event(&ev);
+            let listed = match ev {
+                Event::Init => {
+                    tracing::debug!(resource = kind.name(), "kubernetes: listing");
+                    continue;
+                }
+                Event::InitApply(_) => continue,
+                Event::InitDone => true,
+                Event::Apply(_) | Event::Delete(_) => false,
+            };
+            if tx.send(Changed { kind, listed }).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn watcher<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> impl futures::Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watcher::watcher(api, cfg)
+}
