@@ -906,11 +906,12 @@ mod agent_k8s {
         let before = k
             .wait_status("programmed", LONG, |s| is(s, rev, vip, "serve", &want))
             .unwrap();
-        let watches = k.api.active_watches();
-        assert!(
-            watches >= 3,
-            "the agent watches SKS, Services, EndpointSlices: {watches}"
-        );
+        redirector_tests::netns::wait_for(
+            "the agent's watches of SKS, Services and EndpointSlices",
+            LONG,
+            || (k.api.active_watches() >= 3).then_some(()),
+        )
+        .unwrap();
         let lists_before = list_count(&k);
 
         // The API server goes away mid-watch: nothing is flushed.
