@@ -21,8 +21,9 @@ use tokio::{
 use crate::{
     activator::{origdst::OrigDst, Activator},
     config::{Config, ConfigError, NodeConfig, DEFAULT_CONFIG},
-    control::{ControlError, Programmer},
+    control::{ControlError, DesiredService, Programmer},
     datapath::{AttachReport, Datapath, DatapathError, Hook},
+    k8s::{KubeError, KubeOptions, KubeSource},
     metrics::Histogram,
     netlink,
     scaler::Update,
@@ -37,6 +38,8 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("{0}: {1}")]
     Io(&'static str, std::io::Error),
 }
@@ -48,8 +51,12 @@ pub struct AgentOptions {
     pub config: Option<PathBuf>,
     /// Overrides `node.pin_path`.
     pub pin_path: Option<PathBuf>,
-    /// Touched once the agent has programmed the maps and attached.
+    /// Touched once the agent has programmed the maps and attached (with `kubernetes`:
+    /// once the cluster's state is programmed).
     pub ready_file: Option<PathBuf>,
+    /// Services from Kubernetes/Knative instead of the file's `[[service]]` entries (the
+    /// file still gives the node settings).
+    pub kubernetes: Option<KubeOptions>,
 }
 
 fn load(opts: &AgentOptions) -> Result<Config, ConfigError> {
@@ -59,6 +66,13 @@ fn load(opts: &AgentOptions) -> Result<Config, ConfigError> {
     };
     if let Some(p) = &opts.pin_path {
         cfg.node.pin_path = p.clone();
+    }
+    if opts.kubernetes.is_some() && !cfg.services.is_empty() {
+        tracing::warn!(
+            services = cfg.services.len(),
+            "[[service]] entries are ignored with --kubernetes"
+        );
+        cfg.services.clear();
     }
     Ok(cfg)
 }
@@ -151,20 +165,53 @@ impl Attachments {
     }
 }
 
-fn apply(prog: &mut Programmer, cfg: &Config, serving: &Serving) -> Result<(), ControlError> {
+/// Desired map state: the cluster's (`None` until it has been listed: never an empty state
+/// for lack of data) or the config's.
+fn desired(
+    kube: &Option<KubeSource>,
+    serving: &Serving,
+    cfg: &Config,
+) -> Option<Vec<DesiredService>> {
+    match kube {
+        Some(k) => k.desired().map(<[DesiredService]>::to_vec),
+        None => Some(serving.desired(cfg)),
+    }
+}
+
+/// Waits for the cluster's next snapshot; never returns without `--kubernetes`.
+async fn kube_changed(kube: &mut Option<KubeSource>) {
+    match kube {
+        Some(k) => k.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn apply(
+    prog: &mut Programmer,
+    cfg: &Config,
+    desired: Option<Vec<DesiredService>>,
+) -> Result<Option<crate::control::ApplyReport>, ControlError> {
     prog.set_conntrack(&cfg.conntrack)?;
+    let Some(desired) = desired else {
+        return Ok(None);
+    };
     let started = std::time::Instant::now();
-    let r = prog.apply(&serving.desired(cfg))?;
-    tracing::info!(
-        added = r.added,
-        updated = r.updated,
-        removed = r.removed,
-        unchanged = r.unchanged,
-        skipped = r.skipped,
-        took_us = started.elapsed().as_micros() as u64,
-        "maps programmed"
-    );
-    Ok(())
+    let r = prog.apply(&desired)?;
+    let took_us = started.elapsed().as_micros() as u64;
+    if r.added + r.updated + r.removed + r.skipped > 0 {
+        tracing::info!(
+            added = r.added,
+            updated = r.updated,
+            removed = r.removed,
+            unchanged = r.unchanged,
+            skipped = r.skipped,
+            took_us,
+            "maps programmed"
+        );
+    } else {
+        tracing::debug!(unchanged = r.unchanged, took_us, "maps unchanged");
+    }
+    Ok(Some(r))
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -185,7 +232,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (upd_tx, mut upd_rx) = mpsc::unbounded_channel::<Update>();
     let mut serving = Serving::new(activator.clone(), &cfg, upd_tx);
     serving.sync(&cfg);
-    apply(&mut prog, &cfg, &serving)?;
+    let mut kube = match &opts.kubernetes {
+        Some(k) => Some(KubeSource::connect(k.clone()).await?),
+        None => None,
+    };
+    apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;
     let mut att = Attachments {
         current: HashMap::new(),
     };
@@ -234,15 +285,17 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         })
         .map_err(|e| AgentError::Io("spawning the netlink thread", e))?;
 
-    if let Some(f) = &opts.ready_file {
-        std::fs::write(f, format!("{}\n", std::process::id()))
-            .map_err(|e| AgentError::Io("writing the ready file", e))?;
+    // With --kubernetes, ready once the cluster's state is programmed.
+    let mut ready_file = opts.ready_file.clone();
+    let mut announced = kube.is_none();
+    if kube.is_none() {
+        write_ready(&mut ready_file)?;
+        tracing::info!(
+            services = cfg.services.len(),
+            interfaces = att.current.len(),
+            "agent ready"
+        );
     }
-    tracing::info!(
-        services = cfg.services.len(),
-        interfaces = att.current.len(),
-        "agent ready"
-    );
 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Io("SIGHUP", e))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Io("SIGTERM", e))?;
@@ -266,15 +319,41 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 // A new instance's veth must carry the programs before traffic goes direct.
                 att.sync(&mut dp, &cfg.node);
                 let t0 = std::time::Instant::now();
-                match prog.apply(&serving.desired(&cfg)) {
-                    Ok(r) if r.updated + r.added > 0 => {
+                match desired(&kube, &serving, &cfg).map(|d| prog.apply(&d)) {
+                    Some(Ok(r)) if r.updated + r.added > 0 => {
                         agent_metrics.map_update.observe(t0.elapsed());
                         agent_metrics.flips.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(service = %u.name, error = %e, "programming the scaler's decision failed"),
+                    Some(Ok(_)) | None => {}
+                    Some(Err(e)) => tracing::error!(service = %u.name, error = %e, "programming the scaler's decision failed"),
                 }
                 let _ = u.done.send(());
+                false
+            }
+            _ = kube_changed(&mut kube) => {
+                if let Some(k) = &mut kube {
+                    k.remap(&cfg.node.activator);
+                    k.sync_serving(&mut serving, &cfg);
+                }
+                let t0 = std::time::Instant::now();
+                match apply(&mut prog, &cfg, desired(&kube, &serving, &cfg)) {
+                    Ok(r) => {
+                        if r.as_ref().is_some_and(|r| r.updated + r.added + r.removed > 0) {
+                            agent_metrics.map_update.observe(t0.elapsed());
+                            agent_metrics.flips.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if !announced && r.is_some() {
+                            announced = true;
+                            write_ready(&mut ready_file)?;
+                            tracing::info!(
+                                sks = kube.as_ref().and_then(KubeSource::sks_count).unwrap_or(0),
+                                interfaces = att.current.len(),
+                                "agent ready"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "programming the cluster's state failed; maps left as they were"),
+                }
                 false
             }
             _ = flows_tick.tick() => {
@@ -300,9 +379,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                             cfg.node.pin_path.display()
                         );
                     }
-                    serving.sync(&new);
-                    match apply(&mut prog, &new, &serving) {
-                        Ok(()) => {
+                    match &mut kube {
+                        Some(k) => {
+                            k.remap(&new.node.activator);
+                            k.sync_serving(&mut serving, &new);
+                        }
+                        None => serving.sync(&new),
+                    }
+                    match apply(&mut prog, &new, desired(&kube, &serving, &new)) {
+                        Ok(_) => {
                             cfg = new;
                             att.sync(&mut dp, &cfg.node);
                         }
@@ -330,6 +415,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         "stopped; programs and maps stay pinned under {}",
         pin_path.display()
     );
+    Ok(())
+}
+
+/// Writes the ready file (once).
+fn write_ready(f: &mut Option<PathBuf>) -> Result<(), AgentError> {
+    if let Some(f) = f.take() {
+        std::fs::write(&f, format!("{}\n", std::process::id()))
+            .map_err(|e| AgentError::Io("writing the ready file", e))?;
+    }
     Ok(())
 }
 

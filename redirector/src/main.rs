@@ -3,13 +3,19 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use redirector::{agent, config::DEFAULT_PIN_PATH, status};
+use redirector::{agent, config::DEFAULT_PIN_PATH, k8s, status};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF data plane for Knative-style scale-to-zero")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ActivatorArg {
+    Node,
+    Knative,
 }
 
 #[derive(Subcommand)]
@@ -25,6 +31,18 @@ enum Cmd {
         /// File written once the agent is ready.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Services from Kubernetes: Knative ServerlessServices, Services and
+        /// EndpointSlices (KUBECONFIG, ~/.kube/config or the in-cluster service account)
+        /// instead of the config's [[service]] entries; the config still gives [node].
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: what Proxy leads to, the node-local activator or Knative's
+        /// activators (knative-serving/activator-service, subset by numActivators).
+        #[arg(long, value_enum, default_value_t = ActivatorArg::Node, requires = "kubernetes")]
+        activator: ActivatorArg,
+        /// With --kubernetes: this node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
     },
     /// Services, modes, backends and counters from the pinned maps.
     Status {
@@ -60,7 +78,18 @@ fn main() -> anyhow::Result<()> {
             config,
             pin_path,
             ready_file,
+            kubernetes,
+            activator,
+            node_name,
         } => {
+            let kubernetes = kubernetes.then(|| k8s::KubeOptions {
+                activator: match activator {
+                    ActivatorArg::Node => k8s::ActivatorSource::Node,
+                    ActivatorArg::Knative => k8s::ActivatorSource::Knative,
+                },
+                node_name,
+                ..Default::default()
+            });
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -70,6 +99,7 @@ fn main() -> anyhow::Result<()> {
                 config,
                 pin_path,
                 ready_file,
+                kubernetes,
             }))?;
         }
         Cmd::Status { pin_path, json } => {

@@ -34,6 +34,9 @@ pub struct Serving {
     updates: mpsc::UnboundedSender<Update>,
     addresses: Arc<Addresses>,
     pin_path: std::path::PathBuf,
+    /// Kube-sourced services (`--kubernetes`) and what they put in the registry.
+    kube: crate::k8s::KubeServices,
+    kube_registry: Vec<crate::k8s::registry::RegistryEntry>,
 }
 
 impl Serving {
@@ -62,11 +65,25 @@ impl Serving {
                 gw4,
             )),
             pin_path: cfg.node.pin_path.clone(),
+            kube: Default::default(),
+            kube_registry: Vec::new(),
         }
     }
 
+    /// Brings the kube-sourced services of the activator in line with the cluster (their
+    /// instances are the ready private endpoints), then the registry as [`Self::sync`].
+    pub fn sync_kube(
+        &mut self,
+        cfg: &Config,
+        services: &[crate::k8s::ActivatorService],
+        waker: &Arc<dyn crate::k8s::Waker>,
+    ) {
+        self.kube_registry = self.kube.sync(services, waker);
+        self.sync(cfg);
+    }
+
     /// Brings scalers and the registry in line with `cfg` (restarting a scaler whose
-    /// service changed).
+    /// service changed); the registry also holds the kube-sourced services.
     pub fn sync(&mut self, cfg: &Config) {
         let mut registry = crate::activator::Registry::default();
         let mut keep = std::collections::HashSet::new();
@@ -125,6 +142,12 @@ impl Serving {
             self.scaled_remove(&n);
             self.statics.remove(&n);
             self.states.remove(&n);
+        }
+        for e in &self.kube_registry {
+            registry.insert(e.state.clone(), &[], 0);
+            for port in &e.ports {
+                registry.insert(e.state.clone(), &e.vips, *port);
+            }
         }
         self.activator.set_registry(registry);
         if let Ok(mut l) = self.activator.limits.write() {

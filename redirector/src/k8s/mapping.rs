@@ -86,10 +86,13 @@ pub struct Mapped {
     pub summary: BTreeMap<String, SksSummary>,
 }
 
+/// A slice's TCP ports by name.
+type NamedPorts = Arc<Vec<(String, u16)>>;
+
 /// Ready endpoints of one Service: `(address as written, address, named ports)`.
 #[derive(Debug, Default)]
 struct Ready {
-    addrs: Vec<(String, IpAddr, Arc<Vec<(String, u16)>>)>,
+    addrs: Vec<(String, IpAddr, NamedPorts)>,
 }
 
 impl Ready {
@@ -139,7 +142,7 @@ fn ready_by_service(slices: &[Arc<EndpointSlice>]) -> HashMap<(String, String), 
             continue;
         };
         let ns = s.metadata.namespace.clone().unwrap_or_default();
-        let ports: Arc<Vec<(String, u16)>> = Arc::new(
+        let ports: NamedPorts = Arc::new(
             s.ports
                 .iter()
                 .flatten()

@@ -7,6 +7,7 @@
 pub mod mapping;
 pub mod registry;
 pub mod sks;
+pub mod source;
 pub mod watch;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 pub use mapping::{map, ActivatorService, ActivatorSource, Mapped, Snapshot};
 pub use registry::KubeServices;
 pub use sks::ServerlessService;
+pub use source::KubeSource;
 pub use watch::{ClusterWatch, SnapshotRx, SnapshotTx};
 
 #[derive(Debug, thiserror::Error)]

@@ -73,6 +73,16 @@ pub struct ClusterWatch {
     tasks: Vec<JoinHandle<()>>,
 }
 
+impl ClusterWatch {
+    /// Snapshots from somewhere else (a test's channel); no watches.
+    pub fn from_receiver(snapshots: SnapshotRx) -> Self {
+        Self {
+            snapshots,
+            tasks: Vec::new(),
+        }
+    }
+}
+
 impl Drop for ClusterWatch {
     fn drop(&mut self) {
         for t in &self.tasks {

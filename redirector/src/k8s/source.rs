@@ -1,0 +1,126 @@
+//! The agent's side of `--kubernetes`: the latest snapshot from the watches (or from a
+//! test's channel), mapped with the node's settings, and logged per SKS as it changes.
+use std::{net::SocketAddr, sync::Arc};
+
+use super::{
+    mapping::{self, Mapped, SksSummary, Snapshot},
+    watch::{ClusterWatch, SnapshotRx},
+    KubeError, KubeOptions,
+};
+use crate::{config::Config, control::DesiredService, serving::Serving};
+
+/// More changed SKS than this in one snapshot are logged as a count only.
+const LOG_EACH_UP_TO: usize = 50;
+
+pub struct KubeSource {
+    pub opts: KubeOptions,
+    watch: ClusterWatch,
+    snapshot: Option<Arc<Snapshot>>,
+    mapped: Option<Mapped>,
+}
+
+impl KubeSource {
+    /// Connects to the API server (`kube::Client::try_default()`) and starts the watches.
+    pub async fn connect(opts: KubeOptions) -> Result<Self, KubeError> {
+        tracing::info!(activator = ?opts.activator, node = opts.node_name.as_deref().unwrap_or("-"), "watching ServerlessServices, Services and EndpointSlices");
+        let watch = super::connect().await?;
+        Ok(Self::new(opts, watch))
+    }
+
+    /// A source fed by `snapshots` (a test's, or [`super::watch::start`]'s).
+    pub fn from_channel(opts: KubeOptions, snapshots: SnapshotRx) -> Self {
+        Self::new(opts, ClusterWatch::from_receiver(snapshots))
+    }
+
+    fn new(opts: KubeOptions, watch: ClusterWatch) -> Self {
+        Self {
+            opts,
+            watch,
+            snapshot: None,
+            mapped: None,
+        }
+    }
+
+    /// Waits for the next published snapshot (forever once the publisher is gone).
+    pub async fn changed(&mut self) {
+        if self.watch.snapshots.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        self.snapshot = self.watch.snapshots.borrow_and_update().clone();
+    }
+
+    /// Maps the latest snapshot with the node's activator addresses. False while nothing
+    /// was listed yet.
+    pub fn remap(&mut self, node_activators: &[SocketAddr]) -> bool {
+        let Some(snap) = &self.snapshot else {
+            return false;
+        };
+        let m = mapping::map(snap, node_activators, self.opts.activator);
+        log_changes(self.mapped.as_ref().map(|m| &m.summary), &m.summary);
+        self.mapped = Some(m);
+        true
+    }
+
+    /// The desired map state; `None` until the cluster has been listed (never an empty
+    /// state for lack of data).
+    pub fn desired(&self) -> Option<&[DesiredService]> {
+        self.mapped.as_ref().map(|m| m.desired.as_slice())
+    }
+
+    /// Feeds the activator registry with the kube-sourced services.
+    pub fn sync_serving(&self, serving: &mut Serving, cfg: &Config) {
+        let services = self
+            .mapped
+            .as_ref()
+            .map(|m| m.activator.as_slice())
+            .unwrap_or_default();
+        serving.sync_kube(cfg, services, &self.opts.waker);
+    }
+
+    /// How many SKS the last mapping holds (`None` before the first list).
+    pub fn sks_count(&self) -> Option<usize> {
+        self.mapped.as_ref().map(|m| m.summary.len())
+    }
+}
+
+fn log_changes(
+    old: Option<&std::collections::BTreeMap<String, SksSummary>>,
+    new: &std::collections::BTreeMap<String, SksSummary>,
+) {
+    let empty = Default::default();
+    let old = old.unwrap_or(&empty);
+    let changed: Vec<(&String, &SksSummary)> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .collect();
+    let removed: Vec<&String> = old.keys().filter(|k| !new.contains_key(*k)).collect();
+    if changed.len() + removed.len() > LOG_EACH_UP_TO {
+        tracing::info!(
+            changed = changed.len(),
+            removed = removed.len(),
+            total = new.len(),
+            "SKS changed"
+        );
+        return;
+    }
+    for (name, s) in changed {
+        let was = old.get(name);
+        tracing::info!(
+            sks = %name,
+            mode = ?s.mode,
+            was = ?was.map(|w| w.mode),
+            vips = s.vips,
+            ready_endpoints = s.ready,
+            activators = s.activators,
+            "SKS {}",
+            match was {
+                None => "added",
+                Some(w) if w.mode != s.mode => "flipped",
+                Some(_) => "updated",
+            }
+        );
+    }
+    for name in removed {
+        tracing::info!(sks = %name, "SKS removed");
+    }
+}
