@@ -579,13 +579,16 @@ mod agent_k8s {
     /// why they did not run. Remove once it lands.
     macro_rules! require_kubernetes_agent {
         () => {
+            require_kubernetes_agent!("--kubernetes")
+        };
+        ($flag:literal) => {
             let help = std::process::Command::new(redirector_tests::agent::redirector_bin())
                 .args(["agent", "--help"])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
-            if !help.contains("--kubernetes") {
-                eprintln!("skipped: the agent has no --kubernetes yet");
+            if !help.contains($flag) {
+                eprintln!("skipped: the agent has no {} yet", $flag);
                 return;
             }
         };
@@ -1005,6 +1008,7 @@ mod agent_k8s {
     fn agent_cold_start_in_the_cluster_path() {
         require_root!();
         require_kubernetes_agent!();
+        require_kubernetes_agent!("--autoscaler-url");
         let mut k = KubeNode::new("cs").unwrap();
         let autoscaler = Autoscaler::start_in(Some(&k.node.name)).unwrap();
         let vip = ip("10.96.0.38");
