@@ -271,6 +271,7 @@ fn kubeapi_watcher_lists_watches_and_relists_after_gone() {
     });
     let reqs = server.requests();
     assert!(service_lists(&server) >= 2, "{reqs:?}");
+    assert_eq!(server.gone_count(), 1, "{reqs:?}");
     let ev = events.lock().unwrap().clone();
     assert!(
         ev.iter()
@@ -966,13 +967,11 @@ mod agent_k8s {
         )
         .unwrap();
         assert!(list_count(&k) > lists_before, "the agent re-listed");
-        let gone = k
-            .api
-            .requests()
-            .iter()
-            .filter(|r| r.is_watch() && r.query.contains("resourceVersion="))
-            .count();
-        assert!(gone > 0);
+        assert!(
+            k.api.gone_count() >= 1,
+            "the agent's resumed watches got 410 Gone: {:?}",
+            k.api.requests()
+        );
 
         // And it keeps following.
         set_mode(&k, rev, Mode::Proxy);

@@ -434,6 +434,11 @@ fn watch_response(
         (kind, start)
     };
     let gone_as_http = *shared.gone_as_http.lock().unwrap();
+    if matches!(&start, Err(e) if e.code == 410) {
+        shared
+            .gone
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let start = match start {
         Ok(s) => s,
         Err(e) if e.code == 410 && gone_as_http => return error_response(&e),

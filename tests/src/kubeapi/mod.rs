@@ -74,6 +74,8 @@ pub struct Shared {
     pub gone_as_http: Mutex<bool>,
     pub requests: Mutex<Vec<RequestRecord>>,
     pub active_watches: AtomicUsize,
+    /// Watches answered with 410 Gone so far.
+    pub gone: AtomicUsize,
 }
 
 impl Shared {
@@ -162,6 +164,7 @@ impl ApiServer {
             gone_as_http: Mutex::new(false),
             requests: Mutex::new(Vec::new()),
             active_watches: AtomicUsize::new(0),
+            gone: AtomicUsize::new(0),
         });
         let mut s = ApiServer {
             shared,
@@ -357,6 +360,11 @@ impl ApiServer {
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// Watches answered with 410 Gone (too old a resourceVersion, or forced) so far.
+    pub fn gone_count(&self) -> usize {
+        self.shared.gone.load(Ordering::Relaxed)
     }
 
     /// Watches currently streaming.
