@@ -233,7 +233,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut serving = Serving::new(activator.clone(), &cfg, upd_tx);
     serving.sync(&cfg);
     let mut kube = match &opts.kubernetes {
-        Some(k) => Some(KubeSource::connect(k.clone()).await?),
+        Some(k) => {
+            k.waker.attach(&activator);
+            Some(KubeSource::connect(k.clone()).await?)
+        }
         None => None,
     };
     apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;

@@ -43,6 +43,11 @@ enum Cmd {
         /// With --kubernetes: this node's name.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// With --kubernetes: Knative's autoscaler (websocket), told about held requests
+        /// and activator concurrency; default in a cluster:
+        /// ws://autoscaler.knative-serving.svc.cluster.local:8080, elsewhere none.
+        #[arg(long, requires = "kubernetes")]
+        autoscaler_url: Option<String>,
     },
     /// Services, modes, backends and counters from the pinned maps.
     Status {
@@ -81,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             kubernetes,
             activator,
             node_name,
+            autoscaler_url,
         } => {
             let kubernetes = kubernetes.then(|| k8s::KubeOptions {
                 activator: match activator {
@@ -95,12 +101,19 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(agent::run(agent::AgentOptions {
-                config,
-                pin_path,
-                ready_file,
-                kubernetes,
-            }))?;
+            rt.block_on(async move {
+                let kubernetes = kubernetes.map(|k| k8s::KubeOptions {
+                    waker: k8s::autoscaler::waker(autoscaler_url),
+                    ..k
+                });
+                agent::run(agent::AgentOptions {
+                    config,
+                    pin_path,
+                    ready_file,
+                    kubernetes,
+                })
+                .await
+            })?;
         }
         Cmd::Status { pin_path, json } => {
             let s = status::read(&pin_path)

@@ -4,6 +4,7 @@
 //! agent as [`Snapshot`]s over a watch channel (so a test can publish its own), and the
 //! node-local activator's side of kube-sourced services ([`registry`]): their held requests
 //! wake the revision through a [`Waker`].
+pub mod autoscaler;
 pub mod mapping;
 pub mod registry;
 pub mod sks;
@@ -31,6 +32,12 @@ pub enum KubeError {
 pub trait Waker: Send + Sync {
     fn wake(&self, namespace: &str, revision: &str, concurrency: f64) {
         let _ = (namespace, revision, concurrency);
+    }
+
+    /// Called once when the node-local activator exists, before any wake: a waker that also
+    /// reports periodically (Knative's activator reports every second) starts here.
+    fn attach(&self, activator: &Arc<crate::activator::Activator>) {
+        let _ = activator;
     }
 }
 
