@@ -395,4 +395,4 @@ pub fn choose_subset(from: &BTreeSet<String>, n: usize, target: &str) -> BTreeSe
 
 #[cfg(test)]
 #[path = "mapping_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -73,7 +73,7 @@ fn choose_subset_is_consistent_and_sized() {
     assert!(a.intersection(&b).count() >= 3);
 }
 
-pub(super) fn sks(ns: &str, name: &str, mode: &str, proto: &str, n: i32) -> Arc<ServerlessService> {
+pub(crate) fn sks(ns: &str, name: &str, mode: &str, proto: &str, n: i32) -> Arc<ServerlessService> {
     Arc::new(
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": ns},
@@ -84,7 +84,7 @@ pub(super) fn sks(ns: &str, name: &str, mode: &str, proto: &str, n: i32) -> Arc<
     )
 }
 
-pub(super) fn service(ns: &str, name: &str, ips: &[&str], ports: &[(&str, u16)]) -> Arc<Service> {
+pub(crate) fn service(ns: &str, name: &str, ips: &[&str], ports: &[(&str, u16)]) -> Arc<Service> {
     let ports: Vec<_> = ports
         .iter()
         .map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"}))
@@ -99,7 +99,7 @@ pub(super) fn service(ns: &str, name: &str, ips: &[&str], ports: &[(&str, u16)])
 }
 
 /// `eps`: (address, ready, terminating).
-pub(super) fn slice(
+pub(crate) fn slice(
     ns: &str,
     svc: &str,
     family: &str,

@@ -124,3 +124,37 @@ fn log_changes(
         tracing::info!(sks = %name, "SKS removed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test drives the source through its channel; nothing (not even an empty state) is
+    /// desired before the first snapshot.
+    #[tokio::test]
+    async fn nothing_desired_before_the_first_snapshot() {
+        let (tx, rx) = super::super::watch::channel();
+        let mut s = KubeSource::from_channel(KubeOptions::default(), rx);
+        assert!(!s.remap(&[]));
+        assert!(s.desired().is_none());
+        let snap = Snapshot {
+            sks: vec![crate::k8s::mapping::tests::sks(
+                "ns", "r-1", "Proxy", "http1", 0,
+            )],
+            services: vec![crate::k8s::mapping::tests::service(
+                "ns",
+                "r-1",
+                &["10.96.0.9"],
+                &[("http", 80)],
+            )],
+            slices: vec![],
+        };
+        tx.send(Some(Arc::new(snap))).unwrap();
+        s.changed().await;
+        assert!(s.remap(&["10.244.0.1:8012".parse().unwrap()]));
+        let d = s.desired().unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].name, "ns/r-1");
+        assert_eq!(s.sks_count(), Some(1));
+    }
+}

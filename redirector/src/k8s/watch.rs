@@ -260,3 +260,107 @@ where
 {
     watcher::watcher(api, cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sks(name: &str) -> ServerlessService {
+        let mut s = ServerlessService::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("ns".into());
+        s
+    }
+
+    /// Nothing is published until every store has been listed; then every change is, and a
+    /// broken watch (no events) publishes nothing.
+    #[tokio::test]
+    async fn publishes_only_after_every_initial_list() {
+        let mut sks_w = Writer::<ServerlessService>::default();
+        let mut svc_w = Writer::<Service>::default();
+        let mut eps_w = Writer::<EndpointSlice>::default();
+        let stores = Stores {
+            sks: sks_w.as_reader(),
+            services: svc_w.as_reader(),
+            slices: eps_w.as_reader(),
+        };
+        let (tx, mut rx) = channel();
+        let (ch_tx, ch_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(coordinate(ch_rx, stores, tx));
+        let listed = |kind| Changed { kind, listed: true };
+
+        for ev in [Event::Init, Event::InitApply(sks("a")), Event::InitDone] {
+            sks_w.apply_watcher_event(&ev);
+        }
+        ch_tx.send(listed(Kind::Sks)).unwrap();
+        for ev in [Event::Init, Event::InitDone] {
+            svc_w.apply_watcher_event(&ev);
+        }
+        ch_tx.send(listed(Kind::Services)).unwrap();
+        tokio::time::sleep(DEBOUNCE * 3).await;
+        assert!(
+            rx.borrow().is_none(),
+            "published before the slices were listed"
+        );
+
+        for ev in [Event::Init, Event::InitDone] {
+            eps_w.apply_watcher_event(&ev);
+        }
+        ch_tx.send(listed(Kind::Slices)).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().sks.len(), 1);
+
+        // A burst of changes within the debounce window: one snapshot with all of them.
+        for n in ["b", "c", "d"] {
+            sks_w.apply_watcher_event(&Event::Apply(sks(n)));
+            ch_tx
+                .send(Changed {
+                    kind: Kind::Sks,
+                    listed: false,
+                })
+                .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().sks.len(), 4);
+        tokio::time::sleep(DEBOUNCE * 3).await;
+        assert!(!rx.has_changed().unwrap());
+
+        // A re-list (after 410 Gone) replaces the content in one step at InitDone.
+        sks_w.apply_watcher_event(&Event::Init);
+        sks_w.apply_watcher_event(&Event::InitApply(sks("z")));
+        ch_tx.send(listed(Kind::Sks)).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        // InitDone not applied yet: the store still holds the old objects.
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().sks.len(), 4);
+        sks_w.apply_watcher_event(&Event::InitDone);
+        ch_tx.send(listed(Kind::Sks)).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let snap = rx.borrow_and_update().clone().unwrap();
+        assert_eq!(snap.sks.len(), 1);
+        assert_eq!(snap.sks[0].name(), "z");
+        task.abort();
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff(BACKOFF_MIN);
+        let seq: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        assert_eq!(seq[0], BACKOFF_MIN);
+        assert_eq!(seq[1], BACKOFF_MIN * 2);
+        assert_eq!(*seq.last().unwrap(), BACKOFF_MAX);
+        b.reset();
+        assert_eq!(b.next(), BACKOFF_MIN);
+    }
+}
