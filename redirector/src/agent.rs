@@ -23,7 +23,10 @@ use crate::{
     config::{Config, ConfigError, NodeConfig, DEFAULT_CONFIG},
     control::{ControlError, DesiredService, Programmer},
     datapath::{AttachReport, Datapath, DatapathError, Hook},
-    k8s::{KubeError, KubeOptions, KubeSource},
+    k8s::{
+        source::{desired, kube_changed},
+        KubeError, KubeOptions, KubeSource,
+    },
     metrics::Histogram,
     netlink,
     scaler::Update,
@@ -162,27 +165,6 @@ impl Attachments {
             }
         }
         self.current.retain(|_, (_, h)| !h.is_empty());
-    }
-}
-
-/// Desired map state: the cluster's (`None` until it has been listed: never an empty state
-/// for lack of data) or the config's.
-fn desired(
-    kube: &Option<KubeSource>,
-    serving: &Serving,
-    cfg: &Config,
-) -> Option<Vec<DesiredService>> {
-    match kube {
-        Some(k) => k.desired().map(<[DesiredService]>::to_vec),
-        None => Some(serving.desired(cfg)),
-    }
-}
-
-/// Waits for the cluster's next snapshot; never returns without `--kubernetes`.
-async fn kube_changed(kube: &mut Option<KubeSource>) {
-    match kube {
-        Some(k) => k.changed().await,
-        None => std::future::pending().await,
     }
 }
 

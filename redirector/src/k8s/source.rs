@@ -83,6 +83,27 @@ impl KubeSource {
     }
 }
 
+/// Desired map state: the cluster's (`None` until it has been listed: never an empty state
+/// for lack of data), or without `--kubernetes` the config's.
+pub fn desired(
+    kube: &Option<KubeSource>,
+    serving: &Serving,
+    cfg: &Config,
+) -> Option<Vec<DesiredService>> {
+    match kube {
+        Some(k) => k.desired().map(<[DesiredService]>::to_vec),
+        None => Some(serving.desired(cfg)),
+    }
+}
+
+/// Waits for the cluster's next snapshot; never returns without `--kubernetes`.
+pub async fn kube_changed(kube: &mut Option<KubeSource>) {
+    match kube {
+        Some(k) => k.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn log_changes(
     old: Option<&std::collections::BTreeMap<String, SksSummary>>,
     new: &std::collections::BTreeMap<String, SksSummary>,
