@@ -3,12 +3,11 @@
 //! as they were on bad input), and garbage-collects conntrack. On exit it leaves programs
 //! and maps pinned so traffic keeps flowing and the next agent adopts them.
 use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Write as _,
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, SystemTime},
 };
@@ -198,6 +197,7 @@ fn apply(
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    raise_nofile_limit();
     let mut cfg = load(&opts)?;
     let pin_path = cfg.node.pin_path.clone();
     let mut dp = Datapath::open(&pin_path)?;
@@ -239,7 +239,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             }
         }
     }
-    let agent_metrics = Arc::new(AgentMetrics {
+    let agent_metrics = Arc::new(crate::metrics::AgentMetrics {
         activator: activator.clone(),
         statuses: serving.statuses.clone(),
         flips: AtomicU64::new(0),
@@ -412,6 +412,25 @@ fn write_ready(f: &mut Option<PathBuf>) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Every held request and proxied connection is a socket: lift the soft open-files limit
+/// to the hard one (the default 1024 would cap the activator at about a thousand).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::info!(from = old, to = lim.rlim_max, "raised the open-files limit");
+            }
+        }
+    }
+}
+
 /// Uninstalls: detaches every pinned link and removes the pinned maps.
 pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
     let mut n = 0;
@@ -428,201 +447,4 @@ pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
     let _ = std::fs::remove_dir(pin_path);
     let _ = std::fs::remove_file(crate::status::live_path(pin_path));
     Ok(n)
-}
-
-/// The agent's /metrics and /status.
-struct AgentMetrics {
-    activator: Arc<Activator>,
-    statuses: Arc<Mutex<BTreeMap<String, Arc<Mutex<crate::scaler::ScalerStatus>>>>>,
-    flips: AtomicU64,
-    map_update: Histogram,
-    pin_path: PathBuf,
-}
-
-impl crate::metrics::Source for AgentMetrics {
-    fn metrics(&self) -> String {
-        let mut out = String::new();
-        let reg = self.activator.registry();
-        let mut gauges: Vec<(&str, &str, String, f64)> = Vec::new();
-        for svc in reg.services() {
-            let l = format!("service=\"{}\"", svc.name);
-            gauges.push((
-                "redirector_activator_held_requests",
-                "gauge",
-                l.clone(),
-                svc.held.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_held_bytes",
-                "gauge",
-                l.clone(),
-                svc.held_bytes.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_in_flight",
-                "gauge",
-                l.clone(),
-                svc.in_flight.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_forwarded_total",
-                "counter",
-                l.clone(),
-                svc.forwarded.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_rejected_full_total",
-                "counter",
-                l.clone(),
-                svc.rejected_full.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_timeouts_total",
-                "counter",
-                l.clone(),
-                svc.timed_out.load(Ordering::Relaxed) as f64,
-            ));
-        }
-        gauges.push((
-            "redirector_activator_held_requests_total",
-            "gauge",
-            String::new(),
-            self.activator.global.held.load(Ordering::Relaxed) as f64,
-        ));
-        gauges.push((
-            "redirector_activator_held_bytes_total",
-            "gauge",
-            String::new(),
-            self.activator.global.held_bytes.load(Ordering::Relaxed) as f64,
-        ));
-        if let Ok(st) = self.statuses.lock() {
-            for (name, s) in st.iter() {
-                let Ok(s) = s.lock() else { continue };
-                let l = format!("service=\"{name}\"");
-                gauges.push((
-                    "redirector_instances",
-                    "gauge",
-                    l.clone(),
-                    s.instances.len() as f64,
-                ));
-                gauges.push((
-                    "redirector_ready_instances",
-                    "gauge",
-                    l.clone(),
-                    s.ready.len() as f64,
-                ));
-                gauges.push((
-                    "redirector_desired_instances",
-                    "gauge",
-                    l.clone(),
-                    s.desired as f64,
-                ));
-                gauges.push((
-                    "redirector_cold_starts_total",
-                    "counter",
-                    l.clone(),
-                    s.cold_starts as f64,
-                ));
-                gauges.push((
-                    "redirector_instance_restarts_total",
-                    "counter",
-                    l,
-                    s.restarts as f64,
-                ));
-            }
-        }
-        gauges.push((
-            "redirector_flips_total",
-            "counter",
-            String::new(),
-            self.flips.load(Ordering::Relaxed) as f64,
-        ));
-        if let Ok(st) = crate::status::read(&self.pin_path) {
-            for s in &st.services {
-                let l = format!(
-                    "service=\"{}\",vip=\"{}\",port=\"{}\"",
-                    s.name, s.vip, s.port
-                );
-                gauges.push((
-                    "redirector_service_packets_total",
-                    "counter",
-                    l.clone(),
-                    (s.packets + s.reply_packets) as f64,
-                ));
-                gauges.push((
-                    "redirector_service_bytes_total",
-                    "counter",
-                    l.clone(),
-                    (s.bytes + s.reply_bytes) as f64,
-                ));
-                gauges.push((
-                    "redirector_service_new_flows_total",
-                    "counter",
-                    l.clone(),
-                    s.new_flows as f64,
-                ));
-                gauges.push((
-                    "redirector_service_proxied_flows_total",
-                    "counter",
-                    l,
-                    s.proxied_flows as f64,
-                ));
-            }
-            gauges.push((
-                "redirector_conntrack_entries",
-                "gauge",
-                String::new(),
-                st.conntrack_entries as f64,
-            ));
-        }
-        let mut last = "";
-        for (name, kind, labels, v) in &gauges {
-            if *name != last {
-                let _ = writeln!(out, "# TYPE {name} {kind}");
-                last = name;
-            }
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
-        let _ = writeln!(out, "# TYPE redirector_cold_start_ttfb_seconds histogram");
-        for svc in reg.services() {
-            svc.cold_ttfb.render(
-                &mut out,
-                "redirector_cold_start_ttfb_seconds",
-                &format!("service=\"{}\"", svc.name),
-            );
-        }
-        let _ = writeln!(out, "# TYPE redirector_map_update_seconds histogram");
-        self.map_update
-            .render(&mut out, "redirector_map_update_seconds", "");
-        out
-    }
-
-    fn status_json(&self) -> String {
-        let reg = self.activator.registry();
-        let held: BTreeMap<&str, serde_json::Value> = reg
-            .services()
-            .map(|s| {
-                (
-                    s.name.as_str(),
-                    serde_json::json!({
-                        "held": s.held.load(Ordering::Relaxed),
-                        "held_bytes": s.held_bytes.load(Ordering::Relaxed),
-                        "in_flight": s.in_flight.load(Ordering::Relaxed),
-                        "forwarded": s.forwarded.load(Ordering::Relaxed),
-                        "cold_requests": s.cold_ttfb.count(),
-                    }),
-                )
-            })
-            .collect();
-        let scalers: BTreeMap<String, crate::scaler::ScalerStatus> = self
-            .statuses
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.lock().ok()?.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        serde_json::json!({ "activator": held, "scalers": scalers, "flips": self.flips.load(Ordering::Relaxed) }).to_string()
-    }
 }

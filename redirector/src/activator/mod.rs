@@ -95,7 +95,12 @@ impl Activator {
                 r = listener.accept() => {
                     let (stream, peer) = match r {
                         Ok(x) => x,
-                        Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
+                        Err(e) => {
+                            // Out of fds (or similar): back off instead of spinning.
+                            tracing::warn!(error = %e, "accept");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
                     };
                     let _ = stream.set_nodelay(true);
                     let local = match stream.local_addr() { Ok(a) => a, Err(_) => continue };
