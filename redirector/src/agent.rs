@@ -230,10 +230,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut listeners = Vec::new();
     if cfg.activator.listen {
         for addr in &cfg.node.activator {
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => {
-                    tracing::info!(%addr, "activator listening");
-                    listeners.push(tokio::spawn(activator.clone().serve(l)));
+            match crate::activator::spawn_listeners(activator.clone(), *addr).await {
+                Ok(threads) => {
+                    tracing::info!(%addr, threads = threads.len(), "activator listening");
+                    listeners.extend(threads);
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "activator can't listen"),
             }
@@ -392,7 +392,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     });
     activator.shutdown();
     for l in listeners {
-        let _ = l.await;
+        let _ = tokio::task::spawn_blocking(move || l.join()).await;
     }
     serving.shutdown().await;
     let _ = std::fs::remove_file(crate::status::live_path(&pin_path));

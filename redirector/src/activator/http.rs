@@ -6,7 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
-    sync::{atomic::Ordering, Arc, OnceLock},
+    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
 };
 
@@ -33,9 +33,10 @@ struct Clients {
     h2: Client<HttpConnector, Incoming>,
 }
 
-fn clients() -> &'static Clients {
-    static C: OnceLock<Clients> = OnceLock::new();
-    C.get_or_init(|| {
+thread_local! {
+    /// Per thread: each activator thread has its own runtime, so its upstream connections
+    /// (and their tasks) stay on that thread.
+    static CLIENTS: Clients = {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         Clients {
@@ -44,7 +45,7 @@ fn clients() -> &'static Clients {
                 .http2_only(true)
                 .build(conn),
         }
-    })
+    };
 }
 
 /// Serves one accepted connection as HTTP (h1 or h2c prior knowledge), tracked by
@@ -188,7 +189,7 @@ async fn handle(
             )
         }
     };
-    let client = if h2 { &clients().h2 } else { &clients().h1 };
+    let client = CLIENTS.with(|c| if h2 { c.h2.clone() } else { c.h1.clone() });
     let resp = match tokio::time::timeout_at(deadline, client.request(out)).await {
         Err(_) => {
             svc.timed_out.fetch_add(1, Ordering::Relaxed);

@@ -130,6 +130,71 @@ impl Activator {
     }
 }
 
+/// Serves `addr` on one thread per CPU, each with its own single-threaded runtime and its
+/// own `SO_REUSEPORT` listener: a request, its upstream connection and their tasks stay on
+/// one thread (no cross-thread wakeups per request). Returns once every thread listens.
+pub async fn spawn_listeners(
+    act: Arc<Activator>,
+    addr: SocketAddr,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut threads = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+        let act = act.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("activator-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = (|| {
+                        let sock = if addr.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()?
+                        } else {
+                            tokio::net::TcpSocket::new_v6()?
+                        };
+                        sock.set_reuseaddr(true)?;
+                        sock.set_reuseport(true)?;
+                        sock.bind(addr)?;
+                        sock.listen(4096)
+                    })();
+                    match listener {
+                        Ok(l) => {
+                            let _ = tx.send(Ok(()));
+                            act.serve(l).await;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        match rx.await {
+            Ok(Ok(())) => threads.push(t),
+            Ok(Err(e)) => {
+                let _ = t.join();
+                if threads.is_empty() {
+                    return Err(e);
+                }
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(threads)
+}
+
 /// Counts live connection tasks (an Arc held by each).
 fn tokio_util_tracker() -> Arc<()> {
     Arc::new(())
