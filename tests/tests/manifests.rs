@@ -323,7 +323,10 @@ fn env_field_ref<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
 /// Runs the `render-config` init container's script (with the system `sh` and `sed`, the way
 /// busybox runs it) on the ConfigMap's template for `node_ip`; returns the rendered TOML.
 fn render_config(script: &str, template: &str, node_ip: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("redirector-manifests-{}", std::process::id()));
+    // One directory per call: the tests of this file run in parallel.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("redirector-manifests-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let tpl = dir.join("template.toml");
     let out = dir.join(format!("config-{}.toml", node_ip.replace(':', "_")));
@@ -1018,6 +1021,101 @@ fn uninstall_manifests() {
         assert_eq!(v.path, "/sys/fs/bpf");
         check_propagation(c);
     }
+}
+
+/// The manifests' `redirector` command lines are ones the binary accepts: every `--flag` is
+/// in the subcommand's `--help`, and `redirector check` accepts the rendered node config.
+/// Uses `$REDIRECTOR_BIN` (else target/debug/redirector); skipped when it isn't built.
+#[test]
+fn args_match_the_cli() {
+    let src = redirector_tests::agent::redirector_bin();
+    if !src.is_file() {
+        println!(
+            "args_match_the_cli: skipped (no agent binary at {})",
+            src.display()
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("redirector-manifests-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bin = redirector_tests::agent::AgentBin::new(&dir, "manifests").expect("the agent binary");
+    let files = decode_all();
+    let mut checked = 0;
+    for o in files.iter().flat_map(|f| &f.objects) {
+        let spec = match o {
+            Object::DaemonSet(d) => pod_spec(d),
+            Object::Job(j) => j
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .expect("Job pod spec"),
+            _ => continue,
+        };
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            if !c
+                .image
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with(&format!("{AGENT}:"))
+            {
+                continue;
+            }
+            let args = c.args.as_deref().unwrap_or_default();
+            let sub = args
+                .first()
+                .unwrap_or_else(|| panic!("{}: no subcommand", c.name));
+            let out = Command::new(&bin.0)
+                .args([sub.as_str(), "--help"])
+                .output()
+                .expect("redirector runs");
+            let help = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "redirector {sub} --help: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for flag in args.iter().filter(|a| a.starts_with("--")) {
+                let flag = flag.split('=').next().unwrap_or_default();
+                assert!(
+                    help.contains(flag),
+                    "{}: `redirector {sub}` has no {flag}:\n{help}",
+                    c.name
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 4,
+        "agent, check-config, uninstall DaemonSet and Job: {checked}"
+    );
+
+    let base = objects_of(&files, "base/");
+    let spec = pod_spec(daemonset(&base, AGENT));
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        render_config(render_script(spec), &config_template(&base), "192.0.2.10"),
+    )
+    .expect("write config");
+    let out = Command::new(&bin.0)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("redirector check runs");
+    assert!(
+        out.status.success(),
+        "redirector check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(bin);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `cargo xtask image --check` (static musl binary, image FROM scratch with buildah) when
