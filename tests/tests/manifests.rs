@@ -10,6 +10,7 @@
 //! `kubectl kustomize` (or `kustomize build`) renders every kustomization when one is on
 //! PATH; without it the test checks the same files directly.
 //!
+//! `args_match_the_cli` runs the built agent binary on the manifests' command lines.
 //! `image_build` runs `cargo xtask image --check` when `REDIRECTOR_IMAGE_TEST=1`.
 use std::{
     collections::{BTreeMap, BTreeSet},
