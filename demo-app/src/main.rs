@@ -8,15 +8,23 @@
 use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{TcpListener, TcpStream},
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
 static TERM: AtomicBool = AtomicBool::new(false);
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+static LISTENER_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_term(_: libc::c_int) {
     TERM.store(true, Ordering::SeqCst);
+    // Wakes the blocking accept (std retries EINTR); shutdown(2) is async-signal-safe.
+    let fd = LISTENER_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: shutting down our own listening socket.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
 }
 
 fn main() {
@@ -37,15 +45,19 @@ fn main() {
             eprintln!("redirector-hello: bind {port}: {e}");
             std::process::exit(1)
         });
-    // SAFETY: installing an async-signal-safe handler that only stores an atomic.
-    unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
-    let _ = listener.set_nonblocking(true);
+    LISTENER_FD.store(listener.as_raw_fd(), Ordering::SeqCst);
+    // SAFETY: installing an async-signal-safe handler (an atomic store and shutdown(2)).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_term as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
     while !TERM.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => {
                 ACTIVE.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
-                    let _ = stream.set_nonblocking(false);
                     let _ = stream.set_nodelay(true);
                     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
                     if line_mode {
@@ -56,9 +68,7 @@ fn main() {
                     ACTIVE.fetch_sub(1, Ordering::SeqCst);
                 });
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(2))
-            }
+            Err(_) if TERM.load(Ordering::SeqCst) => break,
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }

@@ -355,7 +355,7 @@ impl Scaler {
                                             let _ = tx1.send(Event::Ready(id));
                                             return;
                                         }
-                                        tokio::time::sleep(Duration::from_millis(5)).await;
+                                        tokio::time::sleep(Duration::from_millis(2)).await;
                                     }
                                 });
                             }
