@@ -1,6 +1,7 @@
 //! A small app for the demo and the tests: HTTP/1.1 with keep-alive on $PORT answering
 //! `hello from <addr>`, or with `MODE=line` a line protocol that echoes lines upper-cased.
-//! `STARTUP_DELAY_MS` simulates a slow start (the time the instance itself needs).
+//! `STARTUP_DELAY_MS` simulates a slow start. A request with `K-Network-Probe: queue` gets
+//! `queue`, as from Knative's queue-proxy.
 //! Paths: `/` hello, `/healthz` 200, `/sleep?ms=N` answers after N ms, `/crash` exits.
 //! On SIGTERM it stops accepting, finishes requests in flight (answering them with
 //! `Connection: close`), closes idle keep-alive connections and exits — like a pod behind
@@ -126,6 +127,9 @@ fn http(stream: TcpStream) {
         }
         let mut len = 0usize;
         let mut close = false;
+        // Knative's activator probes queue-proxy with `K-Network-Probe: queue`; answer as
+        // queue-proxy does, so the app can stand in for a pod in tests.
+        let mut queue_probe = false;
         loop {
             let mut h = String::new();
             if read_line(&mut r, &mut h, false).is_none() {
@@ -142,6 +146,9 @@ fn http(stream: TcpStream) {
             if lower.starts_with("connection:") && lower.contains("close") {
                 close = true;
             }
+            if lower.starts_with("k-network-probe:") && lower.ends_with("queue") {
+                queue_probe = true;
+            }
         }
         let mut body = vec![0u8; len];
         let mut got = 0;
@@ -155,7 +162,9 @@ fn http(stream: TcpStream) {
         }
         let close = close || TERM.load(Ordering::SeqCst);
         let path = request_line.split_whitespace().nth(1).unwrap_or("/");
-        let text = if path.starts_with("/crash") {
+        let text = if queue_probe {
+            "queue".to_owned()
+        } else if path.starts_with("/crash") {
             std::process::exit(3);
         } else if let Some(ms) = path.strip_prefix("/sleep?ms=").and_then(|v| v.parse().ok()) {
             std::thread::sleep(Duration::from_millis(ms));

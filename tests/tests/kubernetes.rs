@@ -660,6 +660,40 @@ mod agent_k8s {
         no_agent_errors(&k);
     }
 
+    /// Like Knative's activator, the node-local one probes pods Kubernetes doesn't report
+    /// ready yet (`K-Network-Probe: queue`) and forwards held requests as soon as one answers,
+    /// before the endpoint turns ready or the SKS flips.
+    #[test]
+    fn agent_activator_probes_pending_pods_and_forwards_before_ready() {
+        require_root!();
+        let mut k = KubeNode::new("pp").unwrap();
+        let vip = ip("10.96.0.34");
+        let rev = "probe-00001";
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let none = BTreeSet::new();
+        k.wait_status("the SKS in proxy", LONG, |s| {
+            is(s, rev, vip, "proxy", &none)
+        })
+        .unwrap();
+        let held = request_in_background(&k, SocketAddr::new(vip, 80));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(!held.is_finished(), "held while no pod exists");
+
+        // The pod runs and answers the queue probe, but Kubernetes still says not ready.
+        let p = k.add_pod(24).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod_ip = k.pods[p].v4();
+        set_endpoints(&k, rev, "a", &[Ep::not_ready(pod_ip)]);
+        let r = held.join().unwrap().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.body.contains(&pod_ip.to_string()), "{r:?}");
+        // The maps never left Proxy: the activator found the pod by probing it.
+        let st = k.status().unwrap();
+        assert!(is(&st, rev, vip, "proxy", &none), "{st}");
+        no_agent_errors(&k);
+    }
+
     #[test]
     fn agent_num_activators_subset_with_knative_activator() {
         require_root!();

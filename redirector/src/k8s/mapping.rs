@@ -66,6 +66,9 @@ pub struct ActivatorService {
     /// Ready private endpoints on the queue-proxy port of the protocol: where the activator
     /// forwards.
     pub instances: Vec<SocketAddr>,
+    /// Endpoints Kubernetes doesn't report ready yet: the activator probes them
+    /// (`K-Network-Probe: queue`) and forwards as soon as one answers.
+    pub pending: Vec<SocketAddr>,
 }
 
 /// One SKS in a line of the log.
@@ -89,18 +92,33 @@ pub struct Mapped {
 /// A slice's TCP ports by name.
 type NamedPorts = Arc<Vec<(String, u16)>>;
 
-/// Ready endpoints of one Service: `(address as written, address, named ports)`.
+/// Ready endpoints of one Service: `(address as written, address, named ports)`, and the
+/// ones not ready yet (not terminating), which the activator probes itself.
 #[derive(Debug, Default)]
 struct Ready {
     addrs: Vec<(String, IpAddr, NamedPorts)>,
+    pending: Vec<(String, IpAddr, NamedPorts)>,
 }
 
 impl Ready {
     /// Endpoints on the port named `name`; a slice with no port of that name but a single
     /// port uses that one.
     fn on_port(&self, name: &str, only: Option<&HashSet<String>>) -> BTreeSet<SocketAddr> {
+        Self::select(&self.addrs, name, only)
+    }
+
+    /// Not-ready endpoints on the port named `name`.
+    fn pending_on_port(&self, name: &str) -> BTreeSet<SocketAddr> {
+        Self::select(&self.pending, name, None)
+    }
+
+    fn select(
+        addrs: &[(String, IpAddr, NamedPorts)],
+        name: &str,
+        only: Option<&HashSet<String>>,
+    ) -> BTreeSet<SocketAddr> {
         let mut out = BTreeSet::new();
-        for (raw, ip, ports) in &self.addrs {
+        for (raw, ip, ports) in addrs {
             if only.is_some_and(|o| !o.contains(raw)) {
                 continue;
             }
@@ -155,12 +173,23 @@ fn ready_by_service(slices: &[Arc<EndpointSlice>]) -> HashMap<(String, String), 
         );
         let entry = out.entry((ns, svc.clone())).or_default();
         for ep in &s.endpoints {
-            if !endpoint_ready(ep.conditions.as_ref()) {
+            let ready = endpoint_ready(ep.conditions.as_ref());
+            let terminating = ep
+                .conditions
+                .as_ref()
+                .and_then(|c| c.terminating)
+                .unwrap_or(false);
+            if !ready && terminating {
                 continue;
             }
             for a in &ep.addresses {
                 if let Ok(ip) = a.parse::<IpAddr>() {
-                    entry.addrs.push((a.clone(), ip, ports.clone()));
+                    let list = if ready {
+                        &mut entry.addrs
+                    } else {
+                        &mut entry.pending
+                    };
+                    list.push((a.clone(), ip, ports.clone()));
                 }
             }
         }
@@ -326,6 +355,7 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
             vips,
             ports: ports.iter().map(|(_, p)| *p).collect(),
             instances: private.on_port(proto_port, None).into_iter().collect(),
+            pending: private.pending_on_port(proto_port).into_iter().collect(),
         });
         out.summary.insert(name, summary);
     }

@@ -27,8 +27,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 struct Entry {
     protocol: Protocol,
     state: Arc<ServiceState>,
-    tx: watch::Sender<Instances>,
+    /// Endpoints Kubernetes reports ready count at once; the others are probed
+    /// (`K-Network-Probe: queue`) and join as soon as they answer, like Knative's activator.
+    prober: crate::knative::probe::Prober,
     waker: JoinHandle<()>,
+    feeder: JoinHandle<()>,
 }
 
 /// Kube-sourced services of the activator, by `namespace/revision`.
@@ -72,6 +75,7 @@ impl KubeServices {
             if !reuse {
                 if let Some(old) = self.entries.remove(&s.name) {
                     old.waker.abort();
+                    old.feeder.abort();
                 }
                 let (tx, rx) = watch::channel::<Instances>(Arc::new(Vec::new()));
                 let wake = Arc::new(Notify::new());
@@ -90,36 +94,26 @@ impl KubeServices {
                     s.revision.clone(),
                     waker.clone(),
                 );
+                let prober =
+                    crate::knative::probe::Prober::new(crate::knative::probe::ProbeConfig {
+                        trust_ready: true,
+                        ..Default::default()
+                    });
+                let feeder = spawn_feeder(prober.subscribe(), tx);
                 self.entries.insert(
                     s.name.clone(),
                     Entry {
                         protocol: s.protocol,
                         state,
-                        tx,
+                        prober,
                         waker: task,
+                        feeder,
                     },
                 );
             }
             let e = &self.entries[&s.name];
-            let current = e.tx.borrow().clone();
-            let same = current.len() == s.instances.len()
-                && current.iter().zip(&s.instances).all(|(i, a)| i.addr == *a);
-            if !same {
-                // Instances that stay keep their in-flight counts.
-                let by_addr: HashMap<SocketAddr, &Arc<Instance>> =
-                    current.iter().map(|i| (i.addr, i)).collect();
-                let next: Vec<Arc<Instance>> = s
-                    .instances
-                    .iter()
-                    .map(|a| {
-                        by_addr
-                            .get(a)
-                            .map(|i| Arc::clone(i))
-                            .unwrap_or_else(|| Instance::new(*a, 0))
-                    })
-                    .collect();
-                let _ = e.tx.send(Arc::new(next));
-            }
+            e.prober
+                .set_endpoints(s.instances.iter().copied(), s.pending.iter().copied());
             out.push(RegistryEntry {
                 state: e.state.clone(),
                 vips: s.vips.clone(),
@@ -130,6 +124,7 @@ impl KubeServices {
             let k = keep.contains(name.as_str());
             if !k {
                 e.waker.abort();
+                e.feeder.abort();
             }
             k
         });
@@ -143,6 +138,39 @@ impl KubeServices {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// Feeds the prober's ready set to the activator, keeping the in-flight counts of instances
+/// that stay.
+fn spawn_feeder(
+    mut ready: watch::Receiver<Arc<Vec<SocketAddr>>>,
+    tx: watch::Sender<Instances>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let set = ready.borrow_and_update().clone();
+            let current = tx.borrow().clone();
+            let same = current.len() == set.len()
+                && current.iter().zip(set.iter()).all(|(i, a)| i.addr == *a);
+            if !same {
+                let by_addr: HashMap<SocketAddr, &Arc<Instance>> =
+                    current.iter().map(|i| (i.addr, i)).collect();
+                let next: Vec<Arc<Instance>> = set
+                    .iter()
+                    .map(|a| {
+                        by_addr
+                            .get(a)
+                            .map(|i| Arc::clone(i))
+                            .unwrap_or_else(|| Instance::new(*a, 0))
+                    })
+                    .collect();
+                let _ = tx.send(Arc::new(next));
+            }
+            if ready.changed().await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// Calls the waker whenever the activator rings the service's wake bell with nothing ready.
@@ -192,6 +220,7 @@ mod tests {
             vips: vec!["10.96.0.1".parse().unwrap()],
             ports: vec![80],
             instances: instances.iter().map(|a| a.parse().unwrap()).collect(),
+            pending: Vec::new(),
         }
     }
 
