@@ -14,7 +14,7 @@ use std::{
 };
 
 use redirector_tests::coldstart::{
-    is_root, net, net::Tally, redirector_bin, Config, Env, Scale, Svc, ACTIVATOR,
+    is_root, net, net::Tally, redirector_bin, wait_for, Config, Env, Scale, Svc, ACTIVATOR,
 };
 use serde_json::Value;
 
@@ -596,4 +596,42 @@ fn bad_config_is_rejected_naming_the_field_and_changes_nothing() {
             "{k} changed: {after}"
         );
     }
+}
+
+/// SIGTERM: the activator stops accepting, a held request is still forwarded once its
+/// instance is ready, and the agent then exits by itself with its instances stopped.
+#[test]
+fn sigterm_drains_held_requests_then_exits() {
+    require_root!();
+    let svc = Svc::new(
+        "drain",
+        "10.96.0.29",
+        Scale::hello(&[("STARTUP_DELAY_MS", "1500")]),
+    );
+    let mut env = Env::start("dr", &Config::one(svc.clone())).unwrap();
+    wait_proxy_at_zero(&env, &svc);
+    let (client, addr) = (env.client.clone(), svc.addr());
+    let held = std::thread::spawn(move || net::get(&client, addr, "/", Duration::from_secs(30)));
+    env.wait_status("the request held", LONG, |s| u(&act(s, &svc)["held"]) == 1)
+        .unwrap();
+    // SAFETY: plain kill(2) of the agent we started.
+    unsafe { libc::kill(env.agent_pid() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    let activator: SocketAddr = ACTIVATOR.parse().unwrap();
+    assert!(
+        net::get(&env.client, activator, "/", Duration::from_secs(2)).is_err(),
+        "the activator must stop accepting on SIGTERM"
+    );
+    let r = held.join().unwrap().unwrap();
+    assert_eq!(r.status, 200, "held request during the drain: {r:?}");
+    wait_for("the agent to exit", Duration::from_secs(40), || {
+        (!env.agent_alive()).then_some(())
+    })
+    .unwrap();
+    assert!(
+        env.running_instances().is_empty(),
+        "{:?}",
+        env.running_instances()
+    );
+    assert!(env.log().contains("stopped;"), "{}", env.log());
 }

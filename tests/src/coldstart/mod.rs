@@ -342,6 +342,11 @@ impl Env {
         }
     }
 
+    /// The agent's pid (nsenter execs it).
+    pub fn agent_pid(&self) -> u32 {
+        self.agent_pid
+    }
+
     pub fn agent_alive(&mut self) -> bool {
         self.agent
             .as_mut()
