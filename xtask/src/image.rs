@@ -278,7 +278,17 @@ impl Buildah {
                 "org.opencontainers.image.licenses=Apache-2.0",
                 BUILD_CONTAINER,
             ]))?;
-            run(&mut self.cmd(&["commit", "--rm", BUILD_CONTAINER, &image_ref()]))
+            // The previous build of this tag, left untagged by the commit: removed after it
+            // (ignored if something still uses it).
+            let previous = self.output(&["images", "-q", "--no-trunc", &image_ref()]);
+            run(&mut self.cmd(&["commit", "--rm", BUILD_CONTAINER, &image_ref()]))?;
+            let current = self.output(&["images", "-q", "--no-trunc", &image_ref()]);
+            if let Some(prev) = previous.as_deref().map(str::trim) {
+                if !prev.is_empty() && Some(prev) != current.as_deref().map(str::trim) {
+                    let _ = self.output(&["rmi", prev]);
+                }
+            }
+            Ok(())
         })();
         if result.is_err() {
             self.remove(BUILD_CONTAINER);
