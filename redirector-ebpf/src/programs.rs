@@ -1,6 +1,6 @@
 //! Program entry points.
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -32,7 +32,7 @@ pub fn redirector_xdp_empty(_ctx: XdpContext) -> u32 {
 /// Empty tc program: the floor for tc paths.
 #[classifier]
 pub fn redirector_tc_empty(_ctx: TcContext) -> i32 {
-    TC_ACT_OK as i32
+    crate::tc::TC_NEXT
 }
 
 #[panic_handler]

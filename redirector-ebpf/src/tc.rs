@@ -3,7 +3,7 @@
 //! activator) that no XDP hook sees. Checksums go through the skb-aware helpers, which are
 //! right for CHECKSUM_PARTIAL packets from veth (`BPF_F_PSEUDO_HDR`).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::bpf_redirect,
     programs::TcContext,
 };
@@ -15,6 +15,10 @@ use crate::{
     nat::{decide, Verdict},
     parse::{parse, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
+
+/// `TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`: the next program on the hook (e.g. a CNI's)
+/// still sees the packet, and with none left the stack carries on as usual.
+pub const TC_NEXT: i32 = -1;
 
 /// Runs the NAT core on an skb. `ingress`: new flows may start here (pod-facing ingress);
 /// otherwise only existing flows are translated.
@@ -31,11 +35,11 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
         Ok(p) => p,
         Err(c) => {
             count(c);
-            return TC_ACT_OK as i32;
+            return TC_NEXT;
         }
     };
     let Verdict::Rewrite { to } = decide(&p, ingress) else {
-        return TC_ACT_OK as i32;
+        return TC_NEXT;
     };
     if try_rewrite(ctx, &p, &to).is_err() {
         count(G_REWRITE_FAILED);
@@ -45,16 +49,16 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
         // Back out of the interface it came from: swap MACs and redirect to its egress.
         return hairpin(ctx);
     }
-    TC_ACT_OK as i32
+    TC_NEXT
 }
 
 #[inline(always)]
 fn hairpin(ctx: &TcContext) -> i32 {
     let (Ok(dst), Ok(src)) = (ctx.load::<[u8; 6]>(0), ctx.load::<[u8; 6]>(6)) else {
-        return TC_ACT_OK as i32;
+        return TC_NEXT;
     };
     if ctx.store(0, &src, 0).is_err() || ctx.store(6, &dst, 0).is_err() {
-        return TC_ACT_OK as i32;
+        return TC_NEXT;
     }
     // SAFETY: the context is a valid __sk_buff for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -62,7 +66,7 @@ fn hairpin(ctx: &TcContext) -> i32 {
     if r == TC_ACT_REDIRECT as i64 {
         TC_ACT_REDIRECT as i32
     } else {
-        TC_ACT_OK as i32
+        TC_NEXT
     }
 }
 

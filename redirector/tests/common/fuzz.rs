@@ -7,8 +7,8 @@
 use super::{
     ct_key, fixture,
     packet::{diff, parse, rewritable, verify_checksums, Spec, ETH_LEN, TCP, UDP},
-    service_key, tc_test_run_refuses, Bench, Hook, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-    XDP_ABORTED, XDP_DROP, XDP_PASS,
+    service_key, tc_test_run_refuses, Bench, Hook, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_ABORTED,
+    XDP_DROP, XDP_PASS,
 };
 
 /// SplitMix64: small, fixed-seed, good enough to pick bytes.
@@ -203,7 +203,7 @@ pub fn run(packets: usize, seed: u64) {
             } else {
                 assert_ne!(out.ret, TC_ACT_SHOT, "shot: {}", ctx());
                 assert!(
-                    out.ret == TC_ACT_OK || (out.ret == TC_ACT_REDIRECT && allowed),
+                    out.ret == hook.pass() || (out.ret == TC_ACT_REDIRECT && allowed),
                     "return {}: {}",
                     out.ret,
                     ctx()

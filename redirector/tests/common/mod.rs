@@ -30,6 +30,8 @@ pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
+/// What the tc programs return for "carry on": TC_ACT_UNSPEC (TCX_NEXT), -1.
+pub const TC_NEXT: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
@@ -71,7 +73,7 @@ impl Hook {
     pub fn pass(self) -> u32 {
         match self {
             Hook::Xdp | Hook::XdpEmpty => XDP_PASS,
-            _ => TC_ACT_OK,
+            _ => TC_NEXT,
         }
     }
     pub fn is_tc(self) -> bool {
