@@ -274,6 +274,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut ready_file = opts.ready_file.clone();
     let mut announced = kube.is_none();
     if kube.is_none() {
+        serving.spares_prepared(Duration::from_secs(5)).await;
         write_ready(&mut ready_file)?;
         tracing::info!(
             services = cfg.services.len(),

@@ -37,6 +37,8 @@ pub struct Serving {
     /// Kube-sourced services (`--kubernetes`) and what they put in the registry.
     kube: crate::k8s::KubeServices,
     kube_registry: Vec<crate::k8s::registry::RegistryEntry>,
+    /// One per scaler started: true once its first spare sandbox is prepared.
+    spares: Vec<watch::Receiver<bool>>,
 }
 
 impl Serving {
@@ -67,6 +69,7 @@ impl Serving {
             pin_path: cfg.node.pin_path.clone(),
             kube: Default::default(),
             kube_registry: Vec::new(),
+            spares: Vec::new(),
         }
     }
 
@@ -195,6 +198,8 @@ impl Serving {
                 None
             }
         };
+        let (spare_ready, spare_rx) = watch::channel(false);
+        self.spares.push(spare_rx);
         let scaler = Scaler {
             svc: s.clone(),
             act: state.clone(),
@@ -204,6 +209,7 @@ impl Serving {
             updates: self.updates.clone(),
             addresses: self.addresses.clone(),
             status,
+            spare_ready,
         };
         let task = tokio::spawn(scaler.run(stop_rx));
         // Until the scaler says otherwise, the service is Proxy with no backends.
@@ -219,6 +225,17 @@ impl Serving {
                 task,
             },
         );
+    }
+
+    /// Waits (at most `limit`) until every scaler has its first spare sandbox.
+    pub async fn spares_prepared(&mut self, limit: std::time::Duration) {
+        let all = async {
+            for rx in &mut self.spares {
+                let _ = rx.wait_for(|ready| *ready).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all).await;
+        self.spares.clear();
     }
 
     /// Records a scaler's decision.

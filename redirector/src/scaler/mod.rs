@@ -160,6 +160,9 @@ pub struct Scaler {
     pub updates: mpsc::UnboundedSender<Update>,
     pub addresses: Arc<Addresses>,
     pub status: Arc<Mutex<ScalerStatus>>,
+    /// Set once the first spare sandbox is prepared (or could not be): the agent reports
+    /// ready after that, so even the first cold start only has to start the process.
+    pub spare_ready: watch::Sender<bool>,
 }
 
 impl Scaler {
@@ -231,7 +234,8 @@ impl Scaler {
         instance::reap_stale().await;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.program(Mode::Proxy, &[]).await;
+        // The service starts in Proxy with no backends (Serving's initial override): nothing
+        // to program before the first decision.
         loop {
             tokio::select! {
                 _ = self.act.wake.notified() => {}
@@ -252,6 +256,7 @@ impl Scaler {
                     }
                     Event::Prepared(slot, p) => {
                         preparing = false;
+                        self.spare_ready.send_replace(true);
                         match p {
                             Some(p) => spare = Some((slot, p)),
                             None => {
