@@ -36,6 +36,7 @@ pub const TOOL_PACKAGES: &[&str] = &[
     "nftables",
     "wrk",
     "nginx",
+    "haproxy",
     "iperf3",
     "tshark",
     "curl",

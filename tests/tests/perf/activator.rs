@@ -14,10 +14,12 @@
 //!    namespace, interleaved rounds; latency from the scheduled send time when the
 //!    connection was still busy then (coordinated omission), else from the actual send.
 //!    Target: added p99 <= 1 ms.
-//! 3. Throughput: `wrk` from the client namespace through the activator (the VIP) and
-//!    through nginx (reverse proxy in the node namespace with a keep-alive upstream, same
-//!    instance), and directly to the instance as the app's own ceiling; interleaved rounds,
-//!    median. Target: activator >= nginx.
+//! 3. Throughput: `wrk` from the client namespace through the activator (the VIP), through
+//!    nginx and through haproxy (reverse proxies in the node namespace, configured alike:
+//!    HTTP, kept-alive connections to the same instance, one worker per CPU, no logging),
+//!    and directly to the instance as the app's own ceiling; interleaved rounds, median; CPU
+//!    time per request of each proxy from /proc. Target: activator >= nginx (haproxy is
+//!    reported beside it).
 //! 4. Agent memory with 10,000 held requests (an instance that takes 10 minutes to start):
 //!    the agent's VmRSS while /status shows them all held. Target <= 200 MiB.
 use std::{
@@ -36,6 +38,8 @@ use serde_json::{json, Value};
 const LONG: Duration = Duration::from_secs(30);
 /// Where nginx listens in the node namespace (the activator is on :8012 of the same address).
 const NGINX: &str = "10.244.0.1:8081";
+/// Where haproxy listens in the node namespace.
+const HAPROXY: &str = "10.244.0.1:8082";
 const HELD: usize = 10_000;
 
 struct Opts {
@@ -370,7 +374,7 @@ fn rss_kib(pid: i32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
-/// `pid` and its direct children (nginx's master and workers).
+/// `pid` and its direct children (nginx's master and workers; haproxy is one process).
 fn with_children(pid: i32) -> Vec<i32> {
     let mut out = vec![pid];
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -447,6 +451,14 @@ fn loadavg() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+/// `haproxy -v`'s version, e.g. `2.6.12-1+deb12u4`.
+fn haproxy_version() -> String {
+    run("haproxy", &["-v"])
+        .ok()
+        .and_then(|o| o.split_whitespace().nth(2).map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn machine() -> (usize, String) {
@@ -558,19 +570,23 @@ struct Warm {
     rounds: Vec<[f64; 4]>,
 }
 
+/// The throughput columns, in this order.
+const TP_COLS: [&str; 4] = ["activator", "nginx", "haproxy", "direct"];
+
 struct Throughput {
-    rounds: Vec<[f64; 3]>,
-    /// CPU time per request of the proxy process(es), µs: (activator, nginx), summed over rounds.
-    cpu_us: [f64; 2],
-    requests: [f64; 2],
+    /// Per round, req/s in [`TP_COLS`] order.
+    rounds: Vec<[f64; 4]>,
+    /// CPU time of the proxy process(es), µs: (activator, nginx, haproxy), summed over rounds.
+    cpu_us: [f64; 3],
+    requests: [f64; 3],
     secs: u64,
     conns: u32,
     errors: Vec<String>,
 }
 
-/// Median of each column over the rounds: (activator, nginx, direct).
-fn tp_medians(t: &Throughput) -> [f64; 3] {
-    let mut out = [0.0; 3];
+/// Median of each column over the rounds: (activator, nginx, haproxy, direct).
+fn tp_medians(t: &Throughput) -> [f64; 4] {
+    let mut out = [0.0; 4];
     for (c, o) in out.iter_mut().enumerate() {
         let mut v: Vec<f64> = t.rounds.iter().map(|r| r[c]).collect();
         *o = pct(&mut v, 0.5);
@@ -578,30 +594,33 @@ fn tp_medians(t: &Throughput) -> [f64; 3] {
     out
 }
 
-fn ensure_nginx() -> Result<PathBuf> {
-    for p in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
-        if Path::new(p).exists() {
+/// The Debian package `pkg`'s binary (`/usr/sbin/<pkg>`), installed if missing.
+fn ensure_pkg(pkg: &str) -> Result<PathBuf> {
+    for p in [format!("/usr/sbin/{pkg}"), format!("/usr/bin/{pkg}")] {
+        if Path::new(&p).exists() {
             return Ok(p.into());
         }
     }
-    println!("nginx missing: installing it");
+    println!("{pkg} missing: installing it");
     let st = Command::new("apt-get")
-        .args(["install", "-y", "nginx"])
+        .args(["install", "-y", pkg])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdin(Stdio::null())
         .status()?;
     if !st.success() {
-        bail!("apt-get install nginx failed ({st})");
+        bail!("apt-get install {pkg} failed ({st})");
     }
-    Ok("/usr/sbin/nginx".into())
+    Ok(format!("/usr/sbin/{pkg}").into())
 }
 
-struct Nginx(Child);
+/// A reverse proxy we started, and the signal that stops it gracefully.
+struct Proxy(Child, libc::c_int);
 
-impl Drop for Nginx {
+impl Drop for Proxy {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child (nginx's master; SIGQUIT stops its workers too).
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGQUIT) };
+        // SAFETY: signalling our own child (nginx's master: SIGQUIT stops its workers too;
+        // haproxy: SIGTERM).
+        unsafe { libc::kill(self.0.id() as i32, self.1) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(20));
@@ -611,8 +630,8 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(env: &Env, upstream: &str) -> Result<Nginx> {
-    let bin = ensure_nginx()?;
+fn start_nginx(env: &Env, upstream: &str) -> Result<Proxy> {
+    let bin = ensure_pkg("nginx")?;
     let dir = env.dir.join("nginx");
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
@@ -643,25 +662,82 @@ fn start_nginx(env: &Env, upstream: &str) -> Result<Nginx> {
         .stderr(log)
         .spawn()
         .context("starting nginx")?;
-    let mut ng = Nginx(child);
-    let addr: SocketAddr = NGINX.parse()?;
+    let ng = Proxy(child, libc::SIGQUIT);
+    let logs = [dir.join("stderr.log"), dir.join("error.log")];
+    wait_proxy(env, ng, "nginx", NGINX, &logs)
+}
+
+/// Waits until the proxy `name` answers `GET /` with 200 on `listen` in the node namespace.
+fn wait_proxy(
+    env: &Env,
+    mut p: Proxy,
+    name: &str,
+    listen: &str,
+    logs: &[PathBuf],
+) -> Result<Proxy> {
+    let addr: SocketAddr = listen.parse()?;
     let node = env.node.clone();
-    let up = wait_for("nginx answering", Duration::from_secs(10), || {
-        if !matches!(ng.0.try_wait(), Ok(None)) {
-            return Some(false);
-        }
-        net::get(&node, addr, "/", Duration::from_secs(2))
-            .ok()
-            .filter(|r| r.status == 200)
-            .map(|_| true)
-    });
+    let up = wait_for(
+        &format!("{name} answering"),
+        Duration::from_secs(10),
+        || {
+            if !matches!(p.0.try_wait(), Ok(None)) {
+                return Some(false);
+            }
+            net::get(&node, addr, "/", Duration::from_secs(2))
+                .ok()
+                .filter(|r| r.status == 200)
+                .map(|_| true)
+        },
+    );
     if !matches!(up, Ok(true)) {
-        let err = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
-            + &std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-        let _ = ng.0.kill();
-        bail!("nginx did not come up: {err}");
+        let err: String = logs
+            .iter()
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .collect();
+        let _ = p.0.kill();
+        bail!("{name} did not come up: {err}");
     }
-    Ok(ng)
+    Ok(p)
+}
+
+/// haproxy configured like nginx: HTTP mode, kept-alive connections to the instance
+/// (`http-reuse always`), one thread per CPU (`nbthread`), no logging.
+fn start_haproxy(env: &Env, upstream: &str) -> Result<Proxy> {
+    let bin = ensure_pkg("haproxy")?;
+    let dir = env.dir.join("haproxy");
+    std::fs::create_dir_all(&dir)?;
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let conf = format!(
+        "global\n  nbthread {nproc}\n  maxconn 4096\n  pidfile {d}/haproxy.pid\n\n\
+         defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n\
+         \x20 timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+         frontend fe\n  bind {HAPROXY}\n  default_backend app\n\n\
+         backend app\n  http-reuse always\n  server app {upstream}\n",
+        d = dir.display()
+    );
+    let file = dir.join("haproxy.cfg");
+    std::fs::write(&file, conf)?;
+    let log = std::fs::File::create(dir.join("stderr.log"))?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", env.node))
+        .arg(&bin)
+        // Foreground, no daemon.
+        .arg("-db")
+        .arg("-f")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting haproxy")?;
+    wait_proxy(
+        env,
+        Proxy(child, libc::SIGTERM),
+        "haproxy",
+        HAPROXY,
+        &[dir.join("stderr.log")],
+    )
 }
 
 /// `wrk` from the client namespace: requests/s, and what went wrong if anything did.
@@ -784,12 +860,14 @@ fn warm(quick: bool) -> Result<(Warm, Throughput)> {
         rounds: per_round,
     };
 
-    // 3. Throughput: activator (VIP) vs nginx vs direct, interleaved.
+    // 3. Throughput: activator (VIP) vs nginx vs haproxy vs direct, interleaved.
     let ng = start_nginx(&env, &direct.to_string())?;
+    let hp = start_haproxy(&env, &direct.to_string())?;
     let (rounds, secs, wconns) = if quick { (1, 2, 50) } else { (3, 8, 50) };
     let urls = [
         format!("http://{vip}/"),
         format!("http://{NGINX}/"),
+        format!("http://{HAPROXY}/"),
         format!("http://{direct}/"),
     ];
     for u in &urls {
@@ -800,24 +878,26 @@ fn warm(quick: bool) -> Result<(Warm, Throughput)> {
         secs,
         conns: wconns,
         errors: Vec::new(),
-        cpu_us: [0.0; 2],
-        requests: [0.0; 2],
+        cpu_us: [0.0; 3],
+        requests: [0.0; 3],
     };
     let agent = agent_pid(&env)?;
     let nginx_pid = ng.0.id() as i32;
+    let haproxy_pid = hp.0.id() as i32;
     for r in 0..rounds {
-        let mut row = [0.0; 3];
+        let mut row = [0.0; 4];
         // Rotate the order each round.
-        for k in 0..3 {
-            let c = (k + r) % 3;
+        for k in 0..4 {
+            let c = (k + r) % 4;
             let pids = match c {
                 0 => vec![agent],
                 1 => with_children(nginx_pid),
+                2 => with_children(haproxy_pid),
                 _ => Vec::new(),
             };
             let cpu0 = cpu_ticks(&pids);
             let (rps, bad) = wrk(&env.client, &urls[c], secs, wconns)?;
-            if c < 2 {
+            if c < 3 {
                 tp.cpu_us[c] += (cpu_ticks(&pids) - cpu0) as f64 * 1e6 / clock_ticks();
                 tp.requests[c] += rps * secs as f64;
             }
@@ -825,8 +905,8 @@ fn warm(quick: bool) -> Result<(Warm, Throughput)> {
             tp.errors.extend(bad);
         }
         println!(
-            "  round {r}: activator {:.0} req/s, nginx {:.0} req/s, direct {:.0} req/s",
-            row[0], row[1], row[2]
+            "  round {r}: activator {:.0} req/s, nginx {:.0} req/s, haproxy {:.0} req/s, direct {:.0} req/s",
+            row[0], row[1], row[2], row[3]
         );
         tp.rounds.push(row);
     }
@@ -1170,6 +1250,7 @@ fn activator() {
         }
         let m = tp_medians(tp);
         let ratio = m[0] / m[1];
+        let ratio_haproxy = m[0] / m[2];
         let met_tp = ratio >= 1.0;
         md += &format!(
             "| throughput activator / nginx (wrk -t2 -c{}) | {:.2}x ({:.0} vs {:.0} req/s) | >= 1.0x | {} |\n",
@@ -1179,32 +1260,45 @@ fn activator() {
             m[1],
             verdict(met_tp)
         );
+        md += &format!(
+            "| throughput activator / haproxy (same rounds; reported, no target) | {:.2}x ({:.0} vs {:.0} req/s) | - | - |\n",
+            ratio_haproxy, m[0], m[2],
+        );
         targets.insert(
             "throughput_activator_ge_nginx".into(),
-            json!({ "met": met_tp, "ratio": ratio }),
+            json!({ "met": met_tp, "ratio": ratio, "ratio_to_haproxy": ratio_haproxy }),
         );
         details += &format!(
             "\n## Throughput, wrk -t2 -c{} -d{}s from the client namespace, {} interleaved rounds (median)\n\n\
-             | round | activator (VIP) req/s | nginx req/s | direct req/s |\n|---|---:|---:|---:|\n",
+             | round | activator (VIP) req/s | nginx req/s | haproxy req/s | direct req/s |\n|---|---:|---:|---:|---:|\n",
             tp.conns,
             tp.secs,
             tp.rounds.len()
         );
         for (i, r) in tp.rounds.iter().enumerate() {
-            details += &format!("| {i} | {:.0} | {:.0} | {:.0} |\n", r[0], r[1], r[2]);
+            details += &format!(
+                "| {i} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                r[0], r[1], r[2], r[3]
+            );
         }
-        details += &format!("| median | {:.0} | {:.0} | {:.0} |\n", m[0], m[1], m[2]);
-        let cpu_per = [
-            tp.cpu_us[0] / tp.requests[0].max(1.0),
-            tp.cpu_us[1] / tp.requests[1].max(1.0),
-        ];
         details += &format!(
-            "\nCPU time per request of the proxy itself (user + system): activator (the agent) {:.1} us, \
-             nginx (master + workers) {:.1} us.\n",
-            cpu_per[0], cpu_per[1]
+            "| median | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            m[0], m[1], m[2], m[3]
         );
-        details += "\nnginx: `worker_processes auto`, upstream keepalive 64, HTTP/1.1 to the same instance. \
-                    direct: wrk straight to the instance (the app's own ceiling).\n";
+        let cpu_per: Vec<f64> = (0..3)
+            .map(|c| tp.cpu_us[c] / tp.requests[c].max(1.0))
+            .collect();
+        details += &format!(
+            "\nCPU time per request of the proxy itself (user + system, from /proc): activator (the agent) {:.1} us, \
+             nginx (master + workers) {:.1} us, haproxy {:.1} us.\n",
+            cpu_per[0], cpu_per[1], cpu_per[2]
+        );
+        details += &format!(
+            "\nnginx: `worker_processes auto`, upstream keepalive 64, HTTP/1.1 to the same instance, \
+             `access_log off`. haproxy {}: `mode http`, `http-reuse always`, `nbthread {nproc}`, no `log`. \
+             direct: wrk straight to the instance (the app's own ceiling).\n",
+            haproxy_version()
+        );
         for e in &tp.errors {
             details += &format!("\nwrk reported: {e}\n");
         }
@@ -1230,10 +1324,12 @@ fn activator() {
             "throughput".into(),
             json!({
                 "tool": "wrk", "threads": 2, "connections": tp.conns, "seconds": tp.secs,
-                "rounds": tp.rounds.iter().map(|r| json!({ "activator": r[0], "nginx": r[1], "direct": r[2] })).collect::<Vec<_>>(),
-                "median": { "activator": m[0], "nginx": m[1], "direct": m[2] },
+                "columns": TP_COLS,
+                "rounds": tp.rounds.iter().map(|r| json!({ "activator": r[0], "nginx": r[1], "haproxy": r[2], "direct": r[3] })).collect::<Vec<_>>(),
+                "median": { "activator": m[0], "nginx": m[1], "haproxy": m[2], "direct": m[3] },
                 "ratio_activator_to_nginx": ratio,
-                "cpu_us_per_request": { "activator": cpu_per[0], "nginx": cpu_per[1] },
+                "ratio_activator_to_haproxy": ratio_haproxy,
+                "cpu_us_per_request": { "activator": cpu_per[0], "nginx": cpu_per[1], "haproxy": cpu_per[2] },
                 "errors": tp.errors,
             }),
         );

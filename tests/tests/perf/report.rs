@@ -399,6 +399,27 @@ fn datapath_charts(dp: &Value) -> Vec<(String, Chart)> {
     )]
 }
 
+/// Chart of the activator part: wrk throughput through the activator, nginx and haproxy,
+/// and direct to the instance (median of the interleaved rounds).
+fn activator_charts(act: &Value) -> Vec<(String, Chart)> {
+    let m = &act["throughput"]["median"];
+    if !m.is_object() {
+        return Vec::new();
+    }
+    let cols = ["activator", "nginx", "haproxy", "direct"];
+    vec![(
+        "activator-throughput.svg".into(),
+        Chart {
+            title: "Throughput: activator vs nginx vs haproxy (wrk, kept-alive, median)".into(),
+            unit: "req/s".into(),
+            groups: vec!["GET / through the proxy".into()],
+            series: cols.iter().map(|c| c.to_string()).collect(),
+            values: vec![cols.iter().map(|c| f(&m[*c])).collect()],
+            log: false,
+        },
+    )]
+}
+
 fn age(p: &Path) -> String {
     let secs = std::fs::metadata(p)
         .and_then(|m| m.modified())
@@ -483,6 +504,7 @@ pub fn write_report() -> Result<()> {
         let charts = match name.as_str() {
             "node" => node_charts(&v),
             "datapath" => datapath_charts(&v),
+            "activator" => activator_charts(&v),
             _ => Vec::new(),
         };
         let _ = writeln!(
