@@ -1,4 +1,4 @@
-//! `activator` (`--activator`): the Proxy path through the agent's activator, end to end in
+//! `activator` (`--activator`, or no scenario flag): the Proxy path through the agent's activator, end to end in
 //! network namespaces (`redirector_tests::coldstart`), release builds. Results go to
 //! `target/perf/activator.{json,md}`; targets are reported (met / not met), never asserted.
 //!
@@ -50,8 +50,9 @@ struct Opts {
 fn opts() -> Opts {
     let env = std::env::var("PERF_ARGS").unwrap_or_default();
     let has = |f: &str| env.split_whitespace().any(|a| a == f);
+    let any_scenario = has("--datapath") || has("--activator") || has("--node");
     Opts {
-        on: has("--activator"),
+        on: has("--activator") || !any_scenario,
         quick: has("--quick"),
     }
 }
@@ -1059,7 +1060,7 @@ fn memory() -> Result<Memory> {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "benchmark: run by `cargo xtask perf --activator`"]
+#[ignore = "benchmark: run by `cargo xtask perf` (all parts) or `--activator`"]
 fn activator() {
     let o = opts();
     if !o.on {
@@ -1249,6 +1250,12 @@ fn activator() {
             details += &format!("\nFirst error: {e}\n");
         }
         let m = tp_medians(tp);
+        // Every benchmark must have produced numbers (all that --quick asserts; targets never).
+        for (c, v) in TP_COLS.iter().zip(m) {
+            if !(v.is_finite() && v > 0.0) {
+                errors.push(format!("throughput: no req/s for {c}"));
+            }
+        }
         let ratio = m[0] / m[1];
         let ratio_haproxy = m[0] / m[2];
         let met_tp = ratio >= 1.0;
