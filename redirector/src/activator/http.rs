@@ -199,6 +199,7 @@ async fn handle(
             );
         }
         Ok(Err(e)) => {
+            slot.instance.mark_failed();
             tracing::debug!(service = %svc.name, instance = %slot.instance.addr, error = %e, "forwarding failed");
             return text(
                 StatusCode::BAD_GATEWAY,

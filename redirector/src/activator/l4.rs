@@ -38,6 +38,7 @@ pub async fn handle(act: Arc<Activator>, svc: Arc<ServiceState>, mut client: Tcp
     let mut upstream = match TcpStream::connect(slot.instance.addr).await {
         Ok(s) => s,
         Err(e) => {
+            slot.instance.mark_failed();
             tracing::debug!(service = %svc.name, error = %e, "L4 connect failed");
             return;
         }

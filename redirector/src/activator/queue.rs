@@ -20,6 +20,22 @@ pub struct Instance {
     pub in_flight: AtomicUsize,
     /// containerConcurrency slots (None = unlimited).
     pub slots: Option<Arc<Semaphore>>,
+    /// When a connection to it last failed (ms on the process clock, 0 = never): it is
+    /// skipped for `FAILED_PAUSE`, so requests arriving right after an instance died wait for
+    /// the scaler's next set instead of failing on it too.
+    failed_at_ms: AtomicU64,
+}
+
+/// How long an instance whose connection failed is skipped.
+const FAILED_PAUSE_MS: u64 = 1_000;
+
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 impl Instance {
@@ -29,7 +45,18 @@ impl Instance {
             in_flight: AtomicUsize::new(0),
             slots: (container_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(container_concurrency as usize))),
+            failed_at_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Records a failed connection (the instance may have died).
+    pub fn mark_failed(&self) {
+        self.failed_at_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn usable(&self) -> bool {
+        let f = self.failed_at_ms.load(Ordering::Relaxed);
+        f == 0 || now_ms().saturating_sub(f) >= FAILED_PAUSE_MS
     }
 }
 
@@ -149,6 +176,14 @@ impl ServiceState {
     /// Picks an instance with a free slot: first-available for small limits (≤ 3),
     /// round-robin for larger ones, least-loaded of two random picks when unlimited.
     fn try_pick(self: &Arc<Self>, set: &[Arc<Instance>]) -> Option<Slot> {
+        if set.iter().any(|i| !i.usable()) {
+            let usable: Vec<Arc<Instance>> = set.iter().filter(|i| i.usable()).cloned().collect();
+            return self.pick_from(&usable);
+        }
+        self.pick_from(set)
+    }
+
+    fn pick_from(self: &Arc<Self>, set: &[Arc<Instance>]) -> Option<Slot> {
         if set.is_empty() {
             return None;
         }
@@ -198,7 +233,10 @@ impl ServiceState {
                 return slot;
             }
             self.wake.notify_one();
+            // Instances skipped after a failure become usable again without any notification.
+            let cooling = set.iter().any(|i| !i.usable());
             tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)), if cooling => {}
                 r = rx.changed() => {
                     if r.is_err() {
                         // The scaler is gone; nothing will ever be ready.
