@@ -39,17 +39,19 @@ use redirector::control::monotonic_coarse_ns;
 use redirector_common::{CtValue, CT_REPLY, MODE_PROXY, MODE_SERVE};
 use serde_json::{json, Value};
 
-struct Args {
-    datapath: bool,
-    quick: bool,
+/// Which benchmarks `PERF_ARGS` selects: a part runs when its flag is given or when no
+/// part is named at all.
+pub(crate) struct Selection {
+    pub on: bool,
+    pub quick: bool,
 }
 
-fn args() -> Args {
+pub(crate) fn selection(part: &str) -> Selection {
     let env = std::env::var("PERF_ARGS").unwrap_or_default();
     let has = |f: &str| env.split_whitespace().any(|a| a == f);
     let any_scenario = has("--datapath") || has("--activator") || has("--node");
-    Args {
-        datapath: has("--datapath") || !any_scenario,
+    Selection {
+        on: has(part) || !any_scenario,
         quick: has("--quick"),
     }
 }
@@ -371,8 +373,8 @@ fn out_dir() -> PathBuf {
 #[test]
 #[ignore = "benchmark: run by `cargo xtask perf --datapath`"]
 fn datapath() {
-    let a = args();
-    if !a.datapath {
+    let a = selection("--datapath");
+    if !a.on {
         println!("skipped: PERF_ARGS selects no datapath benchmark");
         return;
     }

@@ -42,21 +42,6 @@ const NGINX: &str = "10.244.0.1:8081";
 const HAPROXY: &str = "10.244.0.1:8082";
 const HELD: usize = 10_000;
 
-struct Opts {
-    on: bool,
-    quick: bool,
-}
-
-fn opts() -> Opts {
-    let env = std::env::var("PERF_ARGS").unwrap_or_default();
-    let has = |f: &str| env.split_whitespace().any(|a| a == f);
-    let any_scenario = has("--datapath") || has("--activator") || has("--node");
-    Opts {
-        on: has("--activator") || !any_scenario,
-        quick: has("--quick"),
-    }
-}
-
 fn out_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -1062,7 +1047,7 @@ fn memory() -> Result<Memory> {
 #[test]
 #[ignore = "benchmark: run by `cargo xtask perf` (all parts) or `--activator`"]
 fn activator() {
-    let o = opts();
+    let o = crate::selection("--activator");
     if !o.on {
         println!("skipped: PERF_ARGS selects no activator benchmark");
         return;

@@ -87,21 +87,6 @@ impl Variant {
     }
 }
 
-struct Args {
-    node: bool,
-    quick: bool,
-}
-
-fn args() -> Args {
-    let env = std::env::var("PERF_ARGS").unwrap_or_default();
-    let has = |f: &str| env.split_whitespace().any(|a| a == f);
-    let any_scenario = has("--datapath") || has("--activator") || has("--node");
-    Args {
-        node: has("--node") || !any_scenario,
-        quick: has("--quick"),
-    }
-}
-
 /// Median (mean of the two middle values for an even count).
 fn median(v: &[f64]) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -1327,8 +1312,8 @@ fn fmt_us(v: f64) -> String {
 #[test]
 #[ignore = "benchmark: run by `cargo xtask perf --node`"]
 fn node() {
-    let a = args();
-    if !a.node {
+    let a = crate::selection("--node");
+    if !a.on {
         println!("skipped: PERF_ARGS selects no node benchmark");
         return;
     }
