@@ -200,9 +200,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     raise_nofile_limit();
     let mut cfg = load(&opts)?;
     let pin_path = cfg.node.pin_path.clone();
-    let mut dp = Datapath::open(&pin_path)?;
-    tracing::info!(pin_path = %pin_path.display(), "datapath loaded, maps pinned");
-    let mut prog = Programmer::adopt(dp.maps()?);
+    let mut dp = Datapath::open(&pin_path, &cfg.maps)?;
+    tracing::info!(
+        pin_path = %pin_path.display(),
+        services = cfg.maps.services,
+        backends = cfg.maps.backends,
+        conntrack = cfg.maps.conntrack,
+        "datapath loaded, maps pinned"
+    );
+    let mut prog = Programmer::adopt(dp.maps()?, &cfg.maps);
     let origdst = match OrigDst::open(&pin_path) {
         Ok(o) => Some(o),
         Err(e) => {
@@ -359,6 +365,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         if reload {
             match load(&opts) {
                 Ok(new) => {
+                    if new.maps != cfg.maps {
+                        tracing::warn!(
+                            "[maps] changes take effect at the next agent start (the maps are resized and their entries copied)"
+                        );
+                    }
                     if new.node.pin_path != cfg.node.pin_path {
                         tracing::warn!(
                             "node.pin_path changes need a restart; keeping {}",

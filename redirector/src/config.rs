@@ -9,6 +9,8 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::datapath::MapSizes;
+
 /// The embedded default: one machine, the demo's node.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
 
@@ -140,6 +142,8 @@ struct RawFile {
     node: RawNode,
     #[serde(default)]
     conntrack: Option<RawConntrack>,
+    #[serde(default)]
+    maps: Option<RawMaps>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
     #[serde(default)]
@@ -226,6 +230,16 @@ struct RawConntrack {
     closing_timeout_secs: Option<u64>,
 }
 
+/// Map capacities; a change takes effect at the next agent start (the maps are resized
+/// and their entries copied).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaps {
+    services: Option<Spanned<u32>>,
+    backends: Option<Spanned<u32>>,
+    conntrack: Option<Spanned<u32>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
@@ -307,6 +321,7 @@ impl ServiceConfig {
 pub struct Config {
     pub node: NodeConfig,
     pub conntrack: ConntrackConfig,
+    pub maps: MapSizes,
     pub activator: ActivatorConfig,
     pub services: Vec<ServiceConfig>,
 }
@@ -396,6 +411,43 @@ impl Config {
             udp_timeout: Duration::from_secs(ct.udp_timeout_secs.unwrap_or(60)),
             closing_timeout: Duration::from_secs(ct.closing_timeout_secs.unwrap_or(10)),
         };
+        let mut maps = MapSizes::default();
+        if let Some(m) = raw.maps {
+            for (field, value, range, out) in [
+                (
+                    "services",
+                    m.services,
+                    MapSizes::SERVICES,
+                    &mut maps.services,
+                ),
+                (
+                    "backends",
+                    m.backends,
+                    MapSizes::BACKENDS,
+                    &mut maps.backends,
+                ),
+                (
+                    "conntrack",
+                    m.conntrack,
+                    MapSizes::CONNTRACK,
+                    &mut maps.conntrack,
+                ),
+            ] {
+                let Some(v) = value else { continue };
+                if !range.contains(v.get_ref()) {
+                    return Err(err(
+                        Some(v.span()),
+                        format!(
+                            "maps.{field}: {} is outside {}..={}",
+                            v.get_ref(),
+                            range.start(),
+                            range.end()
+                        ),
+                    ));
+                }
+                *out = *v.get_ref();
+            }
+        }
 
         let mut services = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -554,6 +606,7 @@ impl Config {
         Ok(Config {
             node,
             conntrack,
+            maps,
             activator,
             services,
         })
@@ -654,5 +707,16 @@ backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("test.toml:8:"), "{e}");
+    }
+
+    #[test]
+    fn map_sizes() {
+        let c = parse("[node]\n[maps]\nservices = 131072\nconntrack = 1048576\n").unwrap();
+        assert_eq!(c.maps.services, 131_072);
+        assert_eq!(c.maps.conntrack, 1_048_576);
+        assert_eq!(c.maps.backends, MapSizes::default().backends);
+        assert_eq!(parse("[node]\n").unwrap().maps, MapSizes::default());
+        let e = parse("[node]\n[maps]\nservices = 8\n").unwrap_err().to_string();
+        assert!(e.contains(":3:") && e.contains("maps.services: 8 is outside"), "{e}");
     }
 }

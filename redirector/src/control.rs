@@ -12,14 +12,13 @@ use std::{
 use aya::maps::MapError;
 use redirector_common::{
     DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta, ServiceValue,
-    CONFIG_KEY, MAGLEV_M, MAX_BACKENDS, MAX_SERVICES, MODE_PROXY, MODE_SERVE, PROTO_TCP, PROTO_UDP,
-    SET_PROXY, SET_SERVE,
+    CONFIG_KEY, MAGLEV_M, MODE_PROXY, MODE_SERVE, PROTO_TCP, PROTO_UDP, SET_PROXY, SET_SERVE,
 };
 
 use crate::{
     addr::{endpoint, endpoint_addr, ip_words, port_wire},
     config::{Config, ConntrackConfig, Mode},
-    datapath::Maps,
+    datapath::{MapSizes, Maps},
     maglev,
 };
 
@@ -164,8 +163,9 @@ pub struct Programmer {
 }
 
 impl Programmer {
-    /// Adopts the services found in the maps (left by a previous agent, or none).
-    pub fn adopt(maps: Maps) -> Self {
+    /// Adopts the services found in the maps (left by a previous agent, or none); ids are
+    /// allocated below the maps' capacities.
+    pub fn adopt(maps: Maps, sizes: &MapSizes) -> Self {
         let mut services = HashMap::new();
         let mut backend_ids: HashMap<Endpoint, (u32, usize)> = HashMap::new();
         let mut used_svc = BTreeSet::new();
@@ -228,8 +228,8 @@ impl Programmer {
             maps,
             services,
             backend_ids,
-            svc_ids: Ids::new(MAX_SERVICES, &used_svc),
-            be_ids: Ids::new(MAX_BACKENDS, &used_be),
+            svc_ids: Ids::new(sizes.services, &used_svc),
+            be_ids: Ids::new(sizes.backends, &used_be),
         }
     }
 

@@ -37,7 +37,17 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<serde_json::Value>,
     pub conntrack_entries: usize,
+    /// The maps' capacities (`[maps]`), read from the pinned maps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
     pub counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
 }
 
 const COUNTER_NAMES: [(u32, &str); 10] = [
@@ -112,6 +122,7 @@ pub fn collect(maps: &Maps) -> Status {
         services,
         agent: None,
         conntrack_entries: maps.conntrack_len(),
+        capacity: None,
         counters: COUNTER_NAMES
             .iter()
             .map(|(i, n)| (*n, g[*i as usize]))
@@ -161,6 +172,14 @@ fn read_live(pin_path: &Path) -> Option<serde_json::Value> {
 pub fn read(pin_path: &Path) -> Result<Status, MapsError> {
     let mut s = collect(&Maps::open_pinned(pin_path)?);
     s.agent = read_live(pin_path);
+    let cap = |name: &str| crate::datapath::migrate::pinned_shape(&pin_path.join(name));
+    if let (Some(svc), Some(be), Some(ct)) = (cap("SERVICES"), cap("BACKENDS"), cap("CONNTRACK")) {
+        s.capacity = Some(Capacity {
+            services: svc.max_entries,
+            backends: be.max_entries,
+            conntrack: ct.max_entries,
+        });
+    }
     Ok(s)
 }
 
@@ -251,7 +270,22 @@ pub fn render(s: &Status) -> String {
             "\n(no running agent found for this pin path: maps only)"
         );
     }
-    let _ = writeln!(out, "\nconntrack entries: {}", s.conntrack_entries);
+    match s.capacity {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "\nservices: {} of {}; conntrack entries: {} of {}; backend slots: {}",
+                s.services.len(),
+                c.services,
+                s.conntrack_entries,
+                c.conntrack,
+                c.backends
+            );
+        }
+        None => {
+            let _ = writeln!(out, "\nconntrack entries: {}", s.conntrack_entries);
+        }
+    }
     let counters: Vec<String> = s.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(out, "counters: {}", counters.join(" "));
     out

@@ -85,6 +85,16 @@ pub struct AgentConfig {
     pub pin_path: PathBuf,
     pub activator: Vec<SocketAddr>,
     pub services: Vec<ServiceSpec>,
+    /// `[maps]` capacities; `None` leaves the defaults.
+    pub maps: Option<MapsSpec>,
+}
+
+/// The `[maps]` section: map capacities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapsSpec {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
 }
 
 fn quoted<T: ToString>(items: &[T]) -> String {
@@ -110,6 +120,12 @@ impl AgentConfig {
         let _ = writeln!(s, "pod_interfaces = {}", quoted(&self.pod_interfaces));
         let _ = writeln!(s, "pin_path = \"{}\"", self.pin_path.display());
         let _ = writeln!(s, "activator = {}", quoted(&self.activator));
+        if let Some(m) = &self.maps {
+            let _ = writeln!(s, "\n[maps]");
+            let _ = writeln!(s, "services = {}", m.services);
+            let _ = writeln!(s, "backends = {}", m.backends);
+            let _ = writeln!(s, "conntrack = {}", m.conntrack);
+        }
         for svc in &self.services {
             let _ = writeln!(s, "\n[[service]]");
             let _ = writeln!(s, "name = \"{}\"", svc.name);

@@ -225,6 +225,7 @@ impl Cluster {
                     backends: self.backend_addrs(s.backends, s.proto),
                 })
                 .collect(),
+            maps: None,
         }
     }
 

@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, thread::sleep, time::Duration};
 
 use redirector_tests::{
-    agent::{service_entries, service_mode_is},
+    agent::{service_entries, service_mode_is, MapsSpec},
     bins,
     cluster::{Cluster, ECHO, ID_ACT_A, ID_BEA, ID_BEB, TCP_BACKEND_PORT, UDP_BACKEND_PORT, WEB},
     netns::wait_for,
@@ -181,6 +181,105 @@ fn agent_restart_under_load() {
             "agent {} did not adopt the pins",
             a.label
         );
+    }
+}
+
+/// `[maps]` changed between two agent runs, shrinking then growing every sized map: the
+/// restarted agent replaces the pinned maps with maps of the new capacities (as the kernel
+/// reports them) and copies services, backends and conntrack over, so traffic running
+/// through both restarts never fails and kept-alive connections keep their backend.
+#[test]
+fn resize_maps_under_load() {
+    require_root!();
+    let mut c = Cluster::new("rsz", bins!()).expect("cluster");
+    let before: Vec<_> = c
+        .agents
+        .iter()
+        .map(|a| services_digest(&a.status().unwrap()))
+        .collect();
+    let loops = start_loops(&c, 30);
+    sleep(Duration::from_millis(500));
+    let steps = [
+        MapsSpec {
+            services: 256,
+            backends: 1024,
+            conntrack: 16_384,
+        },
+        MapsSpec {
+            services: 131_072,
+            backends: 300_000,
+            conntrack: 262_144,
+        },
+    ];
+    for (step, sizes) in steps.iter().enumerate() {
+        for a in c.agents.iter_mut() {
+            a.stop()
+                .unwrap_or_else(|e| panic!("step {step}: stopping: {e:#}"));
+        }
+        c.update_configs(|cfg| cfg.maps = Some(*sizes)).unwrap();
+        for a in c.agents.iter_mut() {
+            a.spawn()
+                .unwrap_or_else(|e| panic!("step {step}: restarting: {e:#}"));
+        }
+        sleep(Duration::from_millis(700));
+        let mut ct_entries = 0;
+        for (a, before) in c.agents.iter_mut().zip(&before) {
+            assert!(a.alive(), "step {step}: agent {} died", a.label);
+            let st = a.status().unwrap();
+            let cap = &st["capacity"];
+            assert_eq!(
+                (
+                    cap["services"].as_u64(),
+                    cap["backends"].as_u64(),
+                    cap["conntrack"].as_u64()
+                ),
+                (
+                    Some(sizes.services.into()),
+                    Some(sizes.backends.into()),
+                    Some(sizes.conntrack.into())
+                ),
+                "step {step}: agent {}: capacities after the restart: {cap}",
+                a.label
+            );
+            assert_eq!(
+                &services_digest(&st),
+                before,
+                "step {step}: agent {}: services changed by the resize",
+                a.label
+            );
+            ct_entries += st["conntrack_entries"].as_u64().unwrap_or(0);
+        }
+        // The client's node translates its flows: their entries were copied.
+        assert!(
+            ct_entries > 0,
+            "step {step}: no conntrack entry after the resize"
+        );
+    }
+    sleep(Duration::from_millis(500));
+    stop_loops(loops);
+    for a in &c.agents {
+        let log = a.log();
+        assert!(
+            log.contains("copied the old map's entries into the resized one"),
+            "agent {}: no map was copied:\n{log}",
+            a.label
+        );
+        // Every sized map was replaced (no retired pin left behind).
+        let pin = &a.pin_path;
+        for name in [
+            "SERVICES",
+            "MAGLEV",
+            "BACKENDS",
+            "CONNTRACK",
+            "SERVICE_STATS",
+            "SERVICE_META",
+        ] {
+            assert!(
+                !pin.join("retired").join(name).exists(),
+                "agent {}: retired/{name} left behind",
+                a.label
+            );
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 mod attach;
 mod bpffs;
 pub mod maps;
+pub mod migrate;
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
+use redirector_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES};
 
 pub use attach::{link_pin_path, pinned_links as pinned_links_at, AttachReport, Hook};
 pub use maps::{Maps, MapsError};
@@ -67,16 +69,56 @@ pub enum DatapathError {
     },
 }
 
+/// Capacities of the sized maps (`[maps]` in the config). SERVICES, SERVICE_STATS and
+/// SERVICE_META hold `services` entries, MAGLEV twice that (a Serve and a Proxy table per
+/// service), BACKENDS `backends`, CONNTRACK `conntrack` (two entries per flow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: MAX_SERVICES,
+            backends: MAX_BACKENDS,
+            conntrack: MAX_CONNTRACK,
+        }
+    }
+}
+
+impl MapSizes {
+    /// Accepted ranges, checked by the config parser.
+    pub const SERVICES: std::ops::RangeInclusive<u32> = 16..=4_194_304;
+    pub const BACKENDS: std::ops::RangeInclusive<u32> = 16..=16_777_216;
+    pub const CONNTRACK: std::ops::RangeInclusive<u32> = 1024..=134_217_728;
+
+    fn apply(&self, loader: &mut EbpfLoader<'_>) {
+        for name in MAP_NAMES {
+            let want = migrate::wanted(name, self).map(|s| s.max_entries);
+            if let Some(n) = want.filter(|_| !matches!(name, "GLOBAL_STATS" | "CONFIG")) {
+                loader.map_max_entries(name, n);
+            }
+        }
+    }
+}
+
 /// Loaded programs plus their pinned maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_path: PathBuf,
+    sizes: MapSizes,
+    /// Maps already taken out of the object (to copy a resized map's old entries).
+    maps: Option<Maps>,
 }
 
 impl Datapath {
     /// Loads the programs and pins (or adopts pinned) maps under `pin_path`, mounting a
-    /// bpffs there first if none is mounted.
-    pub fn open(pin_path: &Path) -> Result<Self, DatapathError> {
+    /// bpffs there first if none is mounted. Pinned maps of another size or layout are
+    /// replaced by maps of `sizes`, with their entries copied over (`migrate`).
+    pub fn open(pin_path: &Path, sizes: &MapSizes) -> Result<Self, DatapathError> {
         bpffs::ensure(pin_path)?;
         std::fs::create_dir_all(pin_path.join("links")).map_err(|source| DatapathError::Io {
             op: "creating",
@@ -85,25 +127,44 @@ impl Datapath {
         })?;
         let paths: Vec<(&'static str, PathBuf)> =
             MAP_NAMES.iter().map(|n| (*n, pin_path.join(n))).collect();
+        let retired = migrate::retire_mismatched(&MAP_NAMES, pin_path, sizes)?;
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        sizes.apply(&mut loader);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
+        let mut maps = None;
+        if !retired.is_empty() {
+            let mut m = Maps::from_ebpf(&mut ebpf)?;
+            migrate::copy_retired(retired, &mut m, sizes);
+            maps = Some(m);
+        }
         Ok(Self {
             ebpf,
             pin_path: pin_path.to_owned(),
+            sizes: *sizes,
+            maps,
         })
     }
 
     /// Loads the programs with private, unpinned maps (tests and benchmarks).
     pub fn open_unpinned() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        Self::open_unpinned_sized(&MapSizes::default())
+    }
+
+    /// `open_unpinned` with other map capacities.
+    pub fn open_unpinned_sized(sizes: &MapSizes) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        sizes.apply(&mut loader);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         Ok(Self {
             ebpf,
             pin_path: PathBuf::new(),
+            sizes: *sizes,
+            maps: None,
         })
     }
 
@@ -111,9 +172,18 @@ impl Datapath {
         &self.pin_path
     }
 
-    /// Typed handles on the maps (clones of the map fds: valid as long as needed).
+    /// The capacities the maps were created with.
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    /// Typed handles on the maps (clones of the map fds: valid as long as needed). The maps
+    /// can be taken once.
     pub fn maps(&mut self) -> Result<Maps, DatapathError> {
-        Ok(Maps::from_ebpf(&mut self.ebpf)?)
+        match self.maps.take() {
+            Some(m) => Ok(m),
+            None => Ok(Maps::from_ebpf(&mut self.ebpf)?),
+        }
     }
 
     pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {

@@ -99,7 +99,7 @@ impl Bench {
     pub fn new() -> Self {
         let mut dp = Datapath::open_unpinned().expect("loading the datapath");
         let maps = dp.maps().expect("taking the maps");
-        let prog = Programmer::adopt(maps);
+        let prog = Programmer::adopt(maps, &redirector::datapath::MapSizes::default());
         Self { dp, prog }
     }
 

@@ -1,0 +1,263 @@
+//! Resizing pinned maps across agent restarts. A pinned map whose capacity or layout differs
+//! from what this agent wants is moved aside (`retired/<NAME>`), the loader creates and pins a
+//! new one in its place, and the old entries are copied over (what fits in the new size),
+//! so services and established flows survive a `[maps]` change. The old pin is removed once
+//! copied; the old programs keep the old maps alive until their links are switched to the
+//! new programs.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    Pod,
+};
+use redirector_common::{
+    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta,
+    ServiceStats, ServiceValue, G_COUNT,
+};
+
+use super::{DatapathError, MapSizes, Maps};
+
+/// What a map should look like: key size, value size, capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub key: u32,
+    pub value: u32,
+    pub max_entries: u32,
+}
+
+fn shape<K, V>(max_entries: u32) -> Shape {
+    Shape {
+        key: std::mem::size_of::<K>() as u32,
+        value: std::mem::size_of::<V>() as u32,
+        max_entries,
+    }
+}
+
+/// The shape this agent creates for each map.
+pub fn wanted(name: &str, s: &MapSizes) -> Option<Shape> {
+    Some(match name {
+        "SERVICES" => shape::<ServiceKey, ServiceValue>(s.services),
+        "MAGLEV" => shape::<MaglevKey, MaglevValue>(s.services.saturating_mul(2)),
+        "BACKENDS" => shape::<u32, Endpoint>(s.backends),
+        "CONNTRACK" => shape::<CtKey, CtValue>(s.conntrack),
+        "SERVICE_STATS" => shape::<u32, ServiceStats>(s.services),
+        "GLOBAL_STATS" => shape::<u32, u64>(G_COUNT),
+        "CONFIG" => shape::<u32, DatapathConfig>(1),
+        "SERVICE_META" => shape::<u32, ServiceMeta>(s.services),
+        _ => return None,
+    })
+}
+
+/// The shape of the map pinned at `path`, if one is.
+pub fn pinned_shape(path: &Path) -> Option<Shape> {
+    let data = MapData::from_pin(path).ok()?;
+    let info = data.info().ok()?;
+    Some(Shape {
+        key: info.key_size(),
+        value: info.value_size(),
+        max_entries: info.max_entries(),
+    })
+}
+
+/// Where a replaced map stays pinned until copied (bpffs allows no `.` in names and no
+/// rename).
+pub fn retired_path(pin_path: &Path, name: &str) -> PathBuf {
+    pin_path.join("retired").join(name)
+}
+
+/// Maps moved aside before loading, to be copied into the new ones.
+#[derive(Debug, Default)]
+pub struct Retired {
+    /// map name → (pin of the old map, its shape)
+    maps: BTreeMap<&'static str, (PathBuf, Shape)>,
+}
+
+impl Retired {
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+}
+
+/// Before loading: moves every pinned map whose shape differs from the wanted one to
+/// `<pin_path>/retired/<NAME>`. A retired map left by an agent that died mid-migration is used as the source
+/// when no map is pinned under the real name, and removed otherwise.
+pub fn retire_mismatched(
+    names: &[&'static str],
+    pin_path: &Path,
+    sizes: &MapSizes,
+) -> Result<Retired, DatapathError> {
+    let mut out = Retired::default();
+    for &name in names {
+        let Some(want) = wanted(name, sizes) else {
+            continue;
+        };
+        let path = pin_path.join(name);
+        let old = retired_path(pin_path, name);
+        let have = pinned_shape(&path);
+        if old.exists() {
+            if have.is_some() {
+                let _ = std::fs::remove_file(&old);
+            } else if let Some(s) = pinned_shape(&old) {
+                out.maps.insert(name, (old.clone(), s));
+                continue;
+            }
+        }
+        let Some(have) = have else { continue };
+        if have == want {
+            continue;
+        }
+        tracing::warn!(
+            map = name,
+            pinned_entries = have.max_entries,
+            wanted_entries = want.max_entries,
+            pinned_key = have.key,
+            pinned_value = have.value,
+            "pinned map differs from this agent's; replacing it and copying its entries"
+        );
+        // bpffs has no rename: pin the map a second time under `retired/`, then unpin it.
+        let moved = std::fs::create_dir_all(pin_path.join("retired"))
+            .and_then(|()| {
+                MapData::from_pin(&path).map_err(|e| std::io::Error::other(e.to_string()))
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|m| {
+                m.pin(&old)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            })
+            .and_then(|()| std::fs::remove_file(&path));
+        moved.map_err(|source| DatapathError::Io {
+            op: "moving aside",
+            path: path.clone(),
+            source,
+        })?;
+        out.maps.insert(name, (old, have));
+    }
+    Ok(out)
+}
+
+/// What one map's copy did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub copied: usize,
+    pub dropped: usize,
+}
+
+fn open_old(path: &Path) -> Option<Map> {
+    Map::from_map_data(MapData::from_pin(path).ok()?).ok()
+}
+
+fn copy_hash<K: Pod, V: Pod>(
+    old: Map,
+    new: &mut HashMap<MapData, K, V>,
+    keep: impl Fn(&K, &V) -> bool,
+) -> Option<Copied> {
+    let old: HashMap<MapData, K, V> = HashMap::try_from(old).ok()?;
+    let mut c = Copied::default();
+    for (k, v) in old.iter().filter_map(Result::ok) {
+        if keep(&k, &v) && new.insert(k, v, 0).is_ok() {
+            c.copied += 1;
+        } else {
+            c.dropped += 1;
+        }
+    }
+    Some(c)
+}
+
+/// An all-zero value: an array slot never written (nothing to copy).
+fn is_zero<V: Pod>(v: &V) -> bool {
+    // SAFETY: `Pod` values are plain bytes with no padding invariants.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((v as *const V).cast::<u8>(), std::mem::size_of::<V>())
+    };
+    bytes.iter().all(|b| *b == 0)
+}
+
+fn copy_array<V: Pod>(old: Map, new: &mut Array<MapData, V>) -> Option<Copied> {
+    let old: Array<MapData, V> = Array::try_from(old).ok()?;
+    let mut c = Copied::default();
+    for i in 0..old.len() {
+        let Ok(v) = old.get(&i, 0) else { continue };
+        if is_zero(&v) {
+            continue;
+        }
+        if i < new.len() && new.set(i, v, 0).is_ok() {
+            c.copied += 1;
+        } else {
+            c.dropped += 1;
+        }
+    }
+    Some(c)
+}
+
+fn copy_per_cpu<V: Pod>(old: Map, new: &mut PerCpuArray<MapData, V>) -> Option<Copied> {
+    let old: PerCpuArray<MapData, V> = PerCpuArray::try_from(old).ok()?;
+    let mut c = Copied::default();
+    for i in 0..old.len() {
+        let Ok(v) = old.get(&i, 0) else { continue };
+        if v.iter().all(is_zero) {
+            continue;
+        }
+        if i < new.len() && new.set(i, v, 0).is_ok() {
+            c.copied += 1;
+        } else {
+            c.dropped += 1;
+        }
+    }
+    Some(c)
+}
+
+/// After loading: copies each retired map into its new counterpart, then removes the old
+/// pin. Entries that can't exist in the new maps (service ids at or above the new service
+/// capacity) are dropped; the agent's next apply programs those services again.
+pub fn copy_retired(
+    retired: Retired,
+    maps: &mut Maps,
+    sizes: &MapSizes,
+) -> BTreeMap<&'static str, Copied> {
+    let mut report = BTreeMap::new();
+    let svc_max = sizes.services;
+    let dirs: std::collections::BTreeSet<PathBuf> = retired
+        .maps
+        .values()
+        .filter_map(|(p, _)| p.parent().map(Path::to_owned))
+        .collect();
+    for (name, (path, have)) in retired.maps {
+        let copied = open_old(&path).and_then(|old| match name {
+            "SERVICES" => copy_hash(old, &mut maps.services, |_, v: &ServiceValue| {
+                v.id < svc_max
+            }),
+            "MAGLEV" => copy_hash(old, &mut maps.maglev, |k: &MaglevKey, _| k.svc_id < svc_max),
+            "SERVICE_META" => copy_hash(old, &mut maps.meta, |k: &u32, _| *k < svc_max),
+            "CONNTRACK" => copy_hash(old, &mut maps.conntrack, |_, _| true),
+            "BACKENDS" => copy_array(old, &mut maps.backends),
+            "CONFIG" => copy_array(old, &mut maps.config),
+            "SERVICE_STATS" => copy_per_cpu(old, &mut maps.service_stats),
+            "GLOBAL_STATS" => copy_per_cpu(old, &mut maps.global_stats),
+            _ => None,
+        });
+        match copied {
+            Some(c) => tracing::info!(
+                map = name,
+                copied = c.copied,
+                dropped = c.dropped,
+                old_entries = have.max_entries,
+                "copied the old map's entries into the resized one"
+            ),
+            None => tracing::warn!(
+                map = name,
+                "old map's layout differs from this agent's: starting it empty"
+            ),
+        }
+        report.insert(name, copied.unwrap_or_default());
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing the old map's pin");
+        }
+    }
+    for d in dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+    report
+}
