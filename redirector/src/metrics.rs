@@ -271,7 +271,7 @@ impl Source for AgentMetrics {
             let _ = writeln!(out, "{name}{{{labels}}} {v}");
         }
         let _ = writeln!(out, "# TYPE redirector_cold_start_ttfb_seconds histogram");
-        for svc in reg.services() {
+        for svc in reg.services().filter(|s| s.cold_ttfb.count() > 0) {
             svc.cold_ttfb.render(
                 &mut out,
                 "redirector_cold_start_ttfb_seconds",
@@ -285,9 +285,28 @@ impl Source for AgentMetrics {
     }
 
     fn status_json(&self) -> String {
+        self.status_json_filtered(false)
+    }
+}
+
+impl AgentMetrics {
+    /// The status with only the services the activator has seen traffic for (what
+    /// `redirector status` needs; cheap with 100,000 idle services).
+    pub fn live_json(&self) -> String {
+        self.status_json_filtered(true)
+    }
+
+    fn status_json_filtered(&self, active_only: bool) -> String {
         let reg = self.activator.registry();
         let held: BTreeMap<&str, serde_json::Value> = reg
             .services()
+            .filter(|s| {
+                !active_only
+                    || s.held.load(Ordering::Relaxed) > 0
+                    || s.in_flight.load(Ordering::Relaxed) > 0
+                    || s.forwarded.load(Ordering::Relaxed) > 0
+                    || s.cold_ttfb.count() > 0
+            })
             .map(|s| {
                 (
                     s.name.as_str(),
