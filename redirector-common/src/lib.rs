@@ -6,9 +6,16 @@
 //! leaves the rest zero); ports are stored in network byte order as they appear on the wire.
 #![no_std]
 
-/// Maglev lookup-table size per service (a prime; Maglev wants it well above the backend
-/// count: with 1021 slots, up to ~100 backends per service stay within a few % of even).
-pub const MAGLEV_M: usize = 1021;
+/// Maglev lookup-table size for sets of more than `MAGLEV_SMALL_MAX` backends (a prime;
+/// Maglev wants it well above the backend count: with 997 slots, up to ~100 backends per
+/// service stay within a few % of even). 997 keeps a `MAGLEV` element (4 B per slot plus the
+/// kernel's ~64 B of element header) inside one 4 KiB allocation; 1021 slots took 8 KiB.
+pub const MAGLEV_M: usize = 997;
+/// Table size for sets of at most `MAGLEV_SMALL_MAX` backends (`MAGLEV_SMALL`): a 1 KiB
+/// kernel allocation instead of 4 KiB; with 8 backends each gets 29 or 30 slots.
+pub const MAGLEV_M_SMALL: usize = 239;
+/// Largest set that uses the small table.
+pub const MAGLEV_SMALL_MAX: usize = 8;
 
 /// Default capacity of the services map (VIP:port:proto entries).
 pub const MAX_SERVICES: u32 = 65_536;
@@ -34,6 +41,11 @@ pub const MODE_PROXY: u8 = 1;
 pub const SET_SERVE: u32 = 0;
 /// `MaglevKey::set` of an activator pool (Knative's activators, subset by numActivators).
 pub const SET_PROXY: u32 = 1;
+
+/// `ServiceValue::flags`: the Serve set's table is in `MAGLEV_SMALL` (else `MAGLEV`).
+pub const SVC_SERVE_SMALL: u8 = 1 << 0;
+/// `ServiceValue::flags`: the Proxy set's table is in `MAGLEV_SMALL` (else `MAGLEV`).
+pub const SVC_PROXY_SMALL: u8 = 1 << 1;
 
 /// Conntrack flags.
 pub const CT_REPLY: u16 = 1 << 0;
@@ -87,6 +99,7 @@ pub struct ServiceValue {
     pub id: u32,
     /// `MODE_SERVE` or `MODE_PROXY`.
     pub mode: u8,
+    /// `SVC_SERVE_SMALL` / `SVC_PROXY_SMALL`: which map holds each set's table.
     pub flags: u8,
     pub _pad0: u16,
     /// Number of Serve backends (0 → Serve falls back to the activator).
@@ -113,6 +126,13 @@ pub struct MaglevKey {
 #[derive(Clone, Copy, Debug)]
 pub struct MaglevValue {
     pub slots: [u32; MAGLEV_M],
+}
+
+/// Value of `MAGLEV_SMALL`: the table of a set of at most `MAGLEV_SMALL_MAX` backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevSmallValue {
+    pub slots: [u32; MAGLEV_M_SMALL],
 }
 
 /// Key of `CONNTRACK`: the packet's tuple as seen by the datapath before rewriting.
@@ -203,6 +223,7 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for MaglevValue {}
+    unsafe impl aya::Pod for MaglevSmallValue {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceStats {}
@@ -217,6 +238,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 40);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(core::mem::size_of::<MaglevValue>() == 4 * MAGLEV_M);
+    assert!(core::mem::size_of::<MaglevSmallValue>() == 4 * MAGLEV_M_SMALL);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<ServiceStats>() == 48);

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirector_common::{
-    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta,
-    ServiceStats, ServiceValue, G_COUNT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
+    ServiceMeta, ServiceStats, ServiceValue, G_COUNT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
 };
 
 /// VIP:port:proto → service (mode, backend count, activator).
@@ -20,6 +20,16 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }
 pub static MAGLEV: HashMap<
     MaglevKey,
     MaglevValue,
+    { MAX_SERVICES as usize * 2 },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// (service id, set) → Maglev table of a set of at most `MAGLEV_SMALL_MAX` backends (1 KiB
+/// per table instead of 4 KiB). `ServiceValue::flags` says which map holds a set's table.
+#[btf_map]
+pub static MAGLEV_SMALL: HashMap<
+    MaglevKey,
+    MaglevSmallValue,
     { MAX_SERVICES as usize * 2 },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();

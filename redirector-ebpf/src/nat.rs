@@ -5,12 +5,12 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue, CONFIG_KEY,
     CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REPLY, CT_SEEN_REPLY, G_CT_FULL, G_HAIRPIN,
-    G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MODE_PROXY, PROTO_TCP, SET_PROXY,
-    SET_SERVE,
+    G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP,
+    SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
-    maps::{count, BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES, SERVICE_STATS},
+    maps::{count, BACKENDS, CONFIG, CONNTRACK, MAGLEV, MAGLEV_SMALL, SERVICES, SERVICE_STATS},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -142,13 +142,13 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
     let target = if svc.mode == MODE_PROXY || svc.backend_count == 0 {
         proxied = true;
         if svc.proxy_count > 0 {
-            maglev_pick(svc.id, SET_PROXY, &p.key)
+            maglev_pick(svc.id, SET_PROXY, svc.flags & SVC_PROXY_SMALL != 0, &p.key)
         } else {
             Some(svc.activator)
         }
     } else {
         proxied = false;
-        maglev_pick(svc.id, SET_SERVE, &p.key)
+        maglev_pick(svc.id, SET_SERVE, svc.flags & SVC_SERVE_SMALL != 0, &p.key)
     };
     let target = match target {
         Some(t) if t.family == p.key.family && t.port != 0 => t,
@@ -228,20 +228,31 @@ fn flow_hash(k: &CtKey) -> u32 {
     h
 }
 
+/// The backend for flow `k` from the set's Maglev table: `MAGLEV_SMALL` (239 slots) when
+/// `small`, else `MAGLEV` (997 slots).
 #[inline(always)]
-fn maglev_pick(svc_id: u32, set: u32, k: &CtKey) -> Option<Endpoint> {
-    let table = MAGLEV.get_ptr(MaglevKey { svc_id, set })?;
-    let slot = (flow_hash(k) % MAGLEV_M as u32) as usize;
-    // The compiler knows `slot < MAGLEV_M` and would drop the check; the verifier does not
-    // know it. Launder the value so the check stays.
-    // SAFETY: reading a local.
-    let slot = unsafe { core::ptr::read_volatile(&slot) };
-    if slot >= MAGLEV_M {
-        return None;
-    }
-    // SAFETY: hash values are replaced atomically (NO_PREALLOC: no slot reuse under us).
-    let backend = unsafe { (*table).slots[slot] };
+fn maglev_pick(svc_id: u32, set: u32, small: bool, k: &CtKey) -> Option<Endpoint> {
+    let key = MaglevKey { svc_id, set };
+    let h = flow_hash(k);
+    let backend = if small {
+        let table = MAGLEV_SMALL.get_ptr(key)?;
+        // SAFETY: `slot` checked below; hash values are replaced atomically (NO_PREALLOC).
+        unsafe { (*table).slots[bounded(h % MAGLEV_M_SMALL as u32, MAGLEV_M_SMALL)?] }
+    } else {
+        let table = MAGLEV.get_ptr(key)?;
+        // SAFETY: as above.
+        unsafe { (*table).slots[bounded(h % MAGLEV_M as u32, MAGLEV_M)?] }
+    };
     BACKENDS.get(backend).copied()
+}
+
+/// `v` as an index below `m`. The compiler knows `v < m` after a `%` and would drop the
+/// check; the verifier does not know it. Launder the value so the check stays.
+#[inline(always)]
+fn bounded(v: u32, m: usize) -> Option<usize> {
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&(v as usize)) };
+    (slot < m).then_some(slot)
 }
 
 #[inline(always)]

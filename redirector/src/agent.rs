@@ -105,12 +105,18 @@ fn hooks_for(node: &NodeConfig, ifname: &str) -> &'static [Hook] {
 struct Attachments {
     /// ifname → (ifindex, hooks attached).
     current: HashMap<String, (u32, Vec<Hook>)>,
+    /// Programs are not attached (the previous agent's stay) until the maps are
+    /// programmed: set when maps were recreated empty and the state comes from the cluster.
+    held: bool,
 }
 
 impl Attachments {
     /// Attaches to every matching interface not attached yet; forgets vanished ones; detaches
     /// links for interfaces that no longer match.
     fn sync(&mut self, dp: &mut Datapath, node: &NodeConfig) {
+        if self.held {
+            return;
+        }
         let links = match netlink::list_links() {
             Ok(l) => l,
             Err(e) => {
@@ -242,9 +248,18 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         None => None,
     };
     apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;
+    // A map that could not be copied (its layout changed) starts empty: with the state
+    // coming from the cluster, the old programs keep serving until it is programmed.
     let mut att = Attachments {
         current: HashMap::new(),
+        held: kube.is_some() && !dp.recreated_empty().is_empty(),
     };
+    if att.held {
+        tracing::warn!(
+            maps = ?dp.recreated_empty(),
+            "maps recreated empty: keeping the running programs until the cluster's state is programmed"
+        );
+    }
     att.sync(&mut dp, &cfg.node);
 
     let mut listeners = Vec::new();
@@ -352,6 +367,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                         }
                         if !announced && r.is_some() {
                             announced = true;
+                            if att.held {
+                                att.held = false;
+                                att.sync(&mut dp, &cfg.node);
+                            }
                             write_ready(&mut ready_file)?;
                             tracing::info!(
                                 sks = kube.as_ref().and_then(KubeSource::sks_count).unwrap_or(0),

@@ -11,8 +11,9 @@ use std::{
 
 use aya::maps::MapError;
 use redirector_common::{
-    DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta, ServiceValue,
-    CONFIG_KEY, MAGLEV_M, MODE_PROXY, MODE_SERVE, PROTO_TCP, PROTO_UDP, SET_PROXY, SET_SERVE,
+    DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey, ServiceMeta,
+    ServiceValue, CONFIG_KEY, MAGLEV_M, MAGLEV_M_SMALL, MAGLEV_SMALL_MAX, MODE_PROXY, MODE_SERVE,
+    PROTO_TCP, PROTO_UDP, SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
@@ -52,6 +53,36 @@ pub struct DesiredService {
     /// Proxy pool (Knative activators); empty → the node-local activator.
     pub proxy: BTreeSet<SocketAddr>,
     pub activator: Option<SocketAddr>,
+}
+
+/// Fills a Maglev table's slots with backend ids (`ids[k]` is the id of `names[k]`).
+fn fill(slots: &mut [u32], ids: &[u32], names: &[String]) {
+    let table = maglev::build_table(names, slots.len()).unwrap_or_default();
+    for (slot, idx) in slots.iter_mut().zip(table) {
+        *slot = ids[idx as usize];
+    }
+}
+
+/// The backend ids in a set's table, from the map `flags` name.
+pub(crate) fn table_members(
+    maps: &Maps,
+    svc_id: u32,
+    set: u32,
+    flags: u8,
+) -> Option<BTreeSet<u32>> {
+    let key = MaglevKey { svc_id, set };
+    let small_bit = if set == SET_SERVE {
+        SVC_SERVE_SMALL
+    } else {
+        SVC_PROXY_SMALL
+    };
+    if flags & small_bit != 0 {
+        let t = maps.maglev_small.get(&key, 0).ok()?;
+        Some(t.slots.iter().copied().collect())
+    } else {
+        let t = maps.maglev.get(&key, 0).ok()?;
+        Some(t.slots.iter().copied().collect())
+    }
 }
 
 /// Expands a config into map-level desired state (one entry per VIP).
@@ -184,16 +215,9 @@ impl Programmer {
                 if count == 0 {
                     continue;
                 }
-                let Ok(table) = maps.maglev.get(
-                    &MaglevKey {
-                        svc_id: value.id,
-                        set,
-                    },
-                    0,
-                ) else {
+                let Some(ids) = table_members(&maps, value.id, set, value.flags) else {
                     continue;
                 };
-                let ids: BTreeSet<u32> = table.slots.iter().copied().collect();
                 for id in ids {
                     let Ok(ep) = maps.backends.get(&id, 0) else {
                         continue;
@@ -281,15 +305,17 @@ impl Programmer {
         }
     }
 
-    /// Writes one Maglev table (backends first, then the table). Returns the count.
+    /// Writes one Maglev table (backends first, then the table) into `MAGLEV_SMALL` for
+    /// sets of up to `MAGLEV_SMALL_MAX` backends, else `MAGLEV`. Returns the count and
+    /// whether the small table was used.
     fn write_set(
         &mut self,
         svc_id: u32,
         set: u32,
         members: &BTreeSet<SocketAddr>,
-    ) -> Result<u32, ControlError> {
+    ) -> Result<(u32, bool), ControlError> {
         if members.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         let mut ids = Vec::with_capacity(members.len());
         let mut names = Vec::with_capacity(members.len());
@@ -305,18 +331,46 @@ impl Programmer {
             }
             names.push(sa.to_string());
         }
-        let table = maglev::build_table(&names).unwrap_or_default();
-        let mut value = MaglevValue {
-            slots: [0; MAGLEV_M],
+        let small = members.len() <= MAGLEV_SMALL_MAX;
+        let key = MaglevKey { svc_id, set };
+        let written = if small {
+            let mut value = MaglevSmallValue {
+                slots: [0; MAGLEV_M_SMALL],
+            };
+            fill(&mut value.slots, &ids, &names);
+            self.maps
+                .maglev_small
+                .insert(key, value, 0)
+                .map_err(werr("MAGLEV_SMALL"))
+        } else {
+            let mut value = MaglevValue {
+                slots: [0; MAGLEV_M],
+            };
+            fill(&mut value.slots, &ids, &names);
+            self.maps
+                .maglev
+                .insert(key, value, 0)
+                .map_err(werr("MAGLEV"))
         };
-        for (slot, idx) in value.slots.iter_mut().zip(table) {
-            *slot = ids[idx as usize];
+        if let Err(e) = written {
+            for sa in members {
+                self.backend_unref(*sa);
+            }
+            return Err(e);
         }
-        self.maps
-            .maglev
-            .insert(MaglevKey { svc_id, set }, value, 0)
-            .map_err(werr("MAGLEV"))?;
-        Ok(members.len() as u32)
+        Ok((members.len() as u32, small))
+    }
+
+    /// Removes a set's table from the map(s) it is not in (`keep_small`: `None` = from
+    /// both).
+    fn drop_tables(&mut self, svc_id: u32, set: u32, keep_small: Option<bool>) {
+        let key = MaglevKey { svc_id, set };
+        if keep_small != Some(true) {
+            let _ = self.maps.maglev_small.remove(&key);
+        }
+        if keep_small != Some(false) {
+            let _ = self.maps.maglev.remove(&key);
+        }
     }
 
     /// Makes the maps hold exactly `desired`. Idempotent; only changed entries are written.
@@ -394,12 +448,13 @@ impl Programmer {
         // 1. backends and tables (only the sets that changed).
         let serve_changed = old.is_none_or(|o| o.desired.serve != d.serve);
         let proxy_changed = old.is_none_or(|o| o.desired.proxy != d.proxy);
-        let backend_count = match old {
-            Some(o) if !serve_changed => o.value.backend_count,
+        let old_flags = old.map(|o| o.value.flags).unwrap_or(0);
+        let (backend_count, serve_small) = match old {
+            Some(o) if !serve_changed => (o.value.backend_count, old_flags & SVC_SERVE_SMALL != 0),
             _ => self.write_set(id, SET_SERVE, &d.serve)?,
         };
-        let proxy_count = match old {
-            Some(o) if !proxy_changed => o.value.proxy_count,
+        let (proxy_count, proxy_small) = match old {
+            Some(o) if !proxy_changed => (o.value.proxy_count, old_flags & SVC_PROXY_SMALL != 0),
             _ => match self.write_set(id, SET_PROXY, &d.proxy) {
                 Ok(n) => n,
                 Err(e) => {
@@ -413,9 +468,17 @@ impl Programmer {
             },
         };
         // 2. the service entry: one write (a flip is exactly this).
+        let mut flags = 0;
+        if serve_small {
+            flags |= SVC_SERVE_SMALL;
+        }
+        if proxy_small {
+            flags |= SVC_PROXY_SMALL;
+        }
         let value = ServiceValue {
             id,
             mode: d.mode,
+            flags,
             backend_count,
             proxy_count,
             generation,
@@ -432,23 +495,15 @@ impl Programmer {
                 for sa in &o.desired.serve {
                     self.backend_unref(*sa);
                 }
-                if d.serve.is_empty() {
-                    let _ = self.maps.maglev.remove(&MaglevKey {
-                        svc_id: id,
-                        set: SET_SERVE,
-                    });
-                }
+                // The table the entry no longer points at (a set that emptied, or moved
+                // between the small and the large map).
+                self.drop_tables(id, SET_SERVE, (!d.serve.is_empty()).then_some(serve_small));
             }
             if proxy_changed {
                 for sa in &o.desired.proxy {
                     self.backend_unref(*sa);
                 }
-                if d.proxy.is_empty() {
-                    let _ = self.maps.maglev.remove(&MaglevKey {
-                        svc_id: id,
-                        set: SET_PROXY,
-                    });
-                }
+                self.drop_tables(id, SET_PROXY, (!d.proxy.is_empty()).then_some(proxy_small));
             }
             Change::Updated
         } else {
@@ -475,7 +530,7 @@ impl Programmer {
         }
         let id = old.value.id;
         for set in [SET_SERVE, SET_PROXY] {
-            let _ = self.maps.maglev.remove(&MaglevKey { svc_id: id, set });
+            self.drop_tables(id, set, None);
         }
         let _ = self.maps.meta.remove(&id);
         for sa in old.desired.serve.iter().chain(&old.desired.proxy) {

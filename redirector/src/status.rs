@@ -1,8 +1,8 @@
 //! `redirector status`: every service with mode, backends and counters, read from the
 //! pinned maps (no running agent needed).
-use std::{collections::BTreeSet, path::Path};
+use std::path::Path;
 
-use redirector_common::{MaglevKey, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE};
+use redirector_common::{MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE};
 use serde::Serialize;
 
 use crate::{
@@ -66,14 +66,13 @@ const COUNTER_NAMES: [(u32, &str); 10] = [
     (redirector_common::G_REWRITE_FAILED, "rewrite_failed"),
 ];
 
-fn set_members(maps: &Maps, svc_id: u32, set: u32, count: u32) -> Vec<String> {
+fn set_members(maps: &Maps, svc_id: u32, set: u32, count: u32, flags: u8) -> Vec<String> {
     if count == 0 {
         return Vec::new();
     }
-    let Ok(t) = maps.maglev.get(&MaglevKey { svc_id, set }, 0) else {
+    let Some(ids) = crate::control::table_members(maps, svc_id, set, flags) else {
         return Vec::new();
     };
-    let ids: BTreeSet<u32> = t.slots.iter().copied().collect();
     let mut out: Vec<String> = ids
         .into_iter()
         .filter_map(|id| maps.backends.get(&id, 0).ok())
@@ -104,8 +103,8 @@ pub fn collect(maps: &Maps) -> Status {
                     "serve"
                 },
                 generation: v.generation,
-                backends: set_members(maps, v.id, SET_SERVE, v.backend_count),
-                proxy_pool: set_members(maps, v.id, SET_PROXY, v.proxy_count),
+                backends: set_members(maps, v.id, SET_SERVE, v.backend_count, v.flags),
+                proxy_pool: set_members(maps, v.id, SET_PROXY, v.proxy_count, v.flags),
                 activator: endpoint_addr(&v.activator).map(|a| a.to_string()),
                 packets: st.packets,
                 bytes: st.bytes,

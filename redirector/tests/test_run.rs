@@ -551,6 +551,15 @@ fn maglev_removal_moves_about_one_nth() {
     common::scale::maglev_consistency();
 }
 
+/// Small sets in MAGLEV_SMALL, large in MAGLEV; sets move between them as they grow and
+/// shrink, and new flows follow.
+#[test]
+fn maglev_tables_small_and_large() {
+    require_root!();
+    let _g = common::serial();
+    common::scale::maglev_tiers();
+}
+
 /// 10,000 services × 10 backends fit the maps; prints the programming time and the map
 /// memory.
 #[test]

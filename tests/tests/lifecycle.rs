@@ -283,6 +283,61 @@ fn resize_maps_under_load() {
     }
 }
 
+/// An upgrade that changes a map's layout: the agent finds `MAGLEV` pinned with another
+/// value size (made here with bpftool, as an older agent would have left it), recreates
+/// it empty, programs the tables again before its programs replace the running ones, and
+/// traffic running across the restart never fails.
+#[test]
+fn restart_over_a_map_of_another_layout() {
+    require_root!();
+    let mut c = Cluster::new("lay", bins!()).expect("cluster");
+    let before: Vec<_> = c
+        .agents
+        .iter()
+        .map(|a| services_digest(&a.status().unwrap()))
+        .collect();
+    let loops = start_loops(&c, 30);
+    sleep(Duration::from_millis(500));
+    for a in c.agents.iter_mut() {
+        a.stop().expect("stopping");
+        // The running programs keep their map; the pin now names a map of another layout.
+        let pin = a.pin_path.join("MAGLEV");
+        std::fs::remove_file(&pin).expect("unpinning MAGLEV");
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args([
+                "type", "hash", "key", "8", "value", "4084", "entries", "1024", "name", "MAGLEV",
+                "flags", "1",
+            ])
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool map create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        a.spawn().expect("restarting");
+    }
+    sleep(Duration::from_millis(700));
+    stop_loops(loops);
+    for (a, before) in c.agents.iter_mut().zip(before) {
+        assert!(a.alive(), "agent {} died", a.label);
+        assert_eq!(
+            services_digest(&a.status().unwrap()),
+            before,
+            "agent {}: services after the restart",
+            a.label
+        );
+        let log = a.log();
+        assert!(
+            log.contains("old map's layout differs from this agent's: starting it empty"),
+            "agent {}: the foreign MAGLEV was not replaced:\n{log}",
+            a.label
+        );
+    }
+}
+
 fn line_of(text: &str, needle: &str) -> usize {
     text.lines()
         .position(|l| l.contains(needle))

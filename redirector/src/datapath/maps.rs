@@ -7,8 +7,8 @@ use aya::{
     Ebpf,
 };
 use redirector_common::{
-    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta,
-    ServiceStats, ServiceValue, G_COUNT,
+    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
+    ServiceMeta, ServiceStats, ServiceValue, G_COUNT,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,7 @@ pub enum MapsError {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub maglev: HashMap<MapData, MaglevKey, MaglevValue>,
+    pub maglev_small: HashMap<MapData, MaglevKey, MaglevSmallValue>,
     pub backends: Array<MapData, Endpoint>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
@@ -45,6 +46,7 @@ impl Maps {
         Ok(Self {
             services: conv("SERVICES", take("SERVICES")?)?,
             maglev: conv("MAGLEV", take("MAGLEV")?)?,
+            maglev_small: conv("MAGLEV_SMALL", take("MAGLEV_SMALL")?)?,
             backends: conv("BACKENDS", take("BACKENDS")?)?,
             conntrack: conv("CONNTRACK", take("CONNTRACK")?)?,
             service_stats: conv("SERVICE_STATS", take("SERVICE_STATS")?)?,
@@ -64,6 +66,7 @@ impl Maps {
         Ok(Self {
             services: conv("SERVICES", open("SERVICES")?)?,
             maglev: conv("MAGLEV", open("MAGLEV")?)?,
+            maglev_small: conv("MAGLEV_SMALL", open("MAGLEV_SMALL")?)?,
             backends: conv("BACKENDS", open("BACKENDS")?)?,
             conntrack: conv("CONNTRACK", open("CONNTRACK")?)?,
             service_stats: conv("SERVICE_STATS", open("SERVICE_STATS")?)?,

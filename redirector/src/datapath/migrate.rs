@@ -14,8 +14,8 @@ use aya::{
     Pod,
 };
 use redirector_common::{
-    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevValue, ServiceKey, ServiceMeta,
-    ServiceStats, ServiceValue, G_COUNT,
+    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
+    ServiceMeta, ServiceStats, ServiceValue, G_COUNT,
 };
 
 use super::{DatapathError, MapSizes, Maps};
@@ -41,6 +41,7 @@ pub fn wanted(name: &str, s: &MapSizes) -> Option<Shape> {
     Some(match name {
         "SERVICES" => shape::<ServiceKey, ServiceValue>(s.services),
         "MAGLEV" => shape::<MaglevKey, MaglevValue>(s.services.saturating_mul(2)),
+        "MAGLEV_SMALL" => shape::<MaglevKey, MaglevSmallValue>(s.services.saturating_mul(2)),
         "BACKENDS" => shape::<u32, Endpoint>(s.backends),
         "CONNTRACK" => shape::<CtKey, CtValue>(s.conntrack),
         "SERVICE_STATS" => shape::<u32, ServiceStats>(s.services),
@@ -210,13 +211,13 @@ fn copy_per_cpu<V: Pod>(old: Map, new: &mut PerCpuArray<MapData, V>) -> Option<C
 }
 
 /// After loading: copies each retired map into its new counterpart, then removes the old
-/// pin. Entries that can't exist in the new maps (service ids at or above the new service
+/// pin. Returns what each copy did (`None`: the layouts differ, the new map starts empty). Entries that can't exist in the new maps (service ids at or above the new service
 /// capacity) are dropped; the agent's next apply programs those services again.
 pub fn copy_retired(
     retired: Retired,
     maps: &mut Maps,
     sizes: &MapSizes,
-) -> BTreeMap<&'static str, Copied> {
+) -> BTreeMap<&'static str, Option<Copied>> {
     let mut report = BTreeMap::new();
     let svc_max = sizes.services;
     let dirs: std::collections::BTreeSet<PathBuf> = retired
@@ -230,6 +231,9 @@ pub fn copy_retired(
                 v.id < svc_max
             }),
             "MAGLEV" => copy_hash(old, &mut maps.maglev, |k: &MaglevKey, _| k.svc_id < svc_max),
+            "MAGLEV_SMALL" => copy_hash(old, &mut maps.maglev_small, |k: &MaglevKey, _| {
+                k.svc_id < svc_max
+            }),
             "SERVICE_META" => copy_hash(old, &mut maps.meta, |k: &u32, _| *k < svc_max),
             "CONNTRACK" => copy_hash(old, &mut maps.conntrack, |_, _| true),
             "BACKENDS" => copy_array(old, &mut maps.backends),
@@ -251,7 +255,7 @@ pub fn copy_retired(
                 "old map's layout differs from this agent's: starting it empty"
             ),
         }
-        report.insert(name, copied.unwrap_or_default());
+        report.insert(name, copied);
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "removing the old map's pin");
         }

@@ -29,9 +29,10 @@ pub const PROG_XDP_EMPTY: &str = "redirector_xdp_empty";
 pub const PROG_TC_EMPTY: &str = "redirector_tc_empty";
 
 /// Every map, pinned as `<pin_path>/<NAME>`.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     "SERVICES",
     "MAGLEV",
+    "MAGLEV_SMALL",
     "BACKENDS",
     "CONNTRACK",
     "SERVICE_STATS",
@@ -70,8 +71,8 @@ pub enum DatapathError {
 }
 
 /// Capacities of the sized maps (`[maps]` in the config). SERVICES, SERVICE_STATS and
-/// SERVICE_META hold `services` entries, MAGLEV twice that (a Serve and a Proxy table per
-/// service), BACKENDS `backends`, CONNTRACK `conntrack` (two entries per flow).
+/// SERVICE_META hold `services` entries, MAGLEV and MAGLEV_SMALL twice that (a Serve and a
+/// Proxy table per service), BACKENDS `backends`, CONNTRACK `conntrack` (two entries per flow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapSizes {
     pub services: u32,
@@ -112,6 +113,8 @@ pub struct Datapath {
     sizes: MapSizes,
     /// Maps already taken out of the object (to copy a resized map's old entries).
     maps: Option<Maps>,
+    /// Maps that replaced pinned ones of another layout and start empty.
+    recreated_empty: Vec<&'static str>,
 }
 
 impl Datapath {
@@ -136,9 +139,15 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         let mut maps = None;
+        let mut recreated_empty = Vec::new();
         if !retired.is_empty() {
             let mut m = Maps::from_ebpf(&mut ebpf)?;
-            migrate::copy_retired(retired, &mut m, sizes);
+            let report = migrate::copy_retired(retired, &mut m, sizes);
+            recreated_empty = report
+                .into_iter()
+                .filter(|(_, c)| c.is_none())
+                .map(|(n, _)| n)
+                .collect();
             maps = Some(m);
         }
         Ok(Self {
@@ -146,6 +155,7 @@ impl Datapath {
             pin_path: pin_path.to_owned(),
             sizes: *sizes,
             maps,
+            recreated_empty,
         })
     }
 
@@ -165,11 +175,18 @@ impl Datapath {
             pin_path: PathBuf::new(),
             sizes: *sizes,
             maps: None,
+            recreated_empty: Vec::new(),
         })
     }
 
     pub fn pin_path(&self) -> &Path {
         &self.pin_path
+    }
+
+    /// Maps that replaced pinned maps of another layout (an upgrade) and could not take
+    /// their entries: they start empty.
+    pub fn recreated_empty(&self) -> &[&'static str] {
+        &self.recreated_empty
     }
 
     /// The capacities the maps were created with.

@@ -7,7 +7,7 @@ use std::{
 };
 
 use redirector::{control::DesiredService, datapath::MAP_NAMES};
-use redirector_common::MODE_SERVE;
+use redirector_common::{MAGLEV_SMALL_MAX, MODE_SERVE};
 
 use super::{
     packet::{parse, Spec, TCP},
@@ -107,6 +107,64 @@ pub fn maglev_consistency() {
         (moved_others as f64) < 0.5 * on_removed as f64,
         "{moved_others} flows moved off surviving backends ({on_removed} on the removed one)"
     );
+}
+
+/// Sets of up to `MAGLEV_SMALL_MAX` backends live in `MAGLEV_SMALL`, larger ones in
+/// `MAGLEV`; a set that grows or shrinks across the limit moves between the two maps
+/// (new table, then the service entry, then the old table removed) and new flows follow
+/// the set on the datapath at every step.
+pub fn maglev_tiers() {
+    let mut b = Bench::new();
+    let vip: SocketAddr = "10.96.6.6:80".parse().unwrap();
+    let backends: Vec<SocketAddr> = (0..12u32)
+        .map(|i| SocketAddr::new(v4(0x0a04_0001 + i), 8080))
+        .collect();
+    let desired = |bes: &[SocketAddr]| DesiredService {
+        key: service_key(vip, TCP),
+        name: "test/tiers".into(),
+        mode: MODE_SERVE,
+        serve: bes.iter().copied().collect(),
+        proxy: BTreeSet::new(),
+        activator: Some("10.0.0.1:8012".parse().unwrap()),
+    };
+    let mut next_port = 30_000u16;
+    for (step, n) in [3usize, 12, 2, 9, 8].into_iter().enumerate() {
+        let set = &backends[..n];
+        b.apply(&[desired(set)]);
+        let small = n <= MAGLEV_SMALL_MAX;
+        let maps = b.prog.maps();
+        let (small_tables, large_tables) = (
+            maps.maglev_small.keys().filter(|k| k.is_ok()).count(),
+            maps.maglev.keys().filter(|k| k.is_ok()).count(),
+        );
+        assert_eq!(
+            (small_tables, large_tables),
+            if small { (1, 0) } else { (0, 1) },
+            "step {step}: {n} backends: tables in MAGLEV_SMALL / MAGLEV"
+        );
+        let flows = 200 * n;
+        let ports: Vec<u16> = (0..flows as u16).map(|i| next_port + i).collect();
+        next_port += flows as u16;
+        let mut per: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for t in targets(&mut b, vip, &ports) {
+            assert!(
+                set.contains(&t),
+                "step {step}: flow went to {t}, not one of {n}"
+            );
+            *per.entry(t).or_default() += 1;
+        }
+        assert_eq!(
+            per.len(),
+            n,
+            "step {step}: every backend gets flows: {per:?}"
+        );
+        for (be, c) in &per {
+            assert!(
+                *c > 200 / 2 && *c < 200 * 2,
+                "step {step}: {be} got {c} of {flows} flows"
+            );
+        }
+    }
 }
 
 /// Memory of this process's datapath maps, from /proc/self/fdinfo (`memlock`, which for
