@@ -716,7 +716,12 @@ backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
         assert_eq!(c.maps.conntrack, 1_048_576);
         assert_eq!(c.maps.backends, MapSizes::default().backends);
         assert_eq!(parse("[node]\n").unwrap().maps, MapSizes::default());
-        let e = parse("[node]\n[maps]\nservices = 8\n").unwrap_err().to_string();
-        assert!(e.contains(":3:") && e.contains("maps.services: 8 is outside"), "{e}");
+        let e = parse("[node]\n[maps]\nservices = 8\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":3:") && e.contains("maps.services: 8 is outside"),
+            "{e}"
+        );
     }
 }
