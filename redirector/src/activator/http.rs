@@ -11,41 +11,45 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
-    body::{Body, Frame, Incoming},
-    header::{self, HeaderName, HeaderValue},
-    Request, Response, StatusCode, Uri, Version,
+    body::{Body, Frame, Incoming, SizeHint},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    http::uri,
+    Method, Request, Response, StatusCode, Uri, Version,
 };
 use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
     rt::{TokioExecutor, TokioIo},
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use tokio::net::TcpStream;
 
-use super::{queue::Slot, Activator, ServiceState};
+use super::{queue::Slot, upstream, Activator, ServiceState};
 
-type RespBody = BoxBody<Bytes, hyper::Error>;
+const K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
+const K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
+const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
+const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-struct Clients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
-}
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
-thread_local! {
-    /// Per thread: each activator thread has its own runtime, so its upstream connections
-    /// (and their tasks) stay on that thread.
-    static CLIENTS: Clients = {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        Clients {
-            h1: Client::builder(TokioExecutor::new()).build(conn.clone()),
-            h2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(conn),
-        }
-    };
+/// What one accepted connection's requests share.
+struct Conn {
+    act: Arc<Activator>,
+    /// The service the connection was for (from conntrack), if known.
+    svc: Option<Arc<ServiceState>>,
+    /// The client's address as the `X-Forwarded-For` value.
+    xff: Option<HeaderValue>,
 }
 
 /// Serves one accepted connection as HTTP (h1 or h2c prior knowledge), tracked by
@@ -58,10 +62,14 @@ pub fn serve_conn(
     graceful: &GracefulShutdown,
     tracker: Arc<()>,
 ) {
+    let conn = Arc::new(Conn {
+        act,
+        svc: conn_svc,
+        xff: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+    });
     let service = hyper::service::service_fn(move |req| {
-        let act = act.clone();
-        let conn_svc = conn_svc.clone();
-        async move { Ok::<_, Infallible>(handle(act, conn_svc, peer, req).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder
@@ -76,12 +84,72 @@ pub fn serve_conn(
     });
 }
 
+/// The body of every response the activator sends: its own short text, an instance's
+/// response (holding the instance slot and the upstream connection until done), or a
+/// switching-protocols response as is.
+pub enum RespBody {
+    Text(Option<Bytes>),
+    Proxied(Guarded),
+    Raw(Incoming),
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Text(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Proxied(g) => {
+                let r = Pin::new(&mut g.inner).poll_frame(cx);
+                if matches!(r, Poll::Ready(None)) {
+                    g.done = true;
+                }
+                r
+            }
+            RespBody::Raw(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Text(b) => b.is_none(),
+            RespBody::Proxied(g) => g.inner.is_end_stream(),
+            RespBody::Raw(b) => b.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Text(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RespBody::Proxied(g) => g.inner.size_hint(),
+            RespBody::Raw(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An instance's response body: keeps the instance slot until the body is done, then
+/// gives the upstream connection back for the next request.
+pub struct Guarded {
+    inner: Incoming,
+    done: bool,
+    conn: Option<upstream::H1>,
+    _slot: Slot,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // A response not read to the end leaves the connection mid-message: not reusable.
+        if self.done || self.inner.is_end_stream() {
+            if let Some(c) = self.conn.take() {
+                c.release();
+            }
+        }
+    }
+}
+
 fn text(status: StatusCode, msg: &str) -> Response<RespBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(msg.to_owned() + "\n"))
-            .map_err(|e| match e {})
-            .boxed(),
-    );
+    let mut r = Response::new(RespBody::Text(Some(Bytes::from(msg.to_owned() + "\n"))));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -91,15 +159,11 @@ fn text(status: StatusCode, msg: &str) -> Response<RespBody> {
 }
 
 fn service_by_headers(act: &Activator, req: &Request<Incoming>) -> Option<Arc<ServiceState>> {
-    let rev = req
-        .headers()
-        .get("knative-serving-revision")?
-        .to_str()
-        .ok()?;
+    let rev = req.headers().get(KNATIVE_REVISION)?.to_str().ok()?;
     let reg = act.registry();
     match req
         .headers()
-        .get("knative-serving-namespace")
+        .get(KNATIVE_NAMESPACE)
         .and_then(|v| v.to_str().ok())
     {
         Some(ns) => reg.get(&format!("{ns}/{rev}")),
@@ -116,71 +180,50 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
 }
 
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// Removes the hop-by-hop headers (but `te` when `keep_te`: gRPC needs `te: trailers` end
+/// to end). One pass over the (few) names first: most messages have none.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_te: bool) {
+    let hop = |k: &HeaderName| HOP_BY_HOP.contains(k) && !(keep_te && k == header::TE);
+    if !h.keys().any(hop) {
+        return;
+    }
+    for name in HOP_BY_HOP {
+        if keep_te && name == header::TE {
+            continue;
+        }
+        h.remove(name);
+    }
+}
 
-async fn handle(
-    act: Arc<Activator>,
-    conn_svc: Option<Arc<ServiceState>>,
-    peer: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Response<RespBody> {
+async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     if req
         .headers()
-        .get("k-network-probe")
+        .get(K_NETWORK_PROBE)
         .is_some_and(|v| v == "activator")
     {
         return text(StatusCode::OK, "activator");
     }
-    let Some(svc) = service_by_headers(&act, &req).or(conn_svc) else {
+    let Some(svc) = service_by_headers(&conn.act, &req).or_else(|| conn.svc.clone()) else {
         return text(
             StatusCode::NOT_FOUND,
             "redirector activator: no service for this request (no Knative-Serving-Namespace/Revision headers naming a known service, and the connection did not come through a service VIP)",
         );
     };
     let arrived = tokio::time::Instant::now();
-    let cold = svc.cold();
     let deadline = arrived + svc.timeout;
-    let bytes = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    let limits = act.limits();
-    let held = match svc.admit(&act.global, &limits, bytes) {
-        Ok(h) => h,
-        Err(_) => {
-            let mut r = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "redirector activator: hold is full, retry later",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return r;
-        }
+    // Warm: an instance has a free slot now, the request is never held.
+    let (slot, cold) = match svc.try_acquire() {
+        Some(slot) => (slot, false),
+        None => match hold(conn, &svc, &req, deadline).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        },
     };
-    let slot = match tokio::time::timeout_at(deadline, svc.acquire()).await {
-        Ok(slot) => slot,
-        Err(_) => {
-            svc.timed_out.fetch_add(1, Ordering::Relaxed);
-            return text(
-                StatusCode::GATEWAY_TIMEOUT,
-                "redirector activator: no instance became ready in time",
-            );
-        }
-    };
-    drop(held);
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let h2 = req.version() == Version::HTTP_2 || svc.protocol == crate::config::Protocol::H2c;
-    let out = match outgoing(req, slot.instance.addr, peer, upgrade, h2) {
+    let addr = slot.instance.addr;
+    let out = match outgoing(req, addr, conn.xff.as_ref(), upgrade, h2) {
         Ok(r) => r,
         Err(e) => {
             return text(
@@ -189,8 +232,16 @@ async fn handle(
             )
         }
     };
-    let client = CLIENTS.with(|c| if h2 { c.h2.clone() } else { c.h1.clone() });
-    let resp = match tokio::time::timeout_at(deadline, client.request(out)).await {
+    let sent = async {
+        if h2 {
+            upstream::send_h2(addr, out).await.map(|r| (r, None))
+        } else {
+            upstream::send_h1(addr, out)
+                .await
+                .map(|(r, c)| (r, Some(c)))
+        }
+    };
+    let (mut resp, upstream_conn) = match tokio::time::timeout_at(deadline, sent).await {
         Err(_) => {
             svc.timed_out.fetch_add(1, Ordering::Relaxed);
             return text(
@@ -200,7 +251,7 @@ async fn handle(
         }
         Ok(Err(e)) => {
             slot.instance.mark_failed();
-            tracing::debug!(service = %svc.name, instance = %slot.instance.addr, error = %e, "forwarding failed");
+            tracing::debug!(service = %svc.name, instance = %addr, error = %e, "forwarding failed");
             return text(
                 StatusCode::BAD_GATEWAY,
                 "redirector activator: the instance failed",
@@ -212,7 +263,6 @@ async fn handle(
     if cold {
         svc.cold_ttfb.observe(arrived.elapsed());
     }
-    let mut resp = resp;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(cu) = client_upgrade {
             let su = hyper::upgrade::on(&mut resp);
@@ -224,96 +274,114 @@ async fn handle(
                             .await;
                 }
             });
-            return resp.map(|b| b.boxed());
+            return resp.map(RespBody::Raw);
         }
     }
     if !h2 {
-        for h in HOP_BY_HOP {
-            resp.headers_mut().remove(h);
-        }
+        strip_hop_by_hop(resp.headers_mut(), false);
     }
-    resp.map(|b| {
-        Guarded {
-            inner: b,
+    resp.map(|inner| {
+        RespBody::Proxied(Guarded {
+            inner,
+            done: false,
+            conn: upstream_conn,
             _slot: slot,
-        }
-        .boxed()
+        })
     })
 }
 
+/// Holds a request (bounded) until an instance has a slot for it or its deadline passes;
+/// whether it was a cold start (no instance ready when it arrived).
+async fn hold(
+    conn: &Conn,
+    svc: &Arc<ServiceState>,
+    req: &Request<Incoming>,
+    deadline: tokio::time::Instant,
+) -> Result<(Slot, bool), Response<RespBody>> {
+    let cold = svc.cold();
+    let bytes = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let admitted = match conn.act.limits.read() {
+        Ok(l) => svc.admit(&conn.act.global, &l, bytes),
+        Err(_) => svc.admit(&conn.act.global, &Default::default(), bytes),
+    };
+    let Ok(held) = admitted else {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redirector activator: hold is full, retry later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(r);
+    };
+    match tokio::time::timeout_at(deadline, svc.acquire()).await {
+        Ok(slot) => {
+            drop(held);
+            Ok((slot, cold))
+        }
+        Err(_) => {
+            svc.timed_out.fetch_add(1, Ordering::Relaxed);
+            Err(text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "redirector activator: no instance became ready in time",
+            ))
+        }
+    }
+}
+
+/// The request as it goes to the instance at `addr`: HTTP/1.1 in origin form with the
+/// client's Host (or h2 with an absolute URI), hop-by-hop headers removed (unless it is an
+/// upgrade), `K-Proxy-Request: activator` and the client in `X-Forwarded-For`.
 fn outgoing(
     req: Request<Incoming>,
     addr: SocketAddr,
-    peer: SocketAddr,
+    xff: Option<&HeaderValue>,
     upgrade: bool,
     h2: bool,
 ) -> Result<Request<Incoming>, String> {
     let (mut parts, body) = req.into_parts();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let authority = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-    parts.uri = Uri::try_from(format!("http://{addr}{pq}")).map_err(|e| e.to_string())?;
     if !upgrade {
-        for h in HOP_BY_HOP {
-            // gRPC needs `te: trailers` end to end.
-            if h == "te" && h2 {
-                continue;
-            }
-            parts.headers.remove(h);
-        }
+        strip_hop_by_hop(&mut parts.headers, h2);
     }
-    if let Some(a) = authority {
-        if let Ok(v) = HeaderValue::from_str(&a) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    parts.version = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
     if h2 {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = Uri::try_from(format!("http://{addr}{pq}")).map_err(|e| e.to_string())?;
         parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        if !parts.headers.contains_key(header::HOST) {
+            let host = match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()),
+                None => HeaderValue::from_str(&addr.to_string()),
+            };
+            if let Ok(v) = host {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        if parts.method != Method::CONNECT
+            && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
+        {
+            let mut p = uri::Parts::default();
+            p.path_and_query = parts.uri.path_and_query().cloned();
+            parts.uri = match p.path_and_query {
+                Some(_) => Uri::from_parts(p).map_err(|e| e.to_string())?,
+                None => Uri::default(),
+            };
+        }
+        parts.version = Version::HTTP_11;
     }
-    parts.headers.insert(
-        HeaderName::from_static("k-proxy-request"),
-        HeaderValue::from_static("activator"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        parts
-            .headers
-            .append(HeaderName::from_static("x-forwarded-for"), v);
+    parts
+        .headers
+        .insert(K_PROXY_REQUEST, HeaderValue::from_static("activator"));
+    if let Some(v) = xff {
+        parts.headers.append(X_FORWARDED_FOR, v.clone());
     }
     Ok(Request::from_parts(parts, body))
-}
-
-/// A response body that keeps the instance slot until the body is done.
-struct Guarded {
-    inner: Incoming,
-    _slot: Slot,
-}
-
-impl Body for Guarded {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -2,10 +2,13 @@
 //! connection or request is for, holds it in a bounded buffer, wakes the scaler at once,
 //! and forwards to an instance the moment one is ready (HTTP/1.1, h2c, gRPC, WebSocket
 //! upgrades, or raw TCP for L4 services). Drains on shutdown.
+#[cfg(test)]
+mod bench;
 mod http;
 mod l4;
 pub mod origdst;
 pub mod queue;
+mod upstream;
 
 use std::{
     collections::HashMap,

@@ -190,6 +190,9 @@ impl ServiceState {
         let n = set.len();
         let cc = self.container_concurrency;
         if cc == 0 {
+            if n == 1 {
+                return Some(Slot::new(self.clone(), set[0].clone(), None));
+            }
             let a = &set[(self.rand() % n as u64) as usize];
             let b = &set[(self.rand() % n as u64) as usize];
             let pick = if b.in_flight.load(Ordering::Relaxed) < a.in_flight.load(Ordering::Relaxed)
@@ -219,6 +222,12 @@ impl ServiceState {
     /// True when no instance is ready (a request now is a cold start).
     pub fn cold(&self) -> bool {
         self.instances.borrow().is_empty()
+    }
+
+    /// An instance with a free slot right now, if there is one (the warm path: no waiting,
+    /// no registration for wakeups).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        self.try_pick(&self.instances.borrow())
     }
 
     /// Waits for an instance with a free slot. Wakes the scaler when none is ready.

@@ -1,0 +1,253 @@
+//! Connections from the activator to instances, kept alive and reused per thread (each
+//! activator thread runs its own single-threaded runtime, so a connection and the requests on
+//! it stay on one thread). HTTP/1.1: a stack of idle connections per instance, a connection
+//! going back on it once its response body has been read to the end. h2c: one multiplexed
+//! connection per instance. A request that never started on a reused connection (the
+//! instance closed it while idle) is retried once more on another one, as hyper's pooled
+//! client does.
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    Request, Response,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+/// Idle HTTP/1.1 connections older than this are closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// At most this many idle HTTP/1.1 connections per instance and thread.
+const MAX_IDLE: usize = 1024;
+/// How often returning a connection also drops expired and closed ones everywhere.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// FxHash-style hasher for the few socket addresses a thread talks to (SipHash costs more
+/// than the rest of a pool lookup).
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(*b as u64);
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(i as u64);
+    }
+    fn write_u16(&mut self, i: u16) {
+        self.write_u64(i as u64);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(i as u64);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+type AddrMap<V> = HashMap<SocketAddr, V, BuildHasherDefault<AddrHasher>>;
+
+struct Idle {
+    tx: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Pool {
+    h1: AddrMap<Vec<Idle>>,
+    h2: AddrMap<http2::SendRequest<Incoming>>,
+    swept: Option<Instant>,
+}
+
+impl Pool {
+    fn sweep(&mut self, now: Instant) {
+        self.h1.retain(|_, v| {
+            v.retain(|i| !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+            !v.is_empty()
+        });
+        self.h2.retain(|_, tx| !tx.is_closed());
+        self.swept = Some(now);
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::default();
+}
+
+/// An HTTP/1.1 connection in use; `release` it once its response is read to the end.
+pub struct H1 {
+    tx: http1::SendRequest<Incoming>,
+    addr: SocketAddr,
+}
+
+impl H1 {
+    /// Puts the connection back for the next request (unless it closed meanwhile).
+    pub fn release(self) {
+        if self.tx.is_closed() {
+            return;
+        }
+        let _ = POOL.try_with(|p| {
+            let Ok(mut p) = p.try_borrow_mut() else {
+                return;
+            };
+            let now = Instant::now();
+            if p.swept.is_none_or(|s| now.duration_since(s) >= SWEEP_EVERY) {
+                p.sweep(now);
+            }
+            let idle = p.h1.entry(self.addr).or_default();
+            if idle.len() < MAX_IDLE {
+                idle.push(Idle {
+                    tx: self.tx,
+                    since: now,
+                });
+            }
+        });
+    }
+}
+
+fn take_h1(addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+    POOL.try_with(|p| {
+        let mut p = p.try_borrow_mut().ok()?;
+        let idle = p.h1.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some(i) = idle.pop() {
+            if !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT {
+                return Some(i.tx);
+            }
+        }
+        None
+    })
+    .ok()
+    .flatten()
+}
+
+/// Why a request could not be sent to an instance.
+#[derive(Debug)]
+pub enum Error {
+    Connect(std::io::Error),
+    Http(hyper::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Connect(e) => write!(f, "connect: {e}"),
+            Error::Http(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<hyper::Error> for Error {
+    fn from(e: hyper::Error) -> Self {
+        Error::Http(e)
+    }
+}
+
+async fn connect_h1(addr: SocketAddr) -> Result<http1::SendRequest<Incoming>, Error> {
+    let io = TcpStream::connect(addr).await.map_err(Error::Connect)?;
+    let _ = io.set_nodelay(true);
+    let (tx, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(tx)
+}
+
+async fn connect_h2(addr: SocketAddr) -> Result<http2::SendRequest<Incoming>, Error> {
+    let io = TcpStream::connect(addr).await.map_err(Error::Connect)?;
+    let _ = io.set_nodelay(true);
+    let (mut tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream h2 connection ended");
+        }
+    });
+    tx.ready().await?;
+    Ok(tx)
+}
+
+/// Sends an HTTP/1.1 request (origin-form URI, Host set) to `addr`; the connection comes
+/// back with the response, to be released when the body is done.
+pub async fn send_h1(
+    addr: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<(Response<Incoming>, H1), Error> {
+    loop {
+        let (mut tx, reused) = match take_h1(addr) {
+            Some(tx) => (tx, true),
+            None => (connect_h1(addr).await?, false),
+        };
+        if reused && tx.ready().await.is_err() {
+            continue; // closed meanwhile; the request was not touched
+        }
+        match tx.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, H1 { tx, addr })),
+            Err(mut e) => match e.take_message() {
+                Some(r) if reused => req = r,
+                _ => return Err(e.into_error().into()),
+            },
+        }
+    }
+}
+
+/// Sends an HTTP/2 request (absolute URI) to `addr` on its shared connection.
+pub async fn send_h2(
+    addr: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, Error> {
+    // A request that never started on a shared connection (it was going away) is retried
+    // on a new one; the cap only guards against a connection that keeps refusing.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let cached = POOL
+            .try_with(|p| {
+                let p = p.try_borrow().ok()?;
+                p.h2.get(&addr).filter(|tx| !tx.is_closed()).cloned()
+            })
+            .ok()
+            .flatten();
+        let (mut tx, reused) = match cached {
+            Some(tx) => (tx, true),
+            None => {
+                let tx = connect_h2(addr).await?;
+                let _ = POOL.try_with(|p| {
+                    if let Ok(mut p) = p.try_borrow_mut() {
+                        p.h2.insert(addr, tx.clone());
+                    }
+                });
+                (tx, false)
+            }
+        };
+        match tx.try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(r) if reused && attempt < 3 => {
+                    let _ = POOL.try_with(|p| {
+                        if let Ok(mut p) = p.try_borrow_mut() {
+                            p.h2.remove(&addr);
+                        }
+                    });
+                    req = r;
+                }
+                _ => return Err(e.into_error().into()),
+            },
+        }
+    }
+}
