@@ -240,6 +240,22 @@ fn node_charts(node: &Value) -> Vec<(String, Chart)> {
             .map(|&n| vs.iter().map(|v| get(v, n, k)).collect())
             .collect()
     };
+    // Paired ratios: `k` is {"median", "min", "max", ...} per row.
+    let ratio = |k: &str, vs: &[&str]| -> Vec<Vec<f64>> {
+        counts
+            .iter()
+            .map(|&n| {
+                vs.iter()
+                    .map(|v| {
+                        rows.iter()
+                            .find(|r| r["variant"] == *v && r["services"] == n)
+                            .map(|r| f(&r[k]["median"]))
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let mut out = vec![
         (
@@ -261,6 +277,30 @@ fn node_charts(node: &Value) -> Vec<(String, Chart)> {
                 groups: groups.clone(),
                 series: s(&variants),
                 values: by("newconn_cps", &variants),
+                log: false,
+            },
+        ),
+        (
+            "node-keepalive-ratio.svg".into(),
+            Chart {
+                title: "Kept-alive req/s vs direct to the pod (median of per-round paired ratios)"
+                    .into(),
+                unit: "x direct".into(),
+                groups: groups.clone(),
+                series: s(&variants[1..]),
+                values: ratio("keepalive_vs_direct", &variants[1..]),
+                log: false,
+            },
+        ),
+        (
+            "node-newconn-ratio.svg".into(),
+            Chart {
+                title: "New connections/s vs direct to the pod (median of per-round paired ratios)"
+                    .into(),
+                unit: "x direct".into(),
+                groups: groups.clone(),
+                series: s(&variants[1..]),
+                values: ratio("newconn_vs_direct", &variants[1..]),
                 log: false,
             },
         ),

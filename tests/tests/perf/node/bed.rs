@@ -2,18 +2,23 @@
 use std::{
     io::{Read, Write},
     net::SocketAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
+use redirector::datapath::maps::Maps;
+use redirector_common::CtKey;
 use redirector_tests::{
     agent::redirector_bin,
     netns::{run, unique, wait_for, Netns, Proc},
 };
 
 use super::{
+    load::enter,
+    pin::{self, Pinning},
     rules::{agent_toml, iptables_rules, nft_rules, sa, serve_eps, Svc, IPT_JUMPS},
     Variant, ACT_ID, ACT_PORT, BE_ID, BE_IP, BE_PORTS, CLI_IP, NODE_IP, VIP, VIP_PORT,
 };
@@ -274,6 +279,43 @@ impl Bed {
         })
     }
 
+    /// Pins this bed's serving side (the rt-servers, the agent) where `pinning` says.
+    pub(super) fn pin(&self, pinning: &Pinning) -> Result<()> {
+        for s in &self.servers {
+            pin::process(s.pid(), &pinning.serve)?;
+        }
+        if let Some(a) = &self.agent {
+            pin::process(a.pid(), &pinning.serve)?;
+        }
+        Ok(())
+    }
+
+    /// Empties the connection tracking on this bed's path, so every measured slot starts
+    /// from the same state: the kernel's conntrack table of the node namespace (iptables,
+    /// nftables) or the agent's CONNTRACK map (redirector); direct has none. Returns the
+    /// entries removed from the agent's map (0 for the kernel's: a flush does not count).
+    pub(super) fn reset_tracking(&self, variant: Variant) -> Result<usize> {
+        match variant {
+            Variant::Direct => Ok(0),
+            Variant::Redirector => {
+                let a = self
+                    .agent
+                    .as_ref()
+                    .context("redirector bed without an agent")?;
+                let mut maps = Maps::open_pinned(&a.pin)?;
+                let keys: Vec<CtKey> = maps.conntrack.keys().filter_map(Result::ok).collect();
+                for k in &keys {
+                    let _ = maps.conntrack.remove(k);
+                }
+                Ok(keys.len())
+            }
+            Variant::Iptables | Variant::Nftables => {
+                flush_nf_conntrack(&self.node)?;
+                Ok(0)
+            }
+        }
+    }
+
     pub(super) fn target(&self, variant: Variant) -> SocketAddr {
         if variant == Variant::Direct {
             sa(BE_IP, BE_PORTS[0])
@@ -281,4 +323,71 @@ impl Bed {
             sa(VIP, VIP_PORT)
         }
     }
+}
+
+/// Flushes the kernel's IPv4 conntrack table of namespace `ns`: ctnetlink
+/// IPCTNL_MSG_CT_DELETE without a tuple (what `conntrack -F` sends).
+fn flush_nf_conntrack(ns: &Netns) -> Result<()> {
+    let path = ns.path();
+    std::thread::spawn(move || -> Result<()> {
+        enter(&path)?;
+        // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            bail!("netlink socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+        const IPCTNL_MSG_CT_DELETE: u16 = 2;
+        // nlmsghdr (16 bytes) + nfgenmsg (family, version, res_id).
+        let mut msg = [0u8; 20];
+        msg[0..4].copy_from_slice(&20u32.to_ne_bytes());
+        msg[4..6]
+            .copy_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
+        msg[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        msg[16] = libc::AF_INET as u8;
+        // SAFETY: a zeroed sockaddr_nl is valid; msg and buf outlive the calls.
+        let (sent, got, buf) = unsafe {
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as u16;
+            let sent = libc::sendto(
+                fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            );
+            let mut buf = [0u8; 4096];
+            let got = if sent < 0 {
+                -1
+            } else {
+                libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+            };
+            (sent, got, buf)
+        };
+        if sent < 0 || got < 0 {
+            bail!("ctnetlink flush: {}", std::io::Error::last_os_error());
+        }
+        // The ack: NLMSG_ERROR with error 0.
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        if got < 20 || kind != libc::NLMSG_ERROR as u16 || err != 0 {
+            bail!(
+                "ctnetlink flush: {}",
+                std::io::Error::from_raw_os_error(-err)
+            );
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("conntrack flush thread panicked"))?
 }

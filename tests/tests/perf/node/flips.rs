@@ -4,13 +4,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use redirector::datapath::maps::Maps;
 use redirector_common::{MODE_PROXY, MODE_SERVE};
 
 use super::{
     bed::Bed,
-    load::Prober,
+    load::{answers, Prober},
+    pin::Pinning,
     rules::{
         act_eps, agent_toml, ipt_sep_chain, iptables_partial, iptables_rules, nft_ep_chain,
         nft_incremental, nft_rules, sa, Svc,
@@ -18,21 +19,22 @@ use super::{
     Variant, ACT_ID, BE_ID, VIP, VIP_PORT,
 };
 
-/// Flip methods: name -> landed µs samples.
 /// Flip samples: (method, services) -> (landed µs, probe connections needed).
 pub(super) type Flips = BTreeMap<(String, usize), Vec<(f64, u32)>>;
 
 /// Flips the measured service between its Serve endpoints and the activator with each of
-/// the variant's methods; records the decision-to-landing times.
+/// the variant's methods on a live bed; records the decision-to-landing times and leaves
+/// the bed as it found it (checked: the VIP answers from the pods only).
 pub(super) fn measure_flips(
     bed: &mut Bed,
     variant: Variant,
     svcs: &[Svc],
     n: usize,
     reps: usize,
+    pinning: &Pinning,
     flips: &mut Flips,
 ) -> Result<()> {
-    let prober = Prober::new(&bed.cli);
+    let prober = Prober::new(&bed.cli, pinning);
     let mut to_act = svcs.to_vec();
     to_act.last_mut().unwrap().endpoints = act_eps();
     let (serve_svc, act_svc) = (svcs.last().unwrap(), to_act.last().unwrap());
@@ -58,16 +60,20 @@ pub(super) fn measure_flips(
             .or_default()
             .push((d.as_secs_f64() * 1e6, probes))
     };
-    // At 10,000 services one iptables-restore takes tens of seconds: one flip there.
+    // At 10,000 services one full iptables-restore takes tens of seconds: there the full
+    // rewrite is measured towards the activator only, and the way back is the cheap method
+    // (partial restore, incremental nft), which is measured too. Elsewhere every method is
+    // measured both ways (the full rewrite's way back is put back unmeasured first). Every
+    // variant ends as it started: the measured service in Serve.
     let light = n >= 10_000;
-    let dirs: &[(u8, &str)] = if light {
-        &[(MODE_PROXY, ACT_ID)]
-    } else {
-        &[(MODE_PROXY, ACT_ID), (MODE_SERVE, BE_ID)]
-    };
     for _ in 0..reps {
-        for &(want, want_id) in dirs {
+        for (want, want_id) in [(MODE_PROXY, ACT_ID), (MODE_SERVE, BE_ID)] {
             let to_proxy = want == MODE_PROXY;
+            let from = if to_proxy { serve_svc } else { act_svc };
+            let to: &[Svc] = if to_proxy { &to_act } else { svcs };
+            let back: &[Svc] = if to_proxy { svcs } else { &to_act };
+            let full = !light || to_proxy;
+            let cheap = !light || !to_proxy;
             match variant {
                 Variant::Direct => {}
                 Variant::Redirector => {
@@ -85,9 +91,9 @@ pub(super) fn measure_flips(
                     rec("redirector: map write", d);
                     // The same flip through the agent: config file rewritten + SIGHUP.
                     // First put the map back, then let the agent flip it.
-                    let mut back = maps.services.get(&key, 0)?;
-                    back.mode = if to_proxy { MODE_SERVE } else { MODE_PROXY };
-                    maps.services.insert(key, back, 0)?;
+                    let mut old = maps.services.get(&key, 0)?;
+                    old.mode = if to_proxy { MODE_SERVE } else { MODE_PROXY };
+                    maps.services.insert(key, old, 0)?;
                     let toml = agent_toml(&a.pin, svcs, if to_proxy { "measured" } else { "" });
                     let t0 = Instant::now();
                     prober.arm(t0, want_id);
@@ -96,58 +102,59 @@ pub(super) fn measure_flips(
                     rec("redirector: config + SIGHUP", d);
                 }
                 Variant::Iptables => {
-                    let from = if to_proxy { serve_svc } else { act_svc };
-                    let to: &[Svc] = if to_proxy { &to_act } else { svcs };
-                    let text = iptables_rules(to, &chains(from, true));
-                    let t0 = Instant::now();
-                    prober.arm(t0, want_id);
-                    bed.feed("iptables-restore", &["--noflush"], &text)?;
-                    let d = prober.landed()?;
-                    rec("iptables: full restore", d);
-                    if light {
-                        continue;
+                    if full {
+                        let text = iptables_rules(to, &chains(from, true));
+                        let t0 = Instant::now();
+                        prober.arm(t0, want_id);
+                        bed.feed("iptables-restore", &["--noflush"], &text)?;
+                        let d = prober.landed()?;
+                        rec("iptables: full restore", d);
                     }
-                    // Back, then the same flip the way kube-proxy >= 1.27 writes it.
-                    let back = if to_proxy {
-                        svcs.to_vec()
-                    } else {
-                        to_act.clone()
-                    };
-                    bed.feed(
-                        "iptables-restore",
-                        &["--noflush"],
-                        &iptables_rules(&back, &chains(to.last().unwrap(), true)),
-                    )?;
-                    let text = iptables_partial(to, to.last().unwrap(), &chains(from, true));
-                    let t0 = Instant::now();
-                    prober.arm(t0, want_id);
-                    bed.feed("iptables-restore", &["--noflush"], &text)?;
-                    let d = prober.landed()?;
-                    rec("iptables: partial restore", d);
+                    if full && cheap {
+                        let text = iptables_rules(back, &chains(to.last().unwrap(), true));
+                        bed.feed("iptables-restore", &["--noflush"], &text)?;
+                    }
+                    if cheap {
+                        // The way kube-proxy >= 1.27 writes it (MinimizeIPTablesRestore).
+                        let text = iptables_partial(to, to.last().unwrap(), &chains(from, true));
+                        let t0 = Instant::now();
+                        prober.arm(t0, want_id);
+                        bed.feed("iptables-restore", &["--noflush"], &text)?;
+                        let d = prober.landed()?;
+                        rec("iptables: partial restore", d);
+                    }
                 }
                 Variant::Nftables => {
-                    let from = if to_proxy { serve_svc } else { act_svc };
-                    let to: &[Svc] = if to_proxy { &to_act } else { svcs };
-                    let t0 = Instant::now();
-                    prober.arm(t0, want_id);
-                    bed.feed("nft", &["-f", "-"], &nft_rules(to))?;
-                    let d = prober.landed()?;
-                    rec("nftables: full ruleset", d);
-                    let back = if to_proxy {
-                        svcs.to_vec()
-                    } else {
-                        to_act.clone()
-                    };
-                    bed.feed("nft", &["-f", "-"], &nft_rules(&back))?;
-                    let text = nft_incremental(to.last().unwrap(), &chains(from, false));
-                    let t0 = Instant::now();
-                    prober.arm(t0, want_id);
-                    bed.feed("nft", &["-f", "-"], &text)?;
-                    let d = prober.landed()?;
-                    rec("nftables: incremental", d);
+                    if full {
+                        let t0 = Instant::now();
+                        prober.arm(t0, want_id);
+                        bed.feed("nft", &["-f", "-"], &nft_rules(to))?;
+                        let d = prober.landed()?;
+                        rec("nftables: full ruleset", d);
+                    }
+                    if full && cheap {
+                        bed.feed("nft", &["-f", "-"], &nft_rules(back))?;
+                    }
+                    if cheap {
+                        let text = nft_incremental(to.last().unwrap(), &chains(from, false));
+                        let t0 = Instant::now();
+                        prober.arm(t0, want_id);
+                        bed.feed("nft", &["-f", "-"], &text)?;
+                        let d = prober.landed()?;
+                        rec("nftables: incremental", d);
+                    }
                 }
             }
         }
+    }
+    // Back where it started: the measured service answers from its pods only.
+    let ids = answers(&bed.cli, sa(VIP, VIP_PORT), 20)?;
+    if variant != Variant::Direct && ids.iter().any(|id| id != BE_ID) {
+        bail!(
+            "{} at {n}: after the flips the VIP answers {:?}, not only {BE_ID}",
+            variant.name(),
+            ids
+        );
     }
     Ok(())
 }

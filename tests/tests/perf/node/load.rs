@@ -14,7 +14,12 @@ use std::{
 use anyhow::{bail, Result};
 use redirector_tests::netns::Netns;
 
-use super::{pct, rules::sa, VIP, VIP_PORT};
+use super::{
+    pct,
+    pin::{self, Pinning},
+    rules::sa,
+    VIP, VIP_PORT,
+};
 
 /// Runs `f` on a thread inside the network namespace at `path`.
 pub(super) fn enter(path: &str) -> Result<()> {
@@ -57,15 +62,22 @@ pub(super) struct Load {
 }
 
 /// New connections: `threads` clients in the client namespace, each in a loop of
-/// connect + request + close for `dur`.
-pub(super) fn new_conns(ns: &Netns, to: SocketAddr, threads: usize, dur: Duration) -> Result<Load> {
+/// connect + request + close for `dur`, on the load side's CPUs.
+pub(super) fn new_conns(
+    ns: &Netns,
+    to: SocketAddr,
+    threads: usize,
+    dur: Duration,
+    pinning: &Pinning,
+) -> Result<Load> {
     let path = ns.path();
     let stop = Arc::new(AtomicBool::new(false));
     let mut hs = Vec::new();
     for _ in 0..threads {
-        let (path, stop) = (path.clone(), stop.clone());
+        let (path, stop, cpus) = (path.clone(), stop.clone(), pinning.load.clone());
         hs.push(std::thread::spawn(move || -> Result<(Vec<f64>, u64)> {
             enter(&path)?;
+            pin::this_thread(&cpus)?;
             let mut lat = Vec::with_capacity(200_000);
             let mut errors = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -113,12 +125,26 @@ pub(super) fn wrk_dur_us(s: &str) -> Option<f64> {
     num.trim().parse::<f64>().ok().map(|v| v * mul)
 }
 
-/// Kept-alive connections: `wrk --latency` in the client namespace.
-pub(super) fn wrk(ns: &Netns, to: SocketAddr, conns: usize, dur: Duration) -> Result<Load> {
+/// Kept-alive connections: `wrk -t2 --latency` in the client namespace (under `taskset`
+/// when the load side is pinned).
+pub(super) fn wrk(
+    ns: &Netns,
+    to: SocketAddr,
+    conns: usize,
+    dur: Duration,
+    pinning: &Pinning,
+) -> Result<Load> {
     let url = format!("http://{to}/");
     let d = format!("{}s", dur.as_secs().max(1));
     let c = conns.to_string();
-    let out = ns.exec("wrk", &["-t2", "-c", &c, "-d", &d, "--latency", &url])?;
+    let mut args = pinning.load_prefix();
+    args.extend(
+        ["wrk", "-t2", "-c", &c, "-d", &d, "--latency", &url]
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ns.exec(args[0], &args[1..])?;
     let mut l = Load::default();
     for line in out.lines() {
         let t = line.trim();
@@ -143,6 +169,22 @@ pub(super) fn wrk(ns: &Netns, to: SocketAddr, conns: usize, dur: Duration) -> Re
     Ok(l)
 }
 
+/// `k` new connections to `to` from the client namespace, one after the other: the id of
+/// the server that answered each (`Err` text for a failed one).
+pub(super) fn answers(ns: &Netns, to: SocketAddr, k: usize) -> Result<Vec<String>> {
+    let path = ns.path();
+    std::thread::spawn(move || -> Result<Vec<String>> {
+        enter(&path)?;
+        Ok((0..k)
+            .map(|_| {
+                one_request(to, Duration::from_secs(2)).unwrap_or_else(|e| format!("error: {e}"))
+            })
+            .collect())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("answers thread panicked"))?
+}
+
 /// A thread in the client namespace that, once armed, opens new connections to the VIP
 /// until one is answered by `want`; reports the time since the arming instant.
 pub(super) struct Prober {
@@ -151,12 +193,12 @@ pub(super) struct Prober {
 }
 
 impl Prober {
-    pub(super) fn new(ns: &Netns) -> Self {
+    pub(super) fn new(ns: &Netns, pinning: &Pinning) -> Self {
         let (tx, jobs) = mpsc::channel::<(Instant, &'static str)>();
         let (done, rx) = mpsc::channel();
-        let path = ns.path();
+        let (path, cpus) = (ns.path(), pinning.load.clone());
         std::thread::spawn(move || {
-            if let Err(e) = enter(&path) {
+            if let Err(e) = enter(&path).and_then(|_| pin::this_thread(&cpus)) {
                 let _ = done.send(Err(e));
                 return;
             }
