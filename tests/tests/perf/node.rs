@@ -187,7 +187,9 @@ struct Plan {
 }
 
 impl Plan {
-    /// `--quick`: one round at 1 and 1,000 services. Full: 5 rounds at 1, 1,000 and 10,000.
+    /// `--quick`: one round at 1 and 1,000 services, 2 s runs (under a minute and a half).
+    /// Full: 5 rounds at 1, 1,000 and 10,000 services, 3 s runs (60 slots of ~8 s; with
+    /// the 10,000-service programming and flips, ~12 minutes on 2 CPUs).
     /// For experiments: `NODE_PIN`, `NODE_ROUNDS`, `NODE_COUNTS` (e.g. `1,1000`) and
     /// `NODE_RUN_SECS` override.
     fn new(quick: bool) -> Self {
@@ -220,7 +222,7 @@ impl Plan {
                 rounds: 5,
                 counts: vec![1, 1000, 10_000],
                 flip_counts: vec![1000, 10_000],
-                run: Duration::from_secs(4),
+                run: Duration::from_secs(3),
                 warm: Duration::from_secs(1),
                 warm_newconn: Duration::from_millis(500),
                 flips: 1,

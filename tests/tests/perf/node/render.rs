@@ -44,6 +44,17 @@ fn abs_spread(rows: &[Value], v: &str, n: usize, k: &str) -> Spread {
     }
 }
 
+/// For a median below `line`: whether every round was below it too.
+fn conclusive(s: &Spread, line: f64) -> &'static str {
+    if s.n < 2 {
+        ""
+    } else if s.max < line {
+        ", every round below"
+    } else {
+        ", some rounds above: within the noise"
+    }
+}
+
 /// "1 service", "1000 services".
 fn services(n: usize) -> String {
     format!("{n} service{}", if n == 1 { "" } else { "s" })
@@ -178,12 +189,13 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
                 let s = head_to_head(res, n, other, mt);
                 if s.median < 1.0 {
                     losses.push(format!(
-                        "{mname} at {}: {:.3} of {} (median; rounds {:.3}–{:.3})",
+                        "{mname} at {}: {:.3} of {} (median; rounds {:.3}–{:.3}{})",
                         services(n),
                         s.median,
                         other.name(),
                         s.min,
-                        s.max
+                        s.max,
+                        conclusive(&s, 1.0)
                     ));
                 }
                 cells.push(s.ratio());
@@ -197,11 +209,12 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
             let s = spread_of(&rows, "redirector", n, key);
             if s.median < 0.97 {
                 losses.push(format!(
-                    "{mname} at {}: {:.3} of direct (median; rounds {:.3}–{:.3})",
+                    "{mname} at {}: {:.3} of direct (median; rounds {:.3}–{:.3}{})",
                     services(n),
                     s.median,
                     s.min,
-                    s.max
+                    s.max,
+                    conclusive(&s, 0.97)
                 ));
             }
         }
@@ -354,7 +367,7 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
         "wrk_connections": plan.wrk_conns,
         "newconn_threads": plan.gen_threads,
         "pinning": plan.describe_pinning(),
-        "pinning_reason": super::PIN_REASON,
+        "pinning_reason": pin_reason(plan),
         "rows": rows,
         "head_to_head": counts.iter().map(|&n| json!({
             "services": n,
@@ -381,6 +394,19 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
     .expect("writing node.json");
     std::fs::write(dir.join("node.md"), &md).expect("writing node.md");
     out
+}
+
+/// Why the rounds are pinned as they are.
+fn pin_reason(plan: &Plan) -> String {
+    if plan.pin == super::PIN_DEFAULT {
+        super::PIN_REASON.into()
+    } else {
+        format!(
+            "Set by NODE_PIN={:?} for this run (the default's reason: {})",
+            plan.pin,
+            super::PIN_REASON
+        )
+    }
 }
 
 /// The method paragraph.
@@ -410,7 +436,7 @@ fn method(plan: &Plan, m: &Value) -> String {
         plan.warm_newconn.as_secs_f64(),
         plan.run.as_secs(),
         plan.describe_pinning(),
-        super::PIN_REASON,
+        pin_reason(plan),
     )
 }
 
