@@ -232,11 +232,12 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
             )
         }
     };
+    let inst = &slot.instance;
     let sent = async {
         if h2 {
-            upstream::send_h2(addr, out).await.map(|r| (r, None))
+            upstream::send_h2(inst, out).await.map(|r| (r, None))
         } else {
-            upstream::send_h1(addr, out)
+            upstream::send_h1(inst, out)
                 .await
                 .map(|(r, c)| (r, Some(c)))
         }

@@ -17,6 +17,9 @@ use crate::config::{ActivatorConfig, Protocol};
 #[derive(Debug)]
 pub struct Instance {
     pub addr: SocketAddr,
+    /// Unique per instance (a replacement at the same address gets a new one): upstream
+    /// connections are pooled by it, so none made to a gone instance is reused.
+    pub(super) id: u64,
     pub in_flight: AtomicUsize,
     /// containerConcurrency slots (None = unlimited).
     pub slots: Option<Arc<Semaphore>>,
@@ -40,8 +43,10 @@ fn now_ms() -> u64 {
 
 impl Instance {
     pub fn new(addr: SocketAddr, container_concurrency: u32) -> Arc<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(Self {
             addr,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             in_flight: AtomicUsize::new(0),
             slots: (container_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(container_concurrency as usize))),

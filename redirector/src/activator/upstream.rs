@@ -21,6 +21,8 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use super::Instance;
+
 /// Idle HTTP/1.1 connections older than this are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// At most this many idle HTTP/1.1 connections per instance and thread.
@@ -28,12 +30,11 @@ const MAX_IDLE: usize = 1024;
 /// How often returning a connection also drops expired and closed ones everywhere.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// FxHash-style hasher for the few socket addresses a thread talks to (SipHash costs more
-/// than the rest of a pool lookup).
+/// FxHash-style hasher for instance ids (SipHash costs more than the rest of a pool lookup).
 #[derive(Default)]
-struct AddrHasher(u64);
+struct IdHasher(u64);
 
-impl Hasher for AddrHasher {
+impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
     }
@@ -59,7 +60,8 @@ impl Hasher for AddrHasher {
     }
 }
 
-type AddrMap<V> = HashMap<SocketAddr, V, BuildHasherDefault<AddrHasher>>;
+/// By `Instance::id`.
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 struct Idle {
     tx: http1::SendRequest<Incoming>,
@@ -68,8 +70,8 @@ struct Idle {
 
 #[derive(Default)]
 struct Pool {
-    h1: AddrMap<Vec<Idle>>,
-    h2: AddrMap<http2::SendRequest<Incoming>>,
+    h1: IdMap<Vec<Idle>>,
+    h2: IdMap<http2::SendRequest<Incoming>>,
     swept: Option<Instant>,
 }
 
@@ -91,7 +93,7 @@ thread_local! {
 /// An HTTP/1.1 connection in use; `release` it once its response is read to the end.
 pub struct H1 {
     tx: http1::SendRequest<Incoming>,
-    addr: SocketAddr,
+    id: u64,
 }
 
 impl H1 {
@@ -108,7 +110,7 @@ impl H1 {
             if p.swept.is_none_or(|s| now.duration_since(s) >= SWEEP_EVERY) {
                 p.sweep(now);
             }
-            let idle = p.h1.entry(self.addr).or_default();
+            let idle = p.h1.entry(self.id).or_default();
             if idle.len() < MAX_IDLE {
                 idle.push(Idle {
                     tx: self.tx,
@@ -119,13 +121,13 @@ impl H1 {
     }
 }
 
-fn take_h1(addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+fn take_h1(id: u64) -> Option<http1::SendRequest<Incoming>> {
     POOL.try_with(|p| {
         let mut p = p.try_borrow_mut().ok()?;
-        let idle = p.h1.get_mut(&addr)?;
-        let now = Instant::now();
+        let idle = p.h1.get_mut(&id)?;
+        // The most recently used first; expired ones go in the sweep.
         while let Some(i) = idle.pop() {
-            if !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT {
+            if !i.tx.is_closed() {
                 return Some(i.tx);
             }
         }
@@ -182,22 +184,22 @@ async fn connect_h2(addr: SocketAddr) -> Result<http2::SendRequest<Incoming>, Er
     Ok(tx)
 }
 
-/// Sends an HTTP/1.1 request (origin-form URI, Host set) to `addr`; the connection comes
+/// Sends an HTTP/1.1 request (origin-form URI, Host set) to `inst`; the connection comes
 /// back with the response, to be released when the body is done.
 pub async fn send_h1(
-    addr: SocketAddr,
+    inst: &Instance,
     mut req: Request<Incoming>,
 ) -> Result<(Response<Incoming>, H1), Error> {
     loop {
-        let (mut tx, reused) = match take_h1(addr) {
+        let (mut tx, reused) = match take_h1(inst.id) {
             Some(tx) => (tx, true),
-            None => (connect_h1(addr).await?, false),
+            None => (connect_h1(inst.addr).await?, false),
         };
         if reused && tx.ready().await.is_err() {
             continue; // closed meanwhile; the request was not touched
         }
         match tx.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, H1 { tx, addr })),
+            Ok(resp) => return Ok((resp, H1 { tx, id: inst.id })),
             Err(mut e) => match e.take_message() {
                 Some(r) if reused => req = r,
                 _ => return Err(e.into_error().into()),
@@ -206,9 +208,9 @@ pub async fn send_h1(
     }
 }
 
-/// Sends an HTTP/2 request (absolute URI) to `addr` on its shared connection.
+/// Sends an HTTP/2 request (absolute URI) to `inst` on its shared connection.
 pub async fn send_h2(
-    addr: SocketAddr,
+    inst: &Instance,
     mut req: Request<Incoming>,
 ) -> Result<Response<Incoming>, Error> {
     // A request that never started on a shared connection (it was going away) is retried
@@ -219,17 +221,17 @@ pub async fn send_h2(
         let cached = POOL
             .try_with(|p| {
                 let p = p.try_borrow().ok()?;
-                p.h2.get(&addr).filter(|tx| !tx.is_closed()).cloned()
+                p.h2.get(&inst.id).filter(|tx| !tx.is_closed()).cloned()
             })
             .ok()
             .flatten();
         let (mut tx, reused) = match cached {
             Some(tx) => (tx, true),
             None => {
-                let tx = connect_h2(addr).await?;
+                let tx = connect_h2(inst.addr).await?;
                 let _ = POOL.try_with(|p| {
                     if let Ok(mut p) = p.try_borrow_mut() {
-                        p.h2.insert(addr, tx.clone());
+                        p.h2.insert(inst.id, tx.clone());
                     }
                 });
                 (tx, false)
@@ -241,7 +243,7 @@ pub async fn send_h2(
                 Some(r) if reused && attempt < 3 => {
                     let _ = POOL.try_with(|p| {
                         if let Ok(mut p) = p.try_borrow_mut() {
-                            p.h2.remove(&addr);
+                            p.h2.remove(&inst.id);
                         }
                     });
                     req = r;
