@@ -54,6 +54,22 @@ fn meminfo_kib(field: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// SUnreclaim once it has stopped moving (namespaces torn down just before are freed by a
+/// kernel work queue, which would otherwise show up as negative growth): polled every
+/// 200 ms until two readings are within 1 MiB, for at most 5 s.
+fn settled_slab_kib() -> i64 {
+    let mut last = meminfo_kib("SUnreclaim");
+    for _ in 0..25 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = meminfo_kib("SUnreclaim");
+        if (now - last).abs() < 1024 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -142,7 +158,7 @@ pub(super) fn measure_scale(n: usize) -> Result<Scale> {
         toml,
         "\n[maps]\nservices = {capacity}\nbackends = {backends}\n"
     );
-    let slab0 = meminfo_kib("SUnreclaim");
+    let slab0 = settled_slab_kib();
     Ok(match AgentRun::start(&node, &dir, &label, &toml) {
         Ok((a, took)) => {
             std::thread::sleep(Duration::from_millis(500));
