@@ -202,34 +202,29 @@ impl Plan {
             Some(o) => panic!("NODE_PIN={o}: split, on, off or ab"),
             None => PIN_DEFAULT,
         };
+        let full = Plan {
+            quick,
+            rounds: 5,
+            counts: vec![1, 1000, 10_000],
+            flip_counts: vec![1000, 10_000],
+            run: Duration::from_secs(3),
+            warm: Duration::from_secs(1),
+            warm_newconn: Duration::from_millis(500),
+            flips: 1,
+            wrk_conns: 16,
+            gen_threads: 4,
+            pin,
+        };
         let mut p = if quick {
             Plan {
-                quick,
                 rounds: 1,
                 counts: vec![1, 1000],
                 flip_counts: vec![1000],
                 run: Duration::from_secs(2),
-                warm: Duration::from_secs(1),
-                warm_newconn: Duration::from_millis(500),
-                flips: 1,
-                wrk_conns: 16,
-                gen_threads: 4,
-                pin,
+                ..full
             }
         } else {
-            Plan {
-                quick,
-                rounds: 5,
-                counts: vec![1, 1000, 10_000],
-                flip_counts: vec![1000, 10_000],
-                run: Duration::from_secs(3),
-                warm: Duration::from_secs(1),
-                warm_newconn: Duration::from_millis(500),
-                flips: 1,
-                wrk_conns: 16,
-                gen_threads: 4,
-                pin,
-            }
+            full
         };
         if pin == PinMode::Ab {
             p.rounds = 8;
