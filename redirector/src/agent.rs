@@ -198,21 +198,7 @@ fn apply(
     } else {
         tracing::debug!(unchanged = r.unchanged, took_us, "maps unchanged");
     }
-    if r.added + r.updated + r.removed >= 1000 {
-        release_free_memory();
-    }
     Ok(Some(r))
-}
-
-/// Hands the heap's free pages back to the kernel after a large (re)programming: parsing
-/// and diffing 100,000 services peaks far above what the agent keeps. (musl's allocator
-/// returns them by itself.)
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory; no pointer is invalidated.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -261,6 +247,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         );
     }
     att.sync(&mut dp, &cfg.node);
+    if !att.held {
+        dp.finish_migration();
+    }
 
     let mut listeners = Vec::new();
     if cfg.activator.listen {
@@ -370,6 +359,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                             if att.held {
                                 att.held = false;
                                 att.sync(&mut dp, &cfg.node);
+                                dp.finish_migration();
                             }
                             write_ready(&mut ready_file)?;
                             tracing::info!(

@@ -176,43 +176,79 @@ fn is_zero<V: Pod>(v: &V) -> bool {
     bytes.iter().all(|b| *b == 0)
 }
 
-fn copy_array<V: Pod>(old: Map, new: &mut Array<MapData, V>) -> Option<Copied> {
-    let old: Array<MapData, V> = Array::try_from(old).ok()?;
+/// Copies slots `0..old_len` that hold something (`get` gives `None` for an unwritten slot)
+/// with `set`; slots beyond the new capacity are dropped.
+fn copy_indexed<V>(
+    old_len: u32,
+    new_len: u32,
+    get: impl Fn(u32) -> Option<V>,
+    mut set: impl FnMut(u32, V) -> bool,
+) -> Copied {
     let mut c = Copied::default();
-    for i in 0..old.len() {
-        let Ok(v) = old.get(&i, 0) else { continue };
-        if is_zero(&v) {
-            continue;
-        }
-        if i < new.len() && new.set(i, v, 0).is_ok() {
+    for i in 0..old_len {
+        let Some(v) = get(i) else { continue };
+        if i < new_len && set(i, v) {
             c.copied += 1;
         } else {
             c.dropped += 1;
         }
     }
-    Some(c)
+    c
+}
+
+fn copy_array<V: Pod>(old: Map, new: &mut Array<MapData, V>) -> Option<Copied> {
+    let old: Array<MapData, V> = Array::try_from(old).ok()?;
+    Some(copy_indexed(
+        old.len(),
+        new.len(),
+        |i| old.get(&i, 0).ok().filter(|v| !is_zero(v)),
+        |i, v| new.set(i, v, 0).is_ok(),
+    ))
 }
 
 fn copy_per_cpu<V: Pod>(old: Map, new: &mut PerCpuArray<MapData, V>) -> Option<Copied> {
     let old: PerCpuArray<MapData, V> = PerCpuArray::try_from(old).ok()?;
-    let mut c = Copied::default();
-    for i in 0..old.len() {
-        let Ok(v) = old.get(&i, 0) else { continue };
-        if v.iter().all(is_zero) {
-            continue;
-        }
-        if i < new.len() && new.set(i, v, 0).is_ok() {
-            c.copied += 1;
-        } else {
-            c.dropped += 1;
+    Some(copy_indexed(
+        old.len(),
+        new.len(),
+        |i| old.get(&i, 0).ok().filter(|v| !v.iter().all(is_zero)),
+        |i, v| new.set(i, v, 0).is_ok(),
+    ))
+}
+
+/// `bpf_map_update_elem` flag: only insert keys that are not there yet.
+const BPF_NOEXIST: u64 = 1;
+
+/// After the new programs are attached: copies the flows the old programs created in the
+/// retired conntrack since `copy_retired` (entries the new map already has are kept), then
+/// removes the old pin. Returns how many were added.
+pub fn copy_late_flows(pin_path: &Path) -> usize {
+    let old_path = retired_path(pin_path, "CONNTRACK");
+    if !old_path.exists() {
+        return 0;
+    }
+    let open = |p: &Path| -> Option<HashMap<MapData, CtKey, CtValue>> {
+        HashMap::try_from(open_old(p)?).ok()
+    };
+    let mut added = 0;
+    if let (Some(old), Some(mut new)) = (open(&old_path), open(&pin_path.join("CONNTRACK"))) {
+        for (k, v) in old.iter().filter_map(Result::ok) {
+            if new.insert(k, v, BPF_NOEXIST).is_ok() {
+                added += 1;
+            }
         }
     }
-    Some(c)
+    let _ = std::fs::remove_file(&old_path);
+    if let Some(d) = old_path.parent() {
+        let _ = std::fs::remove_dir(d);
+    }
+    added
 }
 
 /// After loading: copies each retired map into its new counterpart, then removes the old
-/// pin. Returns what each copy did (`None`: the layouts differ, the new map starts empty). Entries that can't exist in the new maps (service ids at or above the new service
-/// capacity) are dropped; the agent's next apply programs those services again.
+/// pin. Returns what each copy did (`None`: the layouts differ, the new map starts
+/// empty). Entries that can't exist in the new maps (service ids at or above the new
+/// service capacity) are dropped; the agent's next apply programs those services again.
 pub fn copy_retired(
     retired: Retired,
     maps: &mut Maps,
@@ -256,6 +292,11 @@ pub fn copy_retired(
             ),
         }
         report.insert(name, copied);
+        // The running programs keep adding flows to the old conntrack until their links
+        // are switched: it stays pinned for `copy_late_flows`.
+        if name == "CONNTRACK" && copied.is_some() {
+            continue;
+        }
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "removing the old map's pin");
         }

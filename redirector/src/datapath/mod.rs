@@ -98,9 +98,8 @@ impl MapSizes {
 
     fn apply(&self, loader: &mut EbpfLoader<'_>) {
         for name in MAP_NAMES {
-            let want = migrate::wanted(name, self).map(|s| s.max_entries);
-            if let Some(n) = want.filter(|_| !matches!(name, "GLOBAL_STATS" | "CONFIG")) {
-                loader.map_max_entries(name, n);
+            if let Some(s) = migrate::wanted(name, self) {
+                loader.map_max_entries(name, s.max_entries);
             }
         }
     }
@@ -110,7 +109,6 @@ impl MapSizes {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_path: PathBuf,
-    sizes: MapSizes,
     /// Maps already taken out of the object (to copy a resized map's old entries).
     maps: Option<Maps>,
     /// Maps that replaced pinned ones of another layout and start empty.
@@ -153,7 +151,6 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pin_path: pin_path.to_owned(),
-            sizes: *sizes,
             maps,
             recreated_empty,
         })
@@ -161,22 +158,26 @@ impl Datapath {
 
     /// Loads the programs with private, unpinned maps (tests and benchmarks).
     pub fn open_unpinned() -> Result<Self, DatapathError> {
-        Self::open_unpinned_sized(&MapSizes::default())
-    }
-
-    /// `open_unpinned` with other map capacities.
-    pub fn open_unpinned_sized(sizes: &MapSizes) -> Result<Self, DatapathError> {
-        let mut loader = EbpfLoader::new();
-        sizes.apply(&mut loader);
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         Ok(Self {
             ebpf,
             pin_path: PathBuf::new(),
-            sizes: *sizes,
             maps: None,
             recreated_empty: Vec::new(),
         })
+    }
+
+    /// After the programs are attached: completes a conntrack resize with the flows the
+    /// previous programs created meanwhile (no-op without one).
+    pub fn finish_migration(&self) {
+        let n = migrate::copy_late_flows(&self.pin_path);
+        if n > 0 {
+            tracing::info!(
+                flows = n,
+                "copied conntrack entries created during the switch"
+            );
+        }
     }
 
     pub fn pin_path(&self) -> &Path {
@@ -187,11 +188,6 @@ impl Datapath {
     /// their entries: they start empty.
     pub fn recreated_empty(&self) -> &[&'static str] {
         &self.recreated_empty
-    }
-
-    /// The capacities the maps were created with.
-    pub fn sizes(&self) -> MapSizes {
-        self.sizes
     }
 
     /// Typed handles on the maps (clones of the map fds: valid as long as needed). The maps
