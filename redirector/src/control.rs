@@ -568,30 +568,33 @@ impl Programmer {
     }
 
     /// Removes conntrack entries idle past their timeout. Returns how many were removed.
+    /// Batched (a few syscalls per thousand entries): the sweep runs every few seconds over
+    /// a map that can hold millions of flows.
     pub fn gc_conntrack(&mut self, ct: &ConntrackConfig) -> usize {
         let now = monotonic_coarse_ns();
-        let expired: Vec<_> = self
-            .maps
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                let timeout = if v.flags & redirector_common::CT_CLOSING != 0 {
-                    ct.closing_timeout
-                } else if k.proto == PROTO_TCP {
-                    ct.tcp_timeout
-                } else {
-                    ct.udp_timeout
-                };
-                now.saturating_sub(v.last_seen) > timeout.as_nanos() as u64
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let n = expired.len();
-        for k in expired {
-            let _ = self.maps.conntrack.remove(&k);
+        let mut expired = Vec::new();
+        let walked = crate::datapath::batch::for_each(&self.maps.conntrack, |k, v| {
+            let timeout = if v.flags & redirector_common::CT_CLOSING != 0 {
+                ct.closing_timeout
+            } else if k.proto == PROTO_TCP {
+                ct.tcp_timeout
+            } else {
+                ct.udp_timeout
+            };
+            if now.saturating_sub(v.last_seen) > timeout.as_nanos() as u64 {
+                expired.push(*k);
+            }
+        });
+        if let Err(e) = walked {
+            tracing::warn!(error = %e, "conntrack sweep");
         }
-        n
+        match crate::datapath::batch::delete(&mut self.maps.conntrack, &expired) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "conntrack sweep: removing expired entries");
+                0
+            }
+        }
     }
 }
 

@@ -276,15 +276,18 @@ impl Serving {
         let ids: HashMap<u32, &str> = prog.installed().map(|(_, v, n)| (v.id, n)).collect();
         let now = crate::control::monotonic_coarse_ns();
         let mut counts: HashMap<&str, usize> = HashMap::new();
-        for (_, v) in prog.maps().conntrack.iter().filter_map(Result::ok) {
+        let walked = crate::datapath::batch::for_each(&prog.maps().conntrack, |_, v| {
             if v.flags & (CT_REPLY | CT_CLOSING | CT_PROXIED) != 0
                 || now.saturating_sub(v.last_seen) > 2_500_000_000
             {
-                continue;
+                return;
             }
             if let Some(n) = ids.get(&v.svc_id) {
                 *counts.entry(n).or_default() += 1;
             }
+        });
+        if let Err(e) = walked {
+            tracing::debug!(error = %e, "counting flows");
         }
         for (name, s) in &self.scaled {
             s.flows.store(

@@ -621,3 +621,10 @@ fn syn_after_established_follows_the_mode() {
     let _g = common::serial();
     common::lifecycle::syn_after_established_is_a_new_flow();
 }
+
+#[test]
+fn conntrack_sweep_in_batches() {
+    require_root!();
+    let _g = common::serial();
+    common::lifecycle::conntrack_sweep_in_batches();
+}

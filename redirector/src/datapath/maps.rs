@@ -124,7 +124,9 @@ impl Maps {
 
     /// Number of conntrack entries (two per flow).
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
+        let mut n = 0;
+        let _ = super::batch::for_each(&self.conntrack, |_, _| n += 1);
+        n
     }
 
     /// The name recorded for a service id.

@@ -2,6 +2,7 @@
 //! links under the pin path (adopting what a previous agent left there), attaches the
 //! programs to interfaces, and gives typed access to the maps (`maps`).
 mod attach;
+pub mod batch;
 mod bpffs;
 pub mod maps;
 pub mod migrate;

@@ -213,3 +213,79 @@ pub fn syn_after_established_is_a_new_flow() {
         "SYN on an established, silent flow stayed on the old backend"
     );
 }
+
+/// The agent's conntrack sweep (batched lookups and deletes) over more entries than one
+/// batch holds: every expired entry goes, every live one stays, and entries that vanish
+/// between the walk and the delete are skipped.
+pub fn conntrack_sweep_in_batches() {
+    use redirector::{config::ConntrackConfig, control::monotonic_coarse_ns, datapath::batch};
+    use redirector_common::{CtKey, CtValue, PROTO_TCP, PROTO_UDP};
+
+    let mut b = Bench::new();
+    let now = monotonic_coarse_ns();
+    let key = |i: u32, proto: u8| CtKey {
+        saddr: [0x0a00_0000 | i, 0, 0, 0],
+        daddr: [0x0a5f_000a, 0, 0, 0],
+        sport: (i % 60_000) as u16,
+        dport: 80,
+        proto,
+        family: 4,
+        _pad: 0,
+    };
+    // 9,000 TCP entries (a third of them idle for an hour) and 3,000 UDP entries idle for a
+    // minute: more than two batches of 4,096.
+    let mut want_live = 0;
+    {
+        let ct = &mut b.prog.maps_mut().conntrack;
+        for i in 0..12_000u32 {
+            let (proto, idle) = if i < 9_000 {
+                (PROTO_TCP, if i % 3 == 0 { 3_600 } else { 0 })
+            } else {
+                (PROTO_UDP, 60)
+            };
+            if idle == 0 {
+                want_live += 1;
+            }
+            let v = CtValue {
+                last_seen: now.saturating_sub(idle * 1_000_000_000),
+                svc_id: i,
+                ..CtValue::default()
+            };
+            ct.insert(key(i, proto), v, 0).expect("conntrack insert");
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    batch::for_each(&b.prog.maps().conntrack, |k: &CtKey, v: &CtValue| {
+        assert!(seen.insert(v.svc_id), "entry {} seen twice", v.svc_id);
+        assert_eq!(k.saddr[0] & 0xffff, v.svc_id & 0xffff);
+    })
+    .expect("batched walk");
+    assert_eq!(seen.len(), 12_000, "the walk saw every entry once");
+
+    // Deleting keys of which some are already gone removes the rest.
+    let gone: Vec<CtKey> = (0..10).map(|i| key(i * 3, PROTO_TCP)).collect();
+    for k in &gone[..5] {
+        b.prog.maps_mut().conntrack.remove(k).expect("remove");
+    }
+    assert_eq!(
+        batch::delete(&mut b.prog.maps_mut().conntrack, &gone).expect("batched delete"),
+        5
+    );
+
+    let removed = b.prog.gc_conntrack(&ConntrackConfig {
+        tcp_timeout: Duration::from_secs(600),
+        udp_timeout: Duration::from_secs(30),
+        closing_timeout: Duration::from_secs(10),
+    });
+    assert_eq!(
+        removed,
+        3_000 - 10 + 3_000,
+        "expired TCP and UDP entries removed"
+    );
+    assert_eq!(b.conntrack_len(), want_live, "live entries kept");
+    batch::for_each(&b.prog.maps().conntrack, |k: &CtKey, v: &CtValue| {
+        assert_eq!(k.proto, PROTO_TCP);
+        assert!(!v.svc_id.is_multiple_of(3), "an expired entry survived");
+    })
+    .expect("batched walk");
+}

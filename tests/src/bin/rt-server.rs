@@ -1,8 +1,11 @@
 //! Test server: answers HTTP/1.1 requests (keep-alive or not) and UDP datagrams with a JSON
 //! body naming itself and the peer address it saw.
 //!
-//! `rt-server --name NAME [--tcp ADDR]... [--udp ADDR]...`; prints `ready` once every socket
-//! is bound, then serves until killed.
+//! `rt-server --name NAME [--threads N] [--tcp ADDR]... [--udp ADDR]...`; prints `ready` once
+//! every socket is bound, then serves until killed. Each TCP connection gets its own thread:
+//! a new one per connection by default, or with `--threads N` one of N threads per listener
+//! started up front (each accepts, serves that connection to its end, accepts again), so no
+//! thread is created per connection (what the benchmarks use).
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -10,7 +13,7 @@ use std::{
 };
 
 fn usage() -> ! {
-    eprintln!("usage: rt-server --name NAME [--tcp ADDR]... [--udp ADDR]...");
+    eprintln!("usage: rt-server --name NAME [--threads N] [--tcp ADDR]... [--udp ADDR]...");
     std::process::exit(2)
 }
 
@@ -78,11 +81,13 @@ fn main() {
     let mut name = None;
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
+    let mut threads = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--name" => name = Some(val()),
+            "--threads" => threads = val().parse().unwrap_or_else(|_| usage()),
             "--tcp" => tcp.push(val().parse::<SocketAddr>().unwrap_or_else(|_| usage())),
             "--udp" => udp.push(val().parse::<SocketAddr>().unwrap_or_else(|_| usage())),
             _ => usage(),
@@ -95,6 +100,18 @@ fn main() {
             eprintln!("rt-server: bind tcp {addr}: {e}");
             std::process::exit(1)
         });
+        if threads > 0 {
+            let l = std::sync::Arc::new(l);
+            for _ in 0..threads {
+                let l = l.clone();
+                handles.push(thread::spawn(move || loop {
+                    if let Ok((s, _)) = l.accept() {
+                        let _ = serve_conn(name, s);
+                    }
+                }));
+            }
+            continue;
+        }
         handles.push(thread::spawn(move || {
             for s in l.incoming().flatten() {
                 thread::spawn(move || {

@@ -61,22 +61,32 @@ const ACT_ID: &str = "act";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Variant {
     Direct,
+    /// A second direct bed: the A/A control. Its ratio to direct is the noise floor of
+    /// the paired ratios (two identical paths measured the same way).
+    Control,
     Redirector,
     Iptables,
     Nftables,
 }
 
-const VARIANTS: [Variant; 4] = [
+const VARIANTS: [Variant; 5] = [
     Variant::Direct,
+    Variant::Control,
     Variant::Redirector,
     Variant::Iptables,
     Variant::Nftables,
 ];
 
 impl Variant {
+    /// No NAT on the path: the client talks to the pod's address.
+    fn is_direct(self) -> bool {
+        matches!(self, Variant::Direct | Variant::Control)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Variant::Direct => "direct",
+            Variant::Control => "direct-b",
             Variant::Redirector => "redirector",
             Variant::Iptables => "iptables",
             Variant::Nftables => "nftables",
@@ -120,6 +130,8 @@ pub mod report;
 
 #[path = "node/bed.rs"]
 mod bed;
+#[path = "node/cost.rs"]
+mod cost;
 #[path = "node/flips.rs"]
 mod flips;
 #[path = "node/load.rs"]
@@ -143,7 +155,10 @@ use summary::Metric;
 
 /// CPU pinning of the measured rounds (`NODE_PIN=split|on|off|ab` overrides; `ab` is the
 /// experiment that chose this).
-const PIN_DEFAULT: PinMode = PinMode::Split;
+const PIN_DEFAULT: PinMode = PinMode::Fixed {
+    keepalive: Layout::Off,
+    newconn: Layout::Split,
+};
 
 /// Why: written into the report's method paragraph.
 const PIN_REASON: &str = "Chosen with `NODE_PIN=ab` (8 rounds at 1 and 1,000 services, pinned \
@@ -155,17 +170,36 @@ const PIN_REASON: &str = "Chosen with `NODE_PIN=ab` (8 rounds at 1 and 1,000 ser
      p99 10-40 ms (wrk's two threads share one CPU) instead of 0.4-1.8 ms and did not narrow \
      the spread consistently (wider at 1 service, narrower at 1,000), so wrk runs unpinned.";
 
+/// Where the load and serving sides run (see `pin.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// The scheduler decides.
+    Off,
+    /// Load side on the first half of the CPUs, serving side on the rest.
+    Split,
+    /// Everything on the first CPU.
+    One,
+}
+
+impl Layout {
+    fn pinning(self) -> Pinning {
+        match self {
+            Layout::Off => Pinning::off(),
+            Layout::Split => Pinning::split(),
+            Layout::One => Pinning::one(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PinMode {
-    /// Never pinned.
-    Off,
-    /// Both measurements pinned.
-    On,
-    /// New connections (and the flip probes) pinned, kept-alive runs not.
-    Split,
-    /// Experiment: rounds alternate ABBA between pinned (both measurements) and unpinned;
-    /// 1 and 1,000 services, no flips, no scale; written to `target/perf/experiments/`.
-    Ab,
+    /// Every round the same: kept-alive runs as `keepalive`, new connections and the flip
+    /// probes as `newconn`.
+    Fixed { keepalive: Layout, newconn: Layout },
+    /// Experiment: rounds alternate ABBA between the layout (both measurements) and
+    /// unpinned; 1 and 1,000 services, no flips, no scale; written to
+    /// `target/perf/experiments/`.
+    Ab(Layout),
 }
 
 /// What one run measures.
@@ -191,15 +225,19 @@ impl Plan {
     /// Full: 5 rounds at 1, 1,000 and 10,000 services, 3 s runs (60 slots of ~8 s; with
     /// the 10,000-service programming and flips, ~12 minutes on 2 CPUs).
     /// For experiments: `NODE_PIN`, `NODE_ROUNDS`, `NODE_COUNTS` (e.g. `1,1000`) and
-    /// `NODE_RUN_SECS` override.
+    /// `NODE_RUN_SECS` override; `NODE_SCALE=0` skips the scale part.
     fn new(quick: bool) -> Self {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let fixed = |keepalive, newconn| PinMode::Fixed { keepalive, newconn };
         let pin = match env("NODE_PIN").as_deref() {
-            Some("on") => PinMode::On,
-            Some("split") => PinMode::Split,
-            Some("off") => PinMode::Off,
-            Some("ab") => PinMode::Ab,
-            Some(o) => panic!("NODE_PIN={o}: split, on, off or ab"),
+            Some("off") => fixed(Layout::Off, Layout::Off),
+            Some("on") => fixed(Layout::Split, Layout::Split),
+            Some("split") => fixed(Layout::Off, Layout::Split),
+            Some("one") => fixed(Layout::One, Layout::One),
+            Some("one-split") => fixed(Layout::One, Layout::Split),
+            Some("ab") => PinMode::Ab(Layout::Split),
+            Some("ab-one") => PinMode::Ab(Layout::One),
+            Some(o) => panic!("NODE_PIN={o}: off, on, split, one, one-split, ab or ab-one"),
             None => PIN_DEFAULT,
         };
         let full = Plan {
@@ -226,7 +264,7 @@ impl Plan {
         } else {
             full
         };
-        if pin == PinMode::Ab {
+        if matches!(pin, PinMode::Ab(_)) {
             p.rounds = 8;
             p.counts = vec![1, 1000];
             p.flip_counts.clear();
@@ -245,16 +283,11 @@ impl Plan {
 
     /// The pinning of round `r` for `metric` (the flips use the new-connection one).
     fn pinning(&self, r: usize, metric: Metric) -> Pinning {
-        let on = match self.pin {
-            PinMode::Off => false,
-            PinMode::On => true,
-            PinMode::Split => metric == Metric::Newconn,
-            PinMode::Ab => matches!(r % 4, 0 | 3),
-        };
-        if on {
-            Pinning::split()
-        } else {
-            Pinning::off()
+        match self.pin {
+            PinMode::Fixed { keepalive, .. } if metric == Metric::Keepalive => keepalive.pinning(),
+            PinMode::Fixed { newconn, .. } => newconn.pinning(),
+            PinMode::Ab(l) if matches!(r % 4, 0 | 3) => l.pinning(),
+            PinMode::Ab(_) => Pinning::off(),
         }
     }
 
@@ -265,7 +298,10 @@ impl Plan {
             self.pinning(0, Metric::Newconn),
         );
         match self.pin {
-            PinMode::Ab => "pinned and unpinned rounds alternating (ABBA)".into(),
+            PinMode::Ab(l) => format!(
+                "rounds alternating (ABBA) between {} and unpinned",
+                l.pinning().describe()
+            ),
             _ if ka == nc => nc.describe(),
             _ => format!(
                 "kept-alive runs {}; new connections and flip probes: {}",
@@ -371,11 +407,17 @@ fn node() {
         plan.describe_pinning()
     );
     let res = rounds::run(&plan);
-    if plan.pin == PinMode::Ab {
+    if matches!(plan.pin, PinMode::Ab(_)) {
         render::pin_experiment(&plan, &res, started);
         return;
     }
-    let scale = scale::run_all(&a);
+    // `NODE_SCALE=0` (experiments): no scale part.
+    let with_scale = std::env::var("NODE_SCALE").map_or(true, |v| v != "0");
+    let scale = if with_scale {
+        scale::run_all(&a)
+    } else {
+        Vec::new()
+    };
     let out = render::write(&plan, &res, &scale, started);
 
     // Every benchmark must have produced numbers (all that --quick asserts).
@@ -413,6 +455,9 @@ fn node() {
             );
         }
     }
-    assert!(scale.iter().any(|s| s.ok && s.memlock > 0), "scale numbers");
+    assert!(
+        !with_scale || scale.iter().any(|s| s.ok && s.memlock > 0),
+        "scale numbers"
+    );
     report::write_report().expect("writing the report");
 }

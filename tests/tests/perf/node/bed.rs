@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use redirector::datapath::maps::Maps;
+use redirector::datapath::{batch, maps::Maps};
 use redirector_common::CtKey;
 use redirector_tests::{
     agent::redirector_bin,
@@ -160,7 +160,9 @@ impl Drop for Bed {
 
 pub(super) fn start_server(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Result<Proc> {
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_rt-server"));
-    cmd.args(["--name", name]);
+    // Threads started up front (none created per connection): 16 kept-alive connections,
+    // 4 new-connection clients and the prober fit many times over.
+    cmd.args(["--name", name, "--threads", "32"]);
     for a in addrs {
         cmd.args(["--tcp", &a.to_string()]);
     }
@@ -258,7 +260,7 @@ impl Bed {
     /// Programs `variant` with `svcs`; the programming time (None for direct).
     pub(super) fn program(&mut self, variant: Variant, svcs: &[Svc]) -> Result<Option<Duration>> {
         Ok(match variant {
-            Variant::Direct => None,
+            Variant::Direct | Variant::Control => None,
             Variant::Redirector => {
                 let label = format!("{}-agent", self.node.name);
                 let pin = PathBuf::from(format!("/sys/fs/bpf/{label}"));
@@ -296,18 +298,16 @@ impl Bed {
     /// entries removed from the agent's map (0 for the kernel's: a flush does not count).
     pub(super) fn reset_tracking(&self, variant: Variant) -> Result<usize> {
         match variant {
-            Variant::Direct => Ok(0),
+            Variant::Direct | Variant::Control => Ok(0),
             Variant::Redirector => {
                 let a = self
                     .agent
                     .as_ref()
                     .context("redirector bed without an agent")?;
                 let mut maps = Maps::open_pinned(&a.pin)?;
-                let keys: Vec<CtKey> = maps.conntrack.keys().filter_map(Result::ok).collect();
-                for k in &keys {
-                    let _ = maps.conntrack.remove(k);
-                }
-                Ok(keys.len())
+                let mut keys: Vec<CtKey> = Vec::new();
+                batch::for_each(&maps.conntrack, |k, _| keys.push(*k))?;
+                Ok(batch::delete(&mut maps.conntrack, &keys)?)
             }
             Variant::Iptables | Variant::Nftables => {
                 flush_nf_conntrack(&self.node)?;
@@ -317,7 +317,7 @@ impl Bed {
     }
 
     pub(super) fn target(&self, variant: Variant) -> SocketAddr {
-        if variant == Variant::Direct {
+        if variant.is_direct() {
             sa(BE_IP, BE_PORTS[0])
         } else {
             sa(VIP, VIP_PORT)

@@ -75,7 +75,7 @@ pub(super) fn measure_flips(
             let full = !light || to_proxy;
             let cheap = !light || !to_proxy;
             match variant {
-                Variant::Direct => {}
+                Variant::Direct | Variant::Control => {}
                 Variant::Redirector => {
                     // One map write, the way the agent flips: SERVICES[vip].mode.
                     let a = bed.agent.as_ref().unwrap();
@@ -149,7 +149,7 @@ pub(super) fn measure_flips(
     }
     // Back where it started: the measured service answers from its pods only.
     let ids = answers(&bed.cli, sa(VIP, VIP_PORT), 20)?;
-    if variant != Variant::Direct && ids.iter().any(|id| id != BE_ID) {
+    if !variant.is_direct() && ids.iter().any(|id| id != BE_ID) {
         bail!(
             "{} at {n}: after the flips the VIP answers {:?}, not only {BE_ID}",
             variant.name(),

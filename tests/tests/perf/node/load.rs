@@ -56,6 +56,8 @@ pub(super) fn one_request(to: SocketAddr, timeout: Duration) -> Result<String> {
 #[derive(Debug, Clone, Default)]
 pub(super) struct Load {
     pub(super) rate: f64,
+    /// Requests (kept-alive) or connections (new) completed in the measured run.
+    pub(super) count: u64,
     pub(super) p50_us: f64,
     pub(super) p99_us: f64,
     pub(super) errors: u64,
@@ -103,10 +105,17 @@ pub(super) fn new_conns(
     let el = t0.elapsed().as_secs_f64();
     Ok(Load {
         rate: all.len() as f64 / el,
+        count: all.len() as u64,
         p50_us: pct(&all, 0.5),
         p99_us: pct(&all, 0.99),
         errors,
     })
+}
+
+/// wrk's threads: one per pinned load CPU (two threads sharing one CPU only add switches),
+/// two when unpinned.
+pub(super) fn wrk_threads(pinning: &Pinning) -> usize {
+    pinning.load.as_ref().map_or(2, |c| c.len().max(1))
 }
 
 pub(super) fn wrk_dur_us(s: &str) -> Option<f64> {
@@ -125,8 +134,8 @@ pub(super) fn wrk_dur_us(s: &str) -> Option<f64> {
     num.trim().parse::<f64>().ok().map(|v| v * mul)
 }
 
-/// Kept-alive connections: `wrk -t2 --latency` in the client namespace (under `taskset`
-/// when the load side is pinned).
+/// Kept-alive connections: `wrk --latency` in the client namespace, one wrk thread per CPU
+/// of the load side (under `taskset` when it is pinned; two threads unpinned).
 pub(super) fn wrk(
     ns: &Netns,
     to: SocketAddr,
@@ -137,9 +146,10 @@ pub(super) fn wrk(
     let url = format!("http://{to}/");
     let d = format!("{}s", dur.as_secs().max(1));
     let c = conns.to_string();
+    let t = format!("-t{}", wrk_threads(pinning));
     let mut args = pinning.load_prefix();
     args.extend(
-        ["wrk", "-t2", "-c", &c, "-d", &d, "--latency", &url]
+        ["wrk", &t, "-c", &c, "-d", &d, "--latency", &url]
             .iter()
             .map(|a| a.to_string()),
     );
@@ -148,7 +158,9 @@ pub(super) fn wrk(
     let mut l = Load::default();
     for line in out.lines() {
         let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
+        if let Some((n, _)) = t.split_once(" requests in ") {
+            l.count = n.trim().parse().unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
             l.rate = v.trim().parse().unwrap_or(f64::NAN);
         } else if let Some(v) = t.strip_prefix("50%") {
             l.p50_us = wrk_dur_us(v).unwrap_or(f64::NAN);

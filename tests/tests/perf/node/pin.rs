@@ -33,6 +33,17 @@ impl Pinning {
         }
     }
 
+    /// Everything on the first online CPU: client, forwarding and server serialised on one
+    /// CPU, so a run's rate is the inverse of the whole path's CPU cost per request, without
+    /// the cross-CPU wake-ups whose latency varies from run to run.
+    pub(super) fn one() -> Self {
+        let first = online()[..1].to_vec();
+        Pinning {
+            load: Some(first.clone()),
+            serve: Some(first),
+        }
+    }
+
     pub(super) fn is_on(&self) -> bool {
         self.load.is_some()
     }
@@ -40,6 +51,10 @@ impl Pinning {
     /// "load on CPU 0, servers and agent on CPU 1" or "unpinned".
     pub(super) fn describe(&self) -> String {
         match (&self.load, &self.serve) {
+            (Some(l), Some(s)) if l == s => format!(
+                "load generators, rt-server and agent all on CPU {}",
+                list(l)
+            ),
             (Some(l), Some(s)) => format!(
                 "load generators on CPU {}, rt-server and agent on CPU {}",
                 list(l),

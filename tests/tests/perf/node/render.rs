@@ -230,6 +230,7 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
             let _ = writeln!(md, "- {l}");
         }
     }
+    md += &cost_section(res);
     md += "\n## Programming N services from scratch\n\nOnce per service count (the beds are \
            then measured as programmed).\n\n| services | redirector (agent start to ready) | \
            iptables-restore | nft -f |\n|---:|---:|---:|---:|\n";
@@ -377,6 +378,9 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
             "newconn_vs_nftables": head_to_head(res, n, Variant::Nftables, Metric::Newconn).json(),
         })).collect::<Vec<_>>(),
         "redirector_loses": losses,
+        "datapath_cost": res.costs.iter().map(|(n, c)| json!({"services": n,
+            "keepalive": c.keepalive.as_ref().map(|p| p.json()),
+            "newconn": c.newconn.as_ref().map(|p| p.json())})).collect::<Vec<_>>(),
         "flips": flip_rows,
         "scale": scale::json(scale),
         "phases_secs": res.phases.iter().map(|(n, p)| json!({"services": n, "build_program": p[0],
@@ -394,6 +398,48 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
     .expect("writing node.json");
     std::fs::write(dir.join("node.md"), &md).expect("writing node.md");
     out
+}
+
+/// The programs' own CPU per request beside the whole machine's (`cost.rs`).
+fn cost_section(res: &Results) -> String {
+    let mut md = String::from(
+        "\n## The datapath's own cost per request\n\nOn the redirector bed after the rounds, \
+         with the kernel's BPF run-time statistics on (`kernel.bpf_stats_enabled`; they add \
+         two clock reads to each program run, so they are off during the rounds): the run time \
+         of the agent's attached programs (tc ingress and egress on both pod interfaces) per \
+         request or connection, beside the whole machine's busy CPU time (/proc/stat: user, \
+         system, irq, softirq of both CPUs; client, server and forwarding together) over the \
+         same run. The share is what the programs can take from a CPU-bound throughput: a \
+         kept-alive ratio to direct much below 1 - share is the beds' noise, not the \
+         datapath. The agent's own CPU over the run (its periodic work) is shown apart.\n\n\
+         | services | run | completed | program runs each | ns per run | program time each | \
+         machine CPU each | programs' share | agent CPU each |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    if res.costs.is_empty() {
+        md += "| - | not measured | | | | | | | |\n";
+    }
+    for (n, c) in &res.costs {
+        for (name, p) in [
+            ("kept-alive requests", &c.keepalive),
+            ("new connections", &c.newconn),
+        ] {
+            if let Some(p) = p {
+                let _ = writeln!(
+                    md,
+                    "| {n} | {name} | {} | {:.1} | {:.0} ns | {:.0} ns | {:.1} us | {:.2}% | {:.0} ns |",
+                    p.ops,
+                    p.runs_per_op,
+                    p.ns_per_run,
+                    p.prog_ns_per_op,
+                    p.cpu_ns_per_op / 1e3,
+                    p.share() * 100.0,
+                    p.agent_ns_per_op
+                );
+            }
+        }
+    }
+    md
 }
 
 /// Why the rounds are pinned as they are.
@@ -418,9 +464,10 @@ fn method(plan: &Plan, m: &Value) -> String {
          iptables / nftables rules are never in another variant's path), all built and \
          programmed once; then {} round(s) run over these live beds, one slot per variant per \
          round, the variant order rotated every round; then the flips; then the beds are torn \
-         down. A slot: the connection tracking on the bed's path is emptied (the node \
+         down. `direct-b` is a second direct bed measured the same way: the A/A control, \
+         whose ratio to direct shows how far two identical paths drift apart in this run. A slot: the connection tracking on the bed's path is emptied (the node \
          namespace's kernel conntrack table for iptables / nftables, the agent's CONNTRACK map \
-         for redirector), then `wrk -t2 -c{}` for {} s as warm-up and {} s measured \
+         for redirector), then `wrk -t{} -c{}` for {} s as warm-up and {} s measured \
          (kept-alive), then {} in-process clients doing connect + GET + close for {} s as \
          warm-up and {} s measured (new connections; latency = the whole connection). CPU \
          pinning: {}. {} Ratios are paired: each round's variant divided by direct (or \
@@ -429,6 +476,7 @@ fn method(plan: &Plan, m: &Value) -> String {
          measured service is the last of N in KUBE-SERVICES.\n\n",
         m["nproc"].as_str().unwrap_or("?"),
         plan.rounds,
+        super::load::wrk_threads(&plan.pinning(0, Metric::Keepalive)),
         plan.wrk_conns,
         plan.warm.as_secs(),
         plan.run.as_secs(),
@@ -450,14 +498,17 @@ pub(super) fn pin_experiment(plan: &Plan, res: &Results, started: Instant) {
          unpinned alternating ABBA; run {} s, warm-up {} s. Spread = (max - min) / median over \
          that mode's rounds.\n",
         plan.rounds,
-        super::pin::Pinning::split().describe(),
+        match plan.pin {
+            super::PinMode::Ab(l) => l.pinning().describe(),
+            _ => super::pin::Pinning::split().describe(),
+        },
         plan.run.as_secs(),
         plan.warm.as_secs()
     );
     md += "| services | variant | metric | pinned median | pinned spread | unpinned median | unpinned spread | pinned vs-direct ratio (min–max) | unpinned vs-direct ratio (min–max) | p99 pinned / unpinned |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
     let mut rows = Vec::new();
     let mut sums = [[0.0f64; 2]; 2]; // [mode][abs spread, ratio range], summed
-    let mut cnt = [0usize; 2];
+    let mut cnt = [[0usize; 2]; 2]; // [mode][rates, ratios]
     for &n in &plan.counts {
         for v in VARIANTS {
             for (mname, mt) in [
@@ -477,10 +528,11 @@ pub(super) fn pin_experiment(plan: &Plan, res: &Results, started: Instant) {
                         "p99_us": p99});
                     if abs.rel_range().is_finite() {
                         sums[i][0] += abs.rel_range();
+                        cnt[i][0] += 1;
                         if v != Variant::Direct {
                             sums[i][1] += ratio.max - ratio.min;
+                            cnt[i][1] += 1;
                         }
-                        cnt[i] += 1;
                     }
                 }
                 let _ = writeln!(
@@ -512,10 +564,10 @@ pub(super) fn pin_experiment(plan: &Plan, res: &Results, started: Instant) {
         md,
         "\nMean spread of the absolute rates: pinned {:.1}%, unpinned {:.1}%. Mean min–max \
          width of the paired vs-direct ratios: pinned {:.3}, unpinned {:.3}. Total {:.0} s.",
-        sums[0][0] / cnt[0].max(1) as f64 * 100.0,
-        sums[1][0] / cnt[1].max(1) as f64 * 100.0,
-        sums[0][1] / (cnt[0].max(1) as f64 * 0.75),
-        sums[1][1] / (cnt[1].max(1) as f64 * 0.75),
+        sums[0][0] / cnt[0][0].max(1) as f64 * 100.0,
+        sums[1][0] / cnt[1][0].max(1) as f64 * 100.0,
+        sums[0][1] / cnt[0][1].max(1) as f64,
+        sums[1][1] / cnt[1][1].max(1) as f64,
         started.elapsed().as_secs_f64()
     );
     println!("\n{md}");

@@ -10,6 +10,7 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{
     bed::Bed,
+    cost::{self, Cost},
     flips::{measure_flips, Flips},
     fmt_rate,
     load::{answers, new_conns, wrk, Load},
@@ -37,6 +38,8 @@ pub(super) struct Results {
     /// (variant, services) -> programming time from scratch (ms).
     pub(super) program_ms: BTreeMap<(Variant, usize), f64>,
     pub(super) flips: Flips,
+    /// services -> the datapath's own CPU per request / connection (redirector bed).
+    pub(super) costs: BTreeMap<usize, Cost>,
     /// services -> (seconds building + programming, measuring, flipping, tearing down).
     pub(super) phases: BTreeMap<usize, [f64; 4]>,
     /// Everything that failed without stopping the run.
@@ -130,12 +133,25 @@ fn one_count(plan: &Plan, ci: usize, n: usize, res: &mut Results) -> Result<()> 
             });
         }
     }
+    // The programs' own CPU per request, with the BPF statistics on (never during rounds).
+    if let Some(l) = live.iter().find(|l| l.variant == Variant::Redirector) {
+        match cost::measure(plan, &l.bed) {
+            Ok(c) => {
+                res.costs.insert(n, c);
+            }
+            Err(e) => {
+                let msg = format!("datapath cost at {n}: {e:#}");
+                println!("  {msg}");
+                res.errors.push(msg);
+            }
+        }
+    }
     let measured = t1.elapsed();
 
     let t2 = Instant::now();
     if plan.flip_counts.contains(&n) {
         let pinning = plan.pinning(0, Metric::Newconn);
-        for l in live.iter_mut().filter(|l| l.variant != Variant::Direct) {
+        for l in live.iter_mut().filter(|l| !l.variant.is_direct()) {
             l.bed.pin(&pinning)?;
             if let Err(e) = measure_flips(
                 &mut l.bed,

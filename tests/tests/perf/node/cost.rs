@@ -1,0 +1,187 @@
+//! The datapath's own CPU per request, beside the whole system's: the kernel's BPF run-time
+//! statistics (`kernel.bpf_stats_enabled`) of the programs the agent attached, over one
+//! kept-alive and one new-connection run on the redirector bed, after the rounds (the
+//! statistics add two clock reads to every program run, so they are never on during the
+//! rounds), and the machine's busy CPU time (`/proc/stat`) over the same runs.
+//!
+//! This is what the throughput ratios cannot show on a 2-CPU machine where client, server
+//! and forwarding share the CPUs: how much of a request's CPU the programs themselves take.
+use std::{collections::BTreeSet, path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
+
+use super::{
+    bed::Bed,
+    load::{new_conns, wrk, Load},
+    summary::Metric,
+    Plan, Variant,
+};
+
+/// One measured run with the statistics on.
+#[derive(Clone, Debug)]
+pub(super) struct PerOp {
+    /// Requests (kept-alive) or connections (new).
+    pub(super) ops: u64,
+    pub(super) runs_per_op: f64,
+    pub(super) ns_per_run: f64,
+    /// The programs' run time per request / connection.
+    pub(super) prog_ns_per_op: f64,
+    /// The whole machine's busy CPU time per request / connection (every CPU; user,
+    /// system, softirq: client, server and forwarding together).
+    pub(super) cpu_ns_per_op: f64,
+    /// The agent process's own CPU time per request / connection (its periodic work, e.g.
+    /// the conntrack sweep, while the run goes on).
+    pub(super) agent_ns_per_op: f64,
+}
+
+impl PerOp {
+    pub(super) fn share(&self) -> f64 {
+        self.prog_ns_per_op / self.cpu_ns_per_op
+    }
+
+    pub(super) fn json(&self) -> Value {
+        json!({"ops": self.ops, "runs_per_op": self.runs_per_op, "ns_per_run": self.ns_per_run,
+               "prog_ns_per_op": self.prog_ns_per_op, "cpu_ns_per_op": self.cpu_ns_per_op,
+               "agent_ns_per_op": self.agent_ns_per_op,
+               "share": self.share()})
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Cost {
+    pub(super) keepalive: Option<PerOp>,
+    pub(super) newconn: Option<PerOp>,
+}
+
+/// Measures both runs on the redirector bed; the statistics are switched off again even
+/// when a run fails.
+pub(super) fn measure(plan: &Plan, bed: &Bed) -> Result<Cost> {
+    let agent = bed
+        .agent
+        .as_ref()
+        .context("redirector bed without an agent")?;
+    let progs = program_ids(&agent.pin)?;
+    if progs.is_empty() {
+        bail!("no pinned links under {}", agent.pin.display());
+    }
+    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let r = (|| -> Result<Cost> {
+        let to = bed.target(Variant::Redirector);
+        let run = plan.run;
+        let ka = plan.pinning(0, Metric::Keepalive);
+        bed.pin(&ka)?;
+        wrk(&bed.cli, to, plan.wrk_conns, plan.warm, &ka)?;
+        let pid = agent.pid();
+        let keepalive = one(&progs, pid, || wrk(&bed.cli, to, plan.wrk_conns, run, &ka))?;
+        let nc = plan.pinning(0, Metric::Newconn);
+        bed.pin(&nc)?;
+        new_conns(&bed.cli, to, plan.gen_threads, plan.warm_newconn, &nc)?;
+        let newconn = one(&progs, pid, || {
+            new_conns(&bed.cli, to, plan.gen_threads, run, &nc)
+        })?;
+        Ok(Cost {
+            keepalive: Some(keepalive),
+            newconn: Some(newconn),
+        })
+    })();
+    let _ = std::fs::write(STATS, was.trim());
+    r
+}
+
+const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+fn one(progs: &BTreeSet<u64>, pid: i32, f: impl FnOnce() -> Result<Load>) -> Result<PerOp> {
+    let (t0, c0, a0) = (prog_stats(progs)?, busy_ns()?, process_ns(pid)?);
+    let load = f()?;
+    let (t1, c1, a1) = (prog_stats(progs)?, busy_ns()?, process_ns(pid)?);
+    if load.count == 0 {
+        bail!("the run completed nothing");
+    }
+    let ops = load.count as f64;
+    let (ns, runs) = ((t1.0 - t0.0) as f64, (t1.1 - t0.1) as f64);
+    Ok(PerOp {
+        ops: load.count,
+        runs_per_op: runs / ops,
+        ns_per_run: if runs > 0.0 { ns / runs } else { f64::NAN },
+        prog_ns_per_op: ns / ops,
+        cpu_ns_per_op: (c1 - c0) as f64 / ops,
+        agent_ns_per_op: (a1 - a0) as f64 / ops,
+    })
+}
+
+/// The ids of the programs behind the agent's pinned links (`<pin>/links/*`).
+fn program_ids(pin: &Path) -> Result<BTreeSet<u64>> {
+    let mut ids = BTreeSet::new();
+    for e in std::fs::read_dir(pin.join("links"))?.flatten() {
+        let v = bpftool(&["link", "show", "pinned", &e.path().to_string_lossy()])?;
+        if let Some(id) = v["prog_id"].as_u64() {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Summed (run_time_ns, run_cnt) of `progs`.
+fn prog_stats(progs: &BTreeSet<u64>) -> Result<(u64, u64)> {
+    let mut sum = (0, 0);
+    for id in progs {
+        let v = bpftool(&["prog", "show", "id", &id.to_string()])?;
+        sum.0 += v["run_time_ns"].as_u64().unwrap_or(0);
+        sum.1 += v["run_cnt"].as_u64().unwrap_or(0);
+    }
+    Ok(sum)
+}
+
+fn bpftool(args: &[&str]) -> Result<Value> {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn clk_tck() -> u64 {
+    // SAFETY: sysconf with a constant name.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+/// utime + stime of process `pid` (every thread), in ns.
+fn process_ns(pid: i32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let rest = text
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .context("unexpected stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok((t(11) + t(12)) * 1_000_000_000 / clk_tck())
+}
+
+/// Busy CPU time of the whole machine (user, nice, system, irq, softirq of /proc/stat's
+/// `cpu` line), in ns.
+fn busy_ns() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/stat")?;
+    let line = text.lines().next().context("empty /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if f.len() < 8 {
+        bail!("unexpected /proc/stat: {line}");
+    }
+    // user nice system idle iowait irq softirq steal (guest times are inside user); time
+    // stolen by a hypervisor is not this machine's work.
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6];
+    Ok(busy * 1_000_000_000 / clk_tck())
+}
