@@ -54,6 +54,15 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*mut T> 
     Some(start as *mut T)
 }
 
+/// Writes `v` at `offset`, or `None` if it does not fit in the packet.
+#[inline(always)]
+pub fn store<T>(data: usize, data_end: usize, offset: usize, v: T) -> Option<()> {
+    let p = ptr_at::<T>(data, data_end, offset)?;
+    // SAFETY: bounds checked above; packet data may be unaligned.
+    unsafe { core::ptr::write_unaligned(p, v) };
+    Some(())
+}
+
 #[inline(always)]
 pub fn load<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
     let p = ptr_at::<T>(data, data_end, offset)?;

@@ -13,7 +13,7 @@ use crate::{
     csum,
     maps::count,
     nat::{decide, Verdict},
-    parse::{parse, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
+    parse::{load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
 
 /// `TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`: the next program on the hook (e.g. a CNI's)
@@ -70,65 +70,64 @@ fn hairpin(ctx: &TcContext) -> i32 {
     }
 }
 
+/// Rewrites the tuple in place. Addresses, ports and the IPv4 header checksum are written
+/// directly (the headers are in the linear area, see `run`); the L4 checksum goes through
+/// `bpf_l4_csum_replace`, twice at most: the address change as a pseudo-header change
+/// (right for CHECKSUM_PARTIAL packets, whose field holds only the pseudo-header sum) and
+/// the port change as a plain one. Two helper calls per packet instead of one per field.
 #[inline(always)]
 fn try_rewrite(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Result<(), i64> {
     let k = &p.key;
-    let csum_off = p.l4_csum_off();
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let addr_changed = k.saddr != to.nat_saddr || k.daddr != to.nat_daddr;
+    let mut addr = 0u32;
+    if addr_changed && p.is_v4() {
+        addr = csum::diff32(addr, k.saddr[0], to.nat_saddr[0]);
+        addr = csum::diff32(addr, k.daddr[0], to.nat_daddr[0]);
+        let ipc: u16 = load(data, data_end, ETH_LEN + 10).ok_or(-1i64)?;
+        put(data, data_end, ETH_LEN + 10, csum::apply(ipc, addr))?;
+        put(data, data_end, ETH_LEN + 12, to.nat_saddr[0])?;
+        put(data, data_end, ETH_LEN + 16, to.nat_daddr[0])?;
+    } else if addr_changed {
+        addr = addr6_diff(addr, &k.saddr, &to.nat_saddr);
+        addr = addr6_diff(addr, &k.daddr, &to.nat_daddr);
+        put(data, data_end, ETH_LEN + 8, to.nat_saddr)?;
+        put(data, data_end, ETH_LEN + 24, to.nat_daddr)?;
+    }
+    let ports_changed = k.sport != to.nat_sport || k.dport != to.nat_dport;
+    let mut port = 0u32;
+    if ports_changed {
+        port = csum::diff16(port, k.sport, to.nat_sport);
+        port = csum::diff16(port, k.dport, to.nat_dport);
+        put(data, data_end, p.l4_off, to.nat_sport)?;
+        put(data, data_end, p.l4_off + 2, to.nat_dport)?;
+    }
+    // Helpers last: they may move the packet data (the pointers above are not used again).
     let mangled = if k.proto == PROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     };
-    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
-    if p.is_v4() {
-        let fields = [
-            (ETH_LEN + 12, k.saddr[0], to.nat_saddr[0]),
-            (ETH_LEN + 16, k.daddr[0], to.nat_daddr[0]),
-        ];
-        for (off, old, new) in fields {
-            if old != new {
-                ctx.l4_csum_replace(csum_off, old as u64, new as u64, pseudo | 4)?;
-                ctx.l3_csum_replace(ETH_LEN + 10, old as u64, new as u64, 4)?;
-                ctx.store(off, &new, 0)?;
-            }
-        }
-    } else {
-        if k.saddr != to.nat_saddr {
-            ctx.l4_csum_replace(
-                csum_off,
-                0,
-                addr6_diff(&k.saddr, &to.nat_saddr) as u64,
-                pseudo,
-            )?;
-            ctx.store(ETH_LEN + 8, &to.nat_saddr, 0)?;
-        }
-        if k.daddr != to.nat_daddr {
-            ctx.l4_csum_replace(
-                csum_off,
-                0,
-                addr6_diff(&k.daddr, &to.nat_daddr) as u64,
-                pseudo,
-            )?;
-            ctx.store(ETH_LEN + 24, &to.nat_daddr, 0)?;
-        }
+    let off = p.l4_csum_off();
+    if addr_changed {
+        ctx.l4_csum_replace(off, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
     }
-    let ports = [
-        (p.l4_off, k.sport, to.nat_sport),
-        (p.l4_off + 2, k.dport, to.nat_dport),
-    ];
-    for (off, old, new) in ports {
-        if old != new {
-            ctx.l4_csum_replace(csum_off, old as u64, new as u64, mangled | 2)?;
-            ctx.store(off, &new, 0)?;
-        }
+    if ports_changed {
+        ctx.l4_csum_replace(off, 0, port as u64, mangled)?;
     }
     Ok(())
 }
 
-/// Checksum difference of a 16-byte address change (for `l4_csum_replace` by diff).
+/// `parse::store` for the `?` of `try_rewrite`.
 #[inline(always)]
-fn addr6_diff(old: &[u32; 4], new: &[u32; 4]) -> u32 {
-    let mut d = 0;
+fn put<T>(data: usize, data_end: usize, off: usize, v: T) -> Result<(), i64> {
+    store(data, data_end, off, v).ok_or(-1)
+}
+
+/// Adds the checksum difference of a 16-byte address change to `acc`.
+#[inline(always)]
+fn addr6_diff(acc: u32, old: &[u32; 4], new: &[u32; 4]) -> u32 {
+    let mut d = acc;
     for i in 0..4 {
         d = csum::diff32(d, old[i], new[i]);
     }

@@ -8,7 +8,7 @@ use crate::{
     csum,
     maps::count,
     nat::{decide, Verdict},
-    parse::{load, parse, ptr_at, Parsed, ETH_LEN},
+    parse::{load, parse, store, Parsed, ETH_LEN},
 };
 
 #[inline(always)]
@@ -26,14 +26,6 @@ pub fn run(ctx: &XdpContext) -> u32 {
         let _ = try_rewrite(data, data_end, &p, &to);
     }
     xdp_action::XDP_PASS
-}
-
-#[inline(always)]
-fn store<T>(data: usize, data_end: usize, off: usize, v: T) -> Option<()> {
-    let ptr = ptr_at::<T>(data, data_end, off)?;
-    // SAFETY: bounds checked; packet data may be unaligned.
-    unsafe { core::ptr::write_unaligned(ptr, v) };
-    Some(())
 }
 
 #[inline(always)]
