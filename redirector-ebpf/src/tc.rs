@@ -7,7 +7,9 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use redirector_common::{CtValue, CT_HAIRPIN, G_PACKETS, G_REWRITE_FAILED, PROTO_UDP};
+use redirector_common::{
+    CtValue, CT_HAIRPIN, G_MALFORMED, G_PACKETS, G_REWRITE_FAILED, PROTO_UDP,
+};
 
 use crate::{
     csum,
@@ -25,14 +27,23 @@ pub const TC_NEXT: i32 = -1;
 #[inline(always)]
 pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
     count(G_PACKETS);
-    // Make sure the headers are in the linear area before direct access.
-    let want = (ETH_LEN + IPV6_LEN + TCP_LEN) as u32;
-    if ctx.data() + want as usize > ctx.data_end() {
-        let len = ctx.len();
-        let _ = ctx.pull_data(if len < want { len } else { want });
-    }
-    let p = match parse(ctx.data(), ctx.data_end(), ctx.len() as usize) {
+    let len = ctx.len() as usize;
+    let p = match parse(ctx.data(), ctx.data_end(), len) {
         Ok(p) => p,
+        // The headers reach past the linear part (the rest in page fragments): pull just the
+        // headers in and parse again. Never up front: pulling a cloned skb (every TCP data
+        // segment is one, its payload shared with the retransmit queue) reallocates its head.
+        Err(G_MALFORMED) if ctx.data() + len > ctx.data_end() => {
+            let want = ETH_LEN + IPV6_LEN + TCP_LEN;
+            let _ = ctx.pull_data(if len < want { len } else { want } as u32);
+            match parse(ctx.data(), ctx.data_end(), len) {
+                Ok(p) => p,
+                Err(c) => {
+                    count(c);
+                    return TC_NEXT;
+                }
+            }
+        }
         Err(c) => {
             count(c);
             return TC_NEXT;

@@ -437,7 +437,7 @@ fn node() {
             }
         }
     }
-    for &n in &plan.flip_counts {
+    for &n in plan.flip_counts.iter().filter(|n| plan.counts.contains(n)) {
         for m in [
             "redirector: map write",
             "redirector: config + SIGHUP",
