@@ -63,6 +63,12 @@ pub static SERVICE_META: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// Interfaces (ifindex) whose ingress runs our programs (tc ingress or XDP), written by the
+/// agent after every attach. On egress, a packet received on one of them was translated
+/// there already and is passed without a lookup. Not pinned: each agent fills its own.
+#[btf_map]
+pub static HOOKED: HashMap<u32, u32, 4096> = HashMap::new();
+
 #[inline(always)]
 pub fn count(idx: u32) {
     if let Some(p) = GLOBAL_STATS.get_ptr_mut(idx) {

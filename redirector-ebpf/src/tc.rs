@@ -7,13 +7,11 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use redirector_common::{
-    CtValue, CT_HAIRPIN, G_MALFORMED, G_PACKETS, G_REWRITE_FAILED, PROTO_UDP,
-};
+use redirector_common::{CtValue, CT_HAIRPIN, G_MALFORMED, G_PACKETS, G_REWRITE_FAILED, PROTO_UDP};
 
 use crate::{
     csum,
-    maps::count,
+    maps::{count, HOOKED},
     nat::{decide, Verdict},
     parse::{load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
@@ -27,6 +25,9 @@ pub const TC_NEXT: i32 = -1;
 #[inline(always)]
 pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
     count(G_PACKETS);
+    if !ingress && arrived_hooked(ctx) {
+        return TC_NEXT;
+    }
     let len = ctx.len() as usize;
     let p = match parse(ctx.data(), ctx.data_end(), len) {
         Ok(p) => p,
@@ -61,6 +62,17 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
         return hairpin(ctx);
     }
     TC_NEXT
+}
+
+/// Whether the packet was received on an interface whose ingress hook (tc or XDP) already
+/// ran the NAT core on it: a forwarded packet, translated there if it needed to be. Egress
+/// then has nothing to do (its work is for replies generated on the node, which were never
+/// received, and for packets that arrived where we have no hook).
+#[inline(always)]
+fn arrived_hooked(ctx: &TcContext) -> bool {
+    // SAFETY: the context is a valid __sk_buff for the program's lifetime.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    iif != 0 && unsafe { HOOKED.get(&iif) }.is_some()
 }
 
 #[inline(always)]

@@ -3,7 +3,7 @@
 //! as they were on bad input), and garbage-collects conntrack. On exit it leaves programs
 //! and maps pinned so traffic keeps flowing and the next agent adopts them.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -170,6 +170,15 @@ impl Attachments {
             }
         }
         self.current.retain(|_, (_, h)| !h.is_empty());
+        let hooked: BTreeSet<u32> = self
+            .current
+            .values()
+            .filter(|(_, h)| h.iter().any(|h| matches!(h, Hook::Xdp | Hook::TcIngress)))
+            .map(|(i, _)| *i)
+            .collect();
+        if let Err(e) = dp.set_hooked(&hooked) {
+            tracing::warn!(error = %e, "recording the hooked interfaces");
+        }
     }
 }
 

@@ -340,6 +340,68 @@ fn egress_does_not_start_flows() {
     assert_eq!(b.conntrack_len(), 0);
 }
 
+/// Egress passes packets received on an interface whose ingress runs our programs (they
+/// were translated there) without touching them; replies generated on the node
+/// (ingress_ifindex 0) and packets from interfaces without our hooks are reverse-translated.
+#[test]
+fn egress_skips_packets_received_on_hooked_interfaces() {
+    require_root!();
+    let _g = common::serial();
+    let mut b = bench();
+    let hooked = 7;
+    b.dp.set_hooked(&[hooked, 9].into_iter().collect())
+        .expect("set_hooked");
+    let mut port = 46_000;
+    for v4 in FAMILIES {
+        for proto in PROTOS {
+            port += 1;
+            let what = format!("proxied reply on egress, {}", label(v4, proto));
+            let (vip, act) = (fixture::proxy_vip(v4, proto), fixture::activator(v4));
+            let client = fixture::client(v4, port);
+            let req = Spec::new(proto, client, vip);
+            check(
+                &mut b,
+                Hook::TcIngress,
+                &req,
+                &req.clone().with_dst(act),
+                Hook::TcIngress.pass(),
+                &what,
+            );
+            let reply = Spec::new(proto, act, client).with_flags(TCP_ACK);
+            let pkt = reply.build();
+            let out = b.run_received_on(Hook::TcEgress, &pkt, hooked);
+            assert_eq!(out.ret, Hook::TcEgress.pass(), "{what}: return code");
+            assert!(
+                out.pkt == pkt,
+                "{what}: received on a hooked interface, yet rewritten\n{}",
+                diff(&out.pkt, &pkt)
+            );
+            let want = reply.clone().with_src(vip).build();
+            for iif in [0, 8] {
+                let out = b.run_received_on(Hook::TcEgress, &pkt, iif);
+                assert!(
+                    out.pkt == want,
+                    "{what}: ingress_ifindex {iif} not reverse-translated\n{}",
+                    diff(&out.pkt, &want)
+                );
+            }
+        }
+    }
+    // The set is replaced, not added to.
+    b.dp.set_hooked(&[9].into_iter().collect())
+        .expect("set_hooked");
+    let client = fixture::client(true, 46_100);
+    let vip = fixture::proxy_vip(true, TCP);
+    let act = fixture::activator(true);
+    b.run(Hook::TcIngress, &Spec::new(TCP, client, vip).build());
+    let reply = Spec::new(TCP, act, client).with_flags(TCP_ACK);
+    let out = b.run_received_on(Hook::TcEgress, &reply.build(), hooked);
+    assert!(
+        out.pkt == reply.clone().with_src(vip).build(),
+        "interface 7 no longer hooked: reverse-translated"
+    );
+}
+
 /// A client that is the backend it is sent to: the source becomes the VIP so the reply
 /// comes back through us; tc bounces the packet back out of its interface (MACs swapped,
 /// TC_ACT_REDIRECT), XDP passes it on.

@@ -7,7 +7,10 @@ mod bpffs;
 pub mod maps;
 pub mod migrate;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
@@ -198,6 +201,25 @@ impl Datapath {
             Some(m) => Ok(m),
             None => Ok(Maps::from_ebpf(&mut self.ebpf)?),
         }
+    }
+
+    /// Makes `HOOKED` (not pinned: this agent's programs only) hold exactly `ifindexes`:
+    /// the interfaces whose ingress runs our programs. Egress passes packets received on
+    /// them without a lookup (they were translated at that ingress).
+    pub fn set_hooked(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), DatapathError> {
+        let name = "HOOKED";
+        let err = |source| MapsError::Map { name, source };
+        let map = self.ebpf.map_mut(name).ok_or(MapsError::Missing { name })?;
+        let mut m: aya::maps::HashMap<_, u32, u32> =
+            aya::maps::HashMap::try_from(map).map_err(err)?;
+        let old: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+        for k in old.iter().filter(|k| !ifindexes.contains(k)) {
+            let _ = m.remove(k);
+        }
+        for k in ifindexes {
+            m.insert(k, 1, 0).map_err(err)?;
+        }
+        Ok(())
     }
 
     pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {

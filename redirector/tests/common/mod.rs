@@ -110,10 +110,31 @@ impl Bench {
 
     /// Runs `pkt` `repeat` times (the kernel keeps the packet between repetitions).
     pub fn try_run(&mut self, hook: Hook, pkt: &[u8], repeat: u32) -> Result<Out, String> {
+        self.try_run_ctx(hook, pkt, repeat, None)
+    }
+
+    /// Runs `pkt` on a tc hook as if it had been received on interface `ingress_ifindex`
+    /// (`__sk_buff.ingress_ifindex`, i.e. a forwarded packet; 0: generated on the node).
+    pub fn run_received_on(&mut self, hook: Hook, pkt: &[u8], ingress_ifindex: u32) -> Out {
+        // __sk_buff up to ingress_ifindex (offset 36); every other field zero.
+        let mut ctx = [0u8; 40];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        self.try_run_ctx(hook, pkt, 1, Some(&ctx))
+            .unwrap_or_else(|e| panic!("test_run on {hook:?}: {e}"))
+    }
+
+    fn try_run_ctx(
+        &mut self,
+        hook: Hook,
+        pkt: &[u8],
+        repeat: u32,
+        ctx_in: Option<&[u8]>,
+    ) -> Result<Out, String> {
         let mut out = vec![0u8; pkt.len() + 512];
         let opts = TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
+            ctx_in,
             repeat,
             ..Default::default()
         };

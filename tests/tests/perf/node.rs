@@ -22,7 +22,7 @@
 //! round with the order rotated every round; each slot empties the connection tracking on
 //! its path and warms up before measuring. Ratios are paired per round (`summary.rs`); the
 //! targets are judged on their medians (`render.rs`). CPU pinning (`pin.rs`): load side and
-//! serving side on separate CPUs, chosen with `NODE_PIN=ab` (see [`PIN_REASON`]).
+//! serving side all on one CPU by default, chosen by experiment (see [`PIN_REASON`]).
 //!
 //! Measured: kept-alive requests/s and latency with `wrk`; new connections/s (connect, one
 //! request, close) and their latency with an in-process generator in the client namespace;
@@ -156,19 +156,21 @@ use summary::Metric;
 /// CPU pinning of the measured rounds (`NODE_PIN=split|on|off|ab` overrides; `ab` is the
 /// experiment that chose this).
 const PIN_DEFAULT: PinMode = PinMode::Fixed {
-    keepalive: Layout::Off,
-    newconn: Layout::Split,
+    keepalive: Layout::One,
+    newconn: Layout::One,
 };
 
 /// Why: written into the report's method paragraph.
-const PIN_REASON: &str = "Chosen with `NODE_PIN=ab` (8 rounds at 1 and 1,000 services, pinned \
-     and unpinned rounds alternating ABBA over the same live beds, on this 2-CPU machine while \
-     other builds ran): pinning cut the round-to-round spread of new connections/s from 14-165% \
-     to 2-20% of the median and the min-max width of their paired ratios to direct from \
-     1.0-2.5 to 0.02-0.19 (the thread-per-connection rt-server's new threads otherwise land on \
-     whichever CPU), so new connections and the flip probes run pinned. For kept-alive it made \
-     p99 10-40 ms (wrk's two threads share one CPU) instead of 0.4-1.8 ms and did not narrow \
-     the spread consistently (wider at 1 service, narrower at 1,000), so wrk runs unpinned.";
+const PIN_REASON: &str = "Chosen by experiment on this 2-vCPU VM, with the A/A control bed \
+     (direct-b) as the yardstick. Unpinned (8 rounds, ABBA), kept-alive direct-b / direct \
+     spanned 0.84-1.29 and new connections 0.84-1.00: wrk, the server threads and the softirq \
+     work land on either CPU, and every wake-up across CPUs costs a VM exit. Load and \
+     serving sides on separate CPUs made that worse for kept-alive (one wake-up across CPUs \
+     per request: 15-19k req/s instead of 45-50k, p99 15-31 ms). Everything on one CPU \
+     (2 runs of 3 rounds) gave A/A spans of 0.92-1.11 (kept-alive) and 0.93-1.10 (new \
+     connections): the rate is then the inverse of the whole path's CPU cost per request, \
+     which is what differs between the variants. So every measurement runs on CPU 0 and the \
+     other CPU only takes the rest of the machine's work.";
 
 /// Where the load and serving sides run (see `pin.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

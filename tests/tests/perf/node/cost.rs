@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::{
     bed::Bed,
     load::{new_conns, wrk, Load},
+    pin::Pinning,
     summary::Metric,
     Plan, Variant,
 };
@@ -27,8 +28,8 @@ pub(super) struct PerOp {
     pub(super) ns_per_run: f64,
     /// The programs' run time per request / connection.
     pub(super) prog_ns_per_op: f64,
-    /// The whole machine's busy CPU time per request / connection (every CPU; user,
-    /// system, softirq: client, server and forwarding together).
+    /// Busy CPU time per request / connection of the CPUs the run is pinned to (every CPU
+    /// when unpinned): user, system, softirq; client, server and forwarding together.
     pub(super) cpu_ns_per_op: f64,
     /// The agent process's own CPU time per request / connection (its periodic work, e.g.
     /// the conntrack sweep, while the run goes on).
@@ -74,11 +75,13 @@ pub(super) fn measure(plan: &Plan, bed: &Bed) -> Result<Cost> {
         bed.pin(&ka)?;
         wrk(&bed.cli, to, plan.wrk_conns, plan.warm, &ka)?;
         let pid = agent.pid();
-        let keepalive = one(&progs, pid, || wrk(&bed.cli, to, plan.wrk_conns, run, &ka))?;
+        let keepalive = one(&progs, pid, &ka, || {
+            wrk(&bed.cli, to, plan.wrk_conns, run, &ka)
+        })?;
         let nc = plan.pinning(0, Metric::Newconn);
         bed.pin(&nc)?;
         new_conns(&bed.cli, to, plan.gen_threads, plan.warm_newconn, &nc)?;
-        let newconn = one(&progs, pid, || {
+        let newconn = one(&progs, pid, &nc, || {
             new_conns(&bed.cli, to, plan.gen_threads, run, &nc)
         })?;
         Ok(Cost {
@@ -92,10 +95,17 @@ pub(super) fn measure(plan: &Plan, bed: &Bed) -> Result<Cost> {
 
 const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-fn one(progs: &BTreeSet<u64>, pid: i32, f: impl FnOnce() -> Result<Load>) -> Result<PerOp> {
-    let (t0, c0, a0) = (prog_stats(progs)?, busy_ns()?, process_ns(pid)?);
+fn one(
+    progs: &BTreeSet<u64>,
+    pid: i32,
+    pinning: &Pinning,
+    f: impl FnOnce() -> Result<Load>,
+) -> Result<PerOp> {
+    let cpus = pinned_cpus(pinning);
+    let cpus = cpus.as_deref();
+    let (t0, c0, a0) = (prog_stats(progs)?, busy_ns(cpus)?, process_ns(pid)?);
     let load = f()?;
-    let (t1, c1, a1) = (prog_stats(progs)?, busy_ns()?, process_ns(pid)?);
+    let (t1, c1, a1) = (prog_stats(progs)?, busy_ns(cpus)?, process_ns(pid)?);
     if load.count == 0 {
         bail!("the run completed nothing");
     }
@@ -109,6 +119,15 @@ fn one(progs: &BTreeSet<u64>, pid: i32, f: impl FnOnce() -> Result<Load>) -> Res
         cpu_ns_per_op: (c1 - c0) as f64 / ops,
         agent_ns_per_op: (a1 - a0) as f64 / ops,
     })
+}
+
+/// Every CPU the load and serving sides are pinned to (`None` when either is not pinned).
+fn pinned_cpus(p: &Pinning) -> Option<Vec<usize>> {
+    let mut v = p.load.clone()?;
+    v.extend(p.serve.clone()?);
+    v.sort_unstable();
+    v.dedup();
+    Some(v)
 }
 
 /// The ids of the programs behind the agent's pinned links (`<pin>/links/*`).
@@ -167,11 +186,27 @@ fn process_ns(pid: i32) -> Result<u64> {
     Ok((t(11) + t(12)) * 1_000_000_000 / clk_tck())
 }
 
-/// Busy CPU time of the whole machine (user, nice, system, irq, softirq of /proc/stat's
-/// `cpu` line), in ns.
-fn busy_ns() -> Result<u64> {
+/// Busy CPU time (user, nice, system, irq, softirq in /proc/stat) of `cpus` (the CPUs the
+/// run is pinned to, so other work on the machine does not count), or of the whole machine
+/// when the run is not pinned, in ns.
+fn busy_ns(cpus: Option<&[usize]>) -> Result<u64> {
     let text = std::fs::read_to_string("/proc/stat")?;
-    let line = text.lines().next().context("empty /proc/stat")?;
+    let Some(cpus) = cpus else {
+        return busy_line(text.lines().next().context("empty /proc/stat")?);
+    };
+    let mut sum = 0;
+    for c in cpus {
+        let tag = format!("cpu{c} ");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&tag))
+            .with_context(|| format!("no {tag}in /proc/stat"))?;
+        sum += busy_line(line)?;
+    }
+    Ok(sum)
+}
+
+fn busy_line(line: &str) -> Result<u64> {
     let f: Vec<u64> = line
         .split_whitespace()
         .skip(1)

@@ -407,13 +407,13 @@ fn cost_section(res: &Results) -> String {
          with the kernel's BPF run-time statistics on (`kernel.bpf_stats_enabled`; they add \
          two clock reads to each program run, so they are off during the rounds): the run time \
          of the agent's attached programs (tc ingress and egress on both pod interfaces) per \
-         request or connection, beside the whole machine's busy CPU time (/proc/stat: user, \
-         system, irq, softirq of both CPUs; client, server and forwarding together) over the \
-         same run. The share is what the programs can take from a CPU-bound throughput: a \
+         request or connection, beside the busy CPU time over the same run of the CPUs the run \
+         is pinned to (/proc/stat: user, system, irq, softirq; client, server and forwarding \
+         together; every CPU when unpinned). The share is what the programs can take from a CPU-bound throughput: a \
          kept-alive ratio to direct much below 1 - share is the beds' noise, not the \
          datapath. The agent's own CPU over the run (its periodic work) is shown apart.\n\n\
          | services | run | completed | program runs each | ns per run | program time each | \
-         machine CPU each | programs' share | agent CPU each |\n\
+         CPU each | programs' share | agent CPU each |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     if res.costs.is_empty() {
