@@ -17,7 +17,7 @@
 //! - `nftables`: kube-proxy's nftables layout (table `kube-proxy`, `service-ips` verdict map,
 //!   per-service chains with `numgen random mod N vmap`, DNAT), loaded with `nft -f`.
 //!
-//! Discipline (`rounds.rs`): for each service count the four beds are built and programmed
+//! Discipline (`rounds.rs`): for each service count the five beds are built and programmed
 //! once (programming timed), then the rounds run over the live beds, one slot per variant per
 //! round with the order rotated every round; each slot empties the connection tracking on
 //! its path and warms up before measuring. Ratios are paired per round (`summary.rs`); the
