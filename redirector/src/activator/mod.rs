@@ -5,6 +5,8 @@
 #[cfg(test)]
 mod bench;
 mod fast;
+#[cfg(test)]
+mod fast_tests;
 mod http;
 mod l4;
 pub mod origdst;
