@@ -41,7 +41,9 @@ async fn instance(accepts: Arc<AtomicUsize>) -> SocketAddr {
                                 .headers
                                 .iter()
                                 .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                                .map_or(0, |h| std::str::from_utf8(h.value).unwrap().parse().unwrap());
+                                .map_or(0, |h| {
+                                    std::str::from_utf8(h.value).unwrap().parse().unwrap()
+                                });
                             break (n, r.path.unwrap().to_owned(), cl);
                         }
                         let mut b = [0u8; 4096];
@@ -104,7 +106,14 @@ async fn activator(upstream: Option<SocketAddr>) -> SocketAddr {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let tracker = Arc::new(());
         while let Ok((s, peer)) = l.accept().await {
-            fast::spawn(act.clone(), svc.clone(), s, peer, graceful.watcher(), tracker.clone());
+            fast::spawn(
+                act.clone(),
+                svc.clone(),
+                s,
+                peer,
+                graceful.watcher(),
+                tracker.clone(),
+            );
         }
     });
     addr
@@ -168,7 +177,10 @@ async fn request_body_and_proxy_headers() {
     )
     .await;
     let body = r.split_once("\r\n\r\n").unwrap().1;
-    assert!(body.starts_with("POST /echo HTTP/1.1\r\nHost: h\r\n"), "{body}");
+    assert!(
+        body.starts_with("POST /echo HTTP/1.1\r\nHost: h\r\n"),
+        "{body}"
+    );
     assert!(body.contains("content-length: 5\r\n"), "{body}");
     assert!(body.contains("k-proxy-request: activator\r\n"), "{body}");
     assert!(body.contains("x-forwarded-for: 127.0.0.1\r\n"), "{body}");
@@ -177,9 +189,11 @@ async fn request_body_and_proxy_headers() {
     assert!(body.ends_with("\r\n\r\nabcde"), "{body}");
     // The body arrives late and in pieces.
     let mut s = TcpStream::connect(a).await.unwrap();
-    s.write_all(b"PUT /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab")
-        .await
-        .unwrap();
+    s.write_all(
+        b"PUT /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab",
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     s.write_all(b"cd").await.unwrap();
     let mut out = String::new();
@@ -200,7 +214,11 @@ async fn connection_close_from_the_instance_keeps_the_client() {
         "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye\
          HTTP/1.1 200 OK\r\nContent-Length: 3\r\nconnection: close\r\n\r\nbye"
     );
-    assert_eq!(accepts.load(Ordering::SeqCst), 2, "a new instance connection each");
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        2,
+        "a new instance connection each"
+    );
 }
 
 #[tokio::test]
@@ -213,15 +231,26 @@ async fn instance_dying_mid_request_gives_502_and_a_new_connection() {
     .await;
     let (first, second) = r.split_at(r.find("HTTP/1.1 200").expect("second answered"));
     assert!(first.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{r}");
-    assert!(first.ends_with("redirector activator: the instance failed\n"), "{r}");
+    assert!(
+        first.ends_with("redirector activator: the instance failed\n"),
+        "{r}"
+    );
     assert!(second.contains("GET /ok HTTP/1.1\r\n"), "{r}");
-    assert_eq!(accepts.load(Ordering::SeqCst), 2, "the failed connection is not reused");
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        2,
+        "the failed connection is not reused"
+    );
 }
 
 #[tokio::test]
 async fn large_response_streamed() {
     let (a, _) = setup().await;
-    let r = exchange(a, b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await;
+    let r = exchange(
+        a,
+        b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let (head, body) = r.split_once("\r\n\r\n").unwrap();
     assert!(head.contains(&format!("Content-Length: {BIG}")), "{head}");
     assert_eq!(body.len(), BIG);

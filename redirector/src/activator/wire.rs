@@ -100,7 +100,10 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
         body_len: 0,
         head_method: method == "HEAD",
         close: false,
-        idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"),
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        ),
         has_host: false,
         namespace: None,
         revision: None,
@@ -114,7 +117,9 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     for h in r.headers.iter() {
         let (n, v) = (h.name, h.value);
         if is(n, "content-length") {
-            let Some(len) = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok())
+            let Some(len) = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
             else {
                 return Parsed::Hyper;
             };
