@@ -147,10 +147,10 @@ impl Fast {
                 }
             };
             let Parsed::Take(req) = parsed else {
-                return self.to_hyper(watcher, tracker);
+                return self.hand_to_hyper(watcher, tracker);
             };
             let Some(svc) = self.service(&req).filter(|s| s.protocol != Protocol::H2c) else {
-                return self.to_hyper(watcher, tracker);
+                return self.hand_to_hyper(watcher, tracker);
             };
             while self.buf.len() < req.head_len + req.body_len {
                 if !matches!(fill(&mut self.client, &mut self.buf).await, Ok(n) if n > 0) {
@@ -159,7 +159,7 @@ impl Fast {
             }
             // Warm only: a request that would wait goes to the hold in the hyper path.
             let Some(slot) = svc.try_acquire() else {
-                return self.to_hyper(watcher, tracker);
+                return self.hand_to_hyper(watcher, tracker);
             };
             match self.forward(&svc, &slot.instance, &req).await {
                 Ok(true) => {}
@@ -386,7 +386,7 @@ impl Fast {
     }
 
     /// Hands the connection (and what was read from it) to hyper.
-    fn to_hyper(mut self, watcher: Watcher, tracker: Arc<()>) {
+    fn hand_to_hyper(mut self, watcher: Watcher, tracker: Arc<()>) {
         if let Some(u) = self.up.take() {
             put_raw(u.id, u.io);
         }

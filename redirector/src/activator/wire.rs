@@ -128,9 +128,11 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
             }
             content_length = Some(len);
             continue;
-        } else if is(n, "transfer-encoding") || is(n, "upgrade") || is(n, "expect") {
-            return Parsed::Hyper;
-        } else if is(n, "k-network-probe") && v == b"activator" {
+        } else if is(n, "transfer-encoding")
+            || is(n, "upgrade")
+            || is(n, "expect")
+            || (is(n, "k-network-probe") && v == b"activator")
+        {
             return Parsed::Hyper;
         } else if is(n, "connection") {
             if has_token(v, "upgrade") {
