@@ -364,6 +364,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             let n = self.pre.len().min(buf.remaining());
             buf.put_slice(&self.pre[..n]);
             self.pre.advance(n);
+            if self.pre.is_empty() {
+                self.pre = Bytes::new(); // frees the allocation (a held request keeps us)
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
