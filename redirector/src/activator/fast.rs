@@ -24,6 +24,7 @@ use tokio::{
 
 use super::{
     http,
+    queue::Slot,
     upstream::{connect_raw, idle_ok, put_raw, take_raw},
     wire::{self, Chunks, Framing, Parsed, Req, Resp},
     Activator, Instance, ServiceState,
@@ -37,6 +38,12 @@ const READ: usize = 16 * 1024;
 
 /// Serves `stream` (accepted from `peer`) on its own task: the fast path, then hyper if a
 /// request needs it. `tracker` and `watcher` keep a drain waiting for it.
+///
+/// A connection costs nothing here until the fast path really serves it: the first request
+/// is read through a per-thread scratch buffer into an exact-size one, and a connection
+/// handed to hyper at once (a held request: 10,000 of them at a time) keeps only hyper's
+/// own state, on this same task. The fast path's state (its 16 KiB read buffer, its future)
+/// is allocated once a request is taken.
 pub fn spawn(
     act: Arc<Activator>,
     svc: Option<Arc<ServiceState>>,
@@ -46,20 +53,144 @@ pub fn spawn(
     tracker: Arc<()>,
 ) {
     let stop = act.shutdown.subscribe();
-    let conn = Fast {
+    let mut conn = Fast {
         act,
         svc,
         peer,
-        xff: peer.ip().to_string().into_bytes(),
+        xff: Vec::new(),
         client: stream,
-        buf: BytesMut::with_capacity(READ),
+        buf: BytesMut::new(),
         rbuf: BytesMut::new(),
         out: Vec::new(),
         hout: Vec::new(),
         up: None,
         stop,
     };
-    tokio::spawn(conn.run(watcher, tracker));
+    // The fast path's part of the connection; yields hyper's future when hyper takes over.
+    let fast = async move {
+        let next = match conn.first().await {
+            // Boxed: its state is only allocated for connections it serves.
+            First::Take(take) => Box::pin(conn.run(Some(take))).await,
+            First::Hyper => Next::Hyper,
+            First::Done => Next::Done,
+        };
+        match next {
+            Next::Done => {
+                conn.finish().await;
+                None
+            }
+            Next::Cut => None,
+            Next::Hyper => Some(conn.into_hyper(watcher)),
+        }
+    };
+    let task = ConnTask {
+        phase: Phase::Fast { fut: fast },
+        _tracker: tracker,
+    };
+    tokio::spawn(task);
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: the fast path's future, then (in its place, not beside it: an
+    /// `async` block awaiting one after the other would keep room for both) hyper's.
+    struct ConnTask<F, H> {
+        #[pin]
+        phase: Phase<F, H>,
+        _tracker: Arc<()>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = PhaseProj]
+    #[project_replace = PhaseReplace]
+    enum Phase<F, H> {
+        Fast { #[pin] fut: F },
+        Hyper { #[pin] fut: H },
+        Done,
+    }
+}
+
+impl<F, H> std::future::Future for ConnTask<F, H>
+where
+    F: std::future::Future<Output = Option<H>>,
+    H: std::future::Future<Output = ()>,
+{
+    type Output = ();
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let mut phase = self.project().phase;
+        loop {
+            match phase.as_mut().project() {
+                PhaseProj::Fast { fut } => match fut.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(h)) => {
+                        phase.as_mut().project_replace(Phase::Hyper { fut: h });
+                    }
+                    Poll::Ready(None) => {
+                        phase.as_mut().project_replace(Phase::Done);
+                        return Poll::Ready(());
+                    }
+                },
+                PhaseProj::Hyper { fut } => {
+                    if fut.poll(cx).is_ready() {
+                        phase.as_mut().project_replace(Phase::Done);
+                        return Poll::Ready(());
+                    }
+                    return Poll::Pending;
+                }
+                PhaseProj::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// A request the fast path takes: its service, the instance slot and the parsed head (the
+/// head and body at the front of `buf`, the head for the instance in `out`).
+type Take = (Arc<ServiceState>, Slot, Req);
+
+/// What the first request of a connection decided.
+enum First {
+    Take(Take),
+    Hyper,
+    /// The client went away (or the activator drains) before a whole request.
+    Done,
+}
+
+/// How the fast path left a connection.
+enum Next {
+    /// Closed cleanly (`finish`).
+    Done,
+    /// A response was cut off mid-body: nothing more can go to the client.
+    Cut,
+    /// Hyper serves it from here on.
+    Hyper,
+}
+
+thread_local! {
+    /// Where first requests are read (copied out at their exact size): a connection that
+    /// is handed to hyper never has a read buffer of its own.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ].into_boxed_slice());
+}
+
+/// Reads what `io` has into `buf`, growing it by exactly the bytes read; 0 at end of stream.
+async fn read_exact_size(io: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        io.readable().await?;
+        let r: std::io::Result<usize> = SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let n = io.try_read(&mut s)?;
+            buf.extend_from_slice(&s[..n]);
+            Ok(n)
+        });
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
 }
 
 struct Upstream {
@@ -122,54 +253,108 @@ fn text(out: &mut Vec<u8>, status: &str, msg: &str, head: bool, close: bool) {
 }
 
 impl Fast {
-    async fn run(mut self, watcher: Watcher, tracker: Arc<()>) {
-        loop {
-            let parsed = loop {
-                if !self.buf.is_empty() {
-                    match wire::request(&self.buf, &mut self.out) {
-                        Parsed::Partial => {}
-                        p => break p,
-                    }
+    /// Reads and parses the connection's first request (at its exact size, see `spawn`)
+    /// and decides who serves it.
+    async fn first(&mut self) -> First {
+        let req = loop {
+            let r = if self.buf.is_empty() {
+                if *self.stop.borrow() {
+                    return First::Done;
                 }
-                let r = if self.buf.is_empty() {
-                    if *self.stop.borrow() {
-                        return self.finish().await;
-                    }
-                    tokio::select! {
-                        r = fill(&mut self.client, &mut self.buf) => r,
-                        _ = self.stop.changed() => return self.finish().await,
-                    }
-                } else {
-                    fill(&mut self.client, &mut self.buf).await
-                };
-                if !matches!(r, Ok(n) if n > 0) {
-                    return self.finish().await;
+                tokio::select! {
+                    r = read_exact_size(&self.client, &mut self.buf) => r,
+                    _ = self.stop.changed() => return First::Done,
                 }
+            } else {
+                read_exact_size(&self.client, &mut self.buf).await
             };
-            let Parsed::Take(req) = parsed else {
-                return self.hand_to_hyper(watcher, tracker);
-            };
-            let Some(svc) = self.service(&req).filter(|s| s.protocol != Protocol::H2c) else {
-                return self.hand_to_hyper(watcher, tracker);
-            };
-            while self.buf.len() < req.head_len + req.body_len {
-                if !matches!(fill(&mut self.client, &mut self.buf).await, Ok(n) if n > 0) {
-                    return self.finish().await;
-                }
+            if !matches!(r, Ok(n) if n > 0) {
+                return First::Done;
             }
-            // Warm only: a request that would wait goes to the hold in the hyper path.
-            let Some(slot) = svc.try_acquire() else {
-                return self.hand_to_hyper(watcher, tracker);
+            match wire::request(&self.buf, &mut self.out) {
+                Parsed::Partial => {}
+                Parsed::Hyper => return First::Hyper,
+                Parsed::Take(req) => break req,
+            }
+        };
+        let Some(svc) = self.service(&req).filter(|s| s.protocol != Protocol::H2c) else {
+            return First::Hyper;
+        };
+        while self.buf.len() < req.head_len + req.body_len {
+            if !matches!(read_exact_size(&self.client, &mut self.buf).await, Ok(n) if n > 0) {
+                return First::Done;
+            }
+        }
+        // Warm only: a request that would wait goes to the hold in the hyper path.
+        match svc.try_acquire() {
+            Some(slot) => First::Take((svc, slot, req)),
+            None => First::Hyper,
+        }
+    }
+
+    /// Serves requests (`first`, then the next ones) until the connection ends or one
+    /// needs hyper.
+    async fn run(&mut self, mut first: Option<Take>) -> Next {
+        if self.xff.is_empty() {
+            self.xff = self.peer.ip().to_string().into_bytes();
+        }
+        loop {
+            let (svc, slot, req) = match first.take() {
+                Some(take) => take,
+                None => match self.next().await {
+                    Ok(take) => take,
+                    Err(next) => return next,
+                },
             };
             match self.forward(&svc, &slot.instance, &req).await {
                 Ok(true) => {}
-                Ok(false) => return self.finish().await,
+                Ok(false) => return Next::Done,
                 Err(e) => {
-                    // The response was cut off mid-body: nothing more can go to the client.
                     tracing::debug!(service = %svc.name, error = %e, "fast path: response cut off");
-                    return;
+                    return Next::Cut;
                 }
             }
+        }
+    }
+
+    /// The next request of a connection the fast path serves, read into its full buffer.
+    async fn next(&mut self) -> Result<Take, Next> {
+        let parsed = loop {
+            if !self.buf.is_empty() {
+                match wire::request(&self.buf, &mut self.out) {
+                    Parsed::Partial => {}
+                    p => break p,
+                }
+            }
+            let r = if self.buf.is_empty() {
+                if *self.stop.borrow() {
+                    return Err(Next::Done);
+                }
+                tokio::select! {
+                    r = fill(&mut self.client, &mut self.buf) => r,
+                    _ = self.stop.changed() => return Err(Next::Done),
+                }
+            } else {
+                fill(&mut self.client, &mut self.buf).await
+            };
+            if !matches!(r, Ok(n) if n > 0) {
+                return Err(Next::Done);
+            }
+        };
+        let Parsed::Take(req) = parsed else {
+            return Err(Next::Hyper);
+        };
+        let Some(svc) = self.service(&req).filter(|s| s.protocol != Protocol::H2c) else {
+            return Err(Next::Hyper);
+        };
+        while self.buf.len() < req.head_len + req.body_len {
+            if !matches!(fill(&mut self.client, &mut self.buf).await, Ok(n) if n > 0) {
+                return Err(Next::Done);
+            }
+        }
+        match svc.try_acquire() {
+            Some(slot) => Ok((svc, slot, req)),
+            None => Err(Next::Hyper),
         }
     }
 
@@ -376,7 +561,7 @@ impl Fast {
     }
 
     /// The client connection ends: its instance connection is kept for another.
-    async fn finish(mut self) {
+    async fn finish(&mut self) {
         if let Some(u) = self.up.take() {
             if self.rbuf.is_empty() {
                 put_raw(u.id, u.io);
@@ -385,22 +570,27 @@ impl Fast {
         let _ = self.client.shutdown().await;
     }
 
-    /// Hands the connection (and what was read from it) to hyper.
-    fn hand_to_hyper(mut self, watcher: Watcher, tracker: Arc<()>) {
+    /// Hands the connection (and what was read from it) to hyper: everything of the fast
+    /// path is freed before hyper's connection future is awaited (it lives as long as a
+    /// held request).
+    fn into_hyper(mut self, watcher: Watcher) -> impl std::future::Future<Output = ()> {
         if let Some(u) = self.up.take() {
             put_raw(u.id, u.io);
         }
-        // A copy the size of what was read: the read buffer is freed now, not kept for the
-        // life of a held request (10,000 held: +55 MiB RSS otherwise).
-        let pre = bytes::Bytes::copy_from_slice(&self.buf);
-        drop(std::mem::take(&mut self.buf));
+        // The bytes read, without spare room: a first request's buffer is already of that
+        // size; the fast path's own (16 KiB) read buffer is not kept for a held request.
+        let buf = std::mem::take(&mut self.buf);
+        let pre = if buf.capacity() == buf.len() {
+            buf.freeze()
+        } else {
+            bytes::Bytes::copy_from_slice(&buf)
+        };
         http::serve_conn(
             self.act,
             self.svc,
             wire::Rewind::new(pre, self.client),
             self.peer,
             watcher,
-            tracker,
-        );
+        )
     }
 }

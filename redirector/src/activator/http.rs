@@ -4,6 +4,7 @@
 //! counts), 502 when the instance fails mid-request.
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{atomic::Ordering, Arc},
@@ -53,15 +54,16 @@ struct Conn {
 }
 
 /// Serves one accepted connection (from the fast path, with what it read put back) as HTTP
-/// (h1 or h2c prior knowledge), watched by `watcher` so a drain waits for it.
+/// (h1 or h2c prior knowledge), watched by `watcher` so a drain waits for it. The caller
+/// awaits it on the connection's own task (no second task per connection).
 pub fn serve_conn<I>(
     act: Arc<Activator>,
     conn_svc: Option<Arc<ServiceState>>,
     stream: I,
     peer: SocketAddr,
     watcher: Watcher,
-    tracker: Arc<()>,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(Conn {
@@ -78,12 +80,11 @@ pub fn serve_conn<I>(
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     let conn = watcher.watch(conn);
-    tokio::spawn(async move {
-        let _t = tracker;
+    async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "activator connection ended");
         }
-    });
+    }
 }
 
 /// The body of every response the activator sends: its own short text, an instance's
