@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::{watch, Notify};
 
-use super::{http, Activator, Instance, ServiceState};
+use super::{fast, Activator, Instance, ServiceState};
 use crate::config::{ActivatorConfig, Protocol};
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -59,7 +59,7 @@ fn warm_path() {
                         r = l.accept() => {
                             let (s, peer) = r.unwrap();
                             let _ = s.set_nodelay(true);
-                            http::serve_conn(act.clone(), Some(svc.clone()), s, peer, &graceful, tracker.clone());
+                            fast::spawn(act.clone(), Some(svc.clone()), s, peer, graceful.watcher(), tracker.clone());
                         }
                         _ = &mut stop => break,
                     }

@@ -4,6 +4,7 @@
 //! counts), 502 when the instance fails mid-request.
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{atomic::Ordering, Arc},
@@ -19,9 +20,9 @@ use hyper::{
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{conn::auto, graceful::Watcher},
 };
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{queue::Slot, upstream, Activator, ServiceState};
 
@@ -52,16 +53,19 @@ struct Conn {
     xff: Option<HeaderValue>,
 }
 
-/// Serves one accepted connection as HTTP (h1 or h2c prior knowledge), tracked by
-/// `graceful` so a drain waits for it.
-pub fn serve_conn(
+/// Serves one accepted connection (from the fast path, with what it read put back) as HTTP
+/// (h1 or h2c prior knowledge), watched by `watcher` so a drain waits for it. The caller
+/// awaits it on the connection's own task (no second task per connection).
+pub fn serve_conn<I>(
     act: Arc<Activator>,
     conn_svc: Option<Arc<ServiceState>>,
-    stream: TcpStream,
+    stream: I,
     peer: SocketAddr,
-    graceful: &GracefulShutdown,
-    tracker: Arc<()>,
-) {
+    watcher: Watcher,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = Arc::new(Conn {
         act,
         svc: conn_svc,
@@ -75,13 +79,12 @@ pub fn serve_conn(
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        let _t = tracker;
+    let conn = watcher.watch(conn);
+    async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "activator connection ended");
         }
-    });
+    }
 }
 
 /// The body of every response the activator sends: its own short text, an instance's

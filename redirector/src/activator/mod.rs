@@ -4,11 +4,15 @@
 //! upgrades, or raw TCP for L4 services). Drains on shutdown.
 #[cfg(test)]
 mod bench;
+mod fast;
+#[cfg(test)]
+mod fast_tests;
 mod http;
 mod l4;
 pub mod origdst;
 pub mod queue;
 mod upstream;
+mod wire;
 
 use std::{
     collections::HashMap,
@@ -114,7 +118,7 @@ impl Activator {
                             let guard = conns.clone();
                             tokio::spawn(async move { let _g = guard; l4::handle(me, svc, stream).await });
                         }
-                        svc => http::serve_conn(self.clone(), svc, stream, peer, &graceful, conns.clone()),
+                        svc => fast::spawn(self.clone(), svc, stream, peer, graceful.watcher(), conns.clone()),
                     }
                 }
                 _ = stop.changed() => break,

@@ -257,3 +257,75 @@ pub async fn send_h2(
         }
     }
 }
+
+/// Plain HTTP/1.1 connections the fast path (`fast.rs`) left idle, per instance and thread.
+#[derive(Default)]
+struct RawPool {
+    idle: IdMap<Vec<(TcpStream, Instant)>>,
+    swept: Option<Instant>,
+}
+
+thread_local! {
+    static RAW: RefCell<RawPool> = RefCell::default();
+}
+
+/// True when an idle connection has nothing to read and is not closed: the instance has
+/// neither closed it nor sent anything unasked.
+pub fn idle_ok(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut b = 0u8;
+    // SAFETY: a one-byte peek into a local buffer on a socket we own.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+}
+
+/// A kept-alive connection to instance `id` that is still open, if there is one.
+pub fn take_raw(id: u64) -> Option<TcpStream> {
+    RAW.try_with(|p| {
+        let mut p = p.try_borrow_mut().ok()?;
+        let idle = p.idle.get_mut(&id)?;
+        while let Some((s, since)) = idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && idle_ok(&s) {
+                return Some(s);
+            }
+        }
+        None
+    })
+    .ok()
+    .flatten()
+}
+
+/// Keeps a connection to instance `id` (between two messages) for a later request.
+pub fn put_raw(id: u64, s: TcpStream) {
+    let _ = RAW.try_with(|p| {
+        let Ok(mut p) = p.try_borrow_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if p.swept.is_none_or(|s| now.duration_since(s) >= SWEEP_EVERY) {
+            p.idle.retain(|_, v| {
+                v.retain(|(s, since)| now.duration_since(*since) < IDLE_TIMEOUT && idle_ok(s));
+                !v.is_empty()
+            });
+            p.swept = Some(now);
+        }
+        let idle = p.idle.entry(id).or_default();
+        if idle.len() < MAX_IDLE {
+            idle.push((s, now));
+        }
+    });
+}
+
+/// Opens a connection to `addr` for the fast path.
+pub async fn connect_raw(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(addr).await?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}

@@ -22,6 +22,8 @@
 //!    reported beside it).
 //! 4. Agent memory with 10,000 held requests (an instance that takes 10 minutes to start):
 //!    the agent's VmRSS while /status shows them all held. Target <= 200 MiB.
+//!
+//! `ACT_ONLY=memory` runs part 4 alone (memory is not sensitive to CPU load).
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
@@ -1063,8 +1065,19 @@ fn activator() {
     let mut errors: Vec<String> = Vec::new();
     let load_start = loadavg();
 
-    let cold = cold_starts(n_cold).map_err(|e| errors.push(format!("cold starts: {e:#}")));
-    let warm = warm(o.quick).map_err(|e| errors.push(format!("warm / throughput: {e:#}")));
+    // `ACT_ONLY=memory`: only part 4 (the held-requests memory figure), for checking memory
+    // changes without the CPU-heavy parts; unset, every part runs.
+    let memory_only = std::env::var("ACT_ONLY").is_ok_and(|v| v == "memory");
+    let cold = if memory_only {
+        Err(())
+    } else {
+        cold_starts(n_cold).map_err(|e| errors.push(format!("cold starts: {e:#}")))
+    };
+    let warm = if memory_only {
+        Err(())
+    } else {
+        warm(o.quick).map_err(|e| errors.push(format!("warm / throughput: {e:#}")))
+    };
     let mem = memory().map_err(|e| errors.push(format!("memory: {e:#}")));
     let load_end = loadavg();
 

@@ -1,0 +1,596 @@
+//! The HTTP/1.1 fast path: owns an accepted HTTP connection while its requests are plain
+//! HTTP/1.1 ones (`wire::request`) for a warm HTTP service. One task serves the client
+//! connection and its own connection to the instance (kept while the same instance serves
+//! the next request, then pooled by instance id: one made to a gone instance is never
+//! reused), parsing heads with `httparse` and writing each message with one write when its
+//! head and body are at hand; response bodies (Content-Length, chunked or until close) are
+//! streamed through a bounded buffer. 502 when the instance fails before its response head
+//! (a request to a reused idle connection that failed before any answer is retried once
+//! when idempotent), 504 past the service's timeout.
+//!
+//! Everything else is handed to hyper (`http::serve_conn`) at a message boundary, with the
+//! bytes read so far, and stays there: h2c, upgrades, `Expect`, chunked or large request
+//! bodies, probes, HTTP/1.0, unknown services (404), H2c services, and requests no instance
+//! can take right now (held: cold starts, containerConcurrency full).
+use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use bytes::{Buf, BytesMut};
+use hyper_util::server::graceful::Watcher;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+};
+
+use super::{
+    http,
+    queue::Slot,
+    upstream::{connect_raw, idle_ok, put_raw, take_raw},
+    wire::{self, Chunks, Framing, Parsed, Req, Resp},
+    Activator, Instance, ServiceState,
+};
+use crate::config::Protocol;
+
+/// An instance connection idle longer than this is checked before it is written to.
+const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
+/// Read size for both sides (buffers stay around this size).
+const READ: usize = 16 * 1024;
+
+/// Serves `stream` (accepted from `peer`) on its own task: the fast path, then hyper if a
+/// request needs it. `tracker` and `watcher` keep a drain waiting for it.
+///
+/// A connection costs nothing here until the fast path really serves it: the first request
+/// is read through a per-thread scratch buffer into an exact-size one, and a connection
+/// handed to hyper at once (a held request: 10,000 of them at a time) keeps only hyper's
+/// own state, on this same task. The fast path's state (its 16 KiB read buffer, its future)
+/// is allocated once a request is taken.
+pub fn spawn(
+    act: Arc<Activator>,
+    svc: Option<Arc<ServiceState>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+    tracker: Arc<()>,
+) {
+    let stop = act.shutdown.subscribe();
+    let mut conn = Fast {
+        act,
+        svc,
+        peer,
+        xff: Vec::new(),
+        client: stream,
+        buf: BytesMut::new(),
+        rbuf: BytesMut::new(),
+        out: Vec::new(),
+        hout: Vec::new(),
+        up: None,
+        stop,
+    };
+    // The fast path's part of the connection; yields hyper's future when hyper takes over.
+    let fast = async move {
+        let next = match conn.first().await {
+            // Boxed: its state is only allocated for connections it serves.
+            First::Take(take) => Box::pin(conn.run(Some(take))).await,
+            First::Hyper => Next::Hyper,
+            First::Done => Next::Done,
+        };
+        match next {
+            Next::Done => {
+                conn.finish().await;
+                None
+            }
+            Next::Cut => None,
+            Next::Hyper => Some(conn.into_hyper(watcher)),
+        }
+    };
+    let task = ConnTask {
+        phase: Phase::Fast { fut: fast },
+        _tracker: tracker,
+    };
+    tokio::spawn(task);
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: the fast path's future, then (in its place, not beside it: an
+    /// `async` block awaiting one after the other would keep room for both) hyper's.
+    struct ConnTask<F, H> {
+        #[pin]
+        phase: Phase<F, H>,
+        _tracker: Arc<()>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = PhaseProj]
+    #[project_replace = PhaseReplace]
+    enum Phase<F, H> {
+        Fast { #[pin] fut: F },
+        Hyper { #[pin] fut: H },
+        Done,
+    }
+}
+
+impl<F, H> std::future::Future for ConnTask<F, H>
+where
+    F: std::future::Future<Output = Option<H>>,
+    H: std::future::Future<Output = ()>,
+{
+    type Output = ();
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let mut phase = self.project().phase;
+        loop {
+            match phase.as_mut().project() {
+                PhaseProj::Fast { fut } => match fut.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(h)) => {
+                        phase.as_mut().project_replace(Phase::Hyper { fut: h });
+                    }
+                    Poll::Ready(None) => {
+                        phase.as_mut().project_replace(Phase::Done);
+                        return Poll::Ready(());
+                    }
+                },
+                PhaseProj::Hyper { fut } => {
+                    if fut.poll(cx).is_ready() {
+                        phase.as_mut().project_replace(Phase::Done);
+                        return Poll::Ready(());
+                    }
+                    return Poll::Pending;
+                }
+                PhaseProj::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// A request the fast path takes: its service, the instance slot and the parsed head (the
+/// head and body at the front of `buf`, the head for the instance in `out`).
+type Take = (Arc<ServiceState>, Slot, Req);
+
+/// What the first request of a connection decided.
+enum First {
+    Take(Take),
+    Hyper,
+    /// The client went away (or the activator drains) before a whole request.
+    Done,
+}
+
+/// How the fast path left a connection.
+enum Next {
+    /// Closed cleanly (`finish`).
+    Done,
+    /// A response was cut off mid-body: nothing more can go to the client.
+    Cut,
+    /// Hyper serves it from here on.
+    Hyper,
+}
+
+thread_local! {
+    /// Where first requests are read (copied out at their exact size): a connection that
+    /// is handed to hyper never has a read buffer of its own.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ].into_boxed_slice());
+}
+
+/// Reads what `io` has into `buf`, growing it by exactly the bytes read; 0 at end of stream.
+async fn read_exact_size(io: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        io.readable().await?;
+        let r: std::io::Result<usize> = SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let n = io.try_read(&mut s)?;
+            buf.extend_from_slice(&s[..n]);
+            Ok(n)
+        });
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+struct Upstream {
+    io: TcpStream,
+    id: u64,
+    last: std::time::Instant,
+}
+
+struct Fast {
+    act: Arc<Activator>,
+    svc: Option<Arc<ServiceState>>,
+    peer: SocketAddr,
+    xff: Vec<u8>,
+    client: TcpStream,
+    /// Bytes from the client not yet forwarded.
+    buf: BytesMut,
+    /// Bytes from the instance not yet forwarded.
+    rbuf: BytesMut,
+    /// The request head (and small body) for the instance.
+    out: Vec<u8>,
+    /// What goes to the client next.
+    hout: Vec<u8>,
+    up: Option<Upstream>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Why an exchange with the instance failed before its response head.
+#[derive(Debug, thiserror::Error)]
+enum UpError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the instance closed the connection before answering")]
+    Closed,
+    #[error(transparent)]
+    Wire(#[from] wire::Error),
+}
+
+/// Reads into `buf` (at least `READ` bytes of room); 0 at end of stream.
+async fn fill(io: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < READ / 2 {
+        buf.reserve(READ);
+    }
+    io.read_buf(buf).await
+}
+
+/// One of the activator's own short responses.
+fn text(out: &mut Vec<u8>, status: &str, msg: &str, head: bool, close: bool) {
+    use std::io::Write as _;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n",
+        msg.len() + 1,
+        if close { "connection: close\r\n" } else { "" }
+    );
+    if !head {
+        out.extend_from_slice(msg.as_bytes());
+        out.push(b'\n');
+    }
+}
+
+impl Fast {
+    /// Reads and parses the connection's first request (at its exact size, see `spawn`)
+    /// and decides who serves it.
+    async fn first(&mut self) -> First {
+        let req = loop {
+            let r = if self.buf.is_empty() {
+                if *self.stop.borrow() {
+                    return First::Done;
+                }
+                tokio::select! {
+                    r = read_exact_size(&self.client, &mut self.buf) => r,
+                    _ = self.stop.changed() => return First::Done,
+                }
+            } else {
+                read_exact_size(&self.client, &mut self.buf).await
+            };
+            if !matches!(r, Ok(n) if n > 0) {
+                return First::Done;
+            }
+            match wire::request(&self.buf, &mut self.out) {
+                Parsed::Partial => {}
+                Parsed::Hyper => return First::Hyper,
+                Parsed::Take(req) => break req,
+            }
+        };
+        let Some(svc) = self.service(&req).filter(|s| s.protocol != Protocol::H2c) else {
+            return First::Hyper;
+        };
+        while self.buf.len() < req.head_len + req.body_len {
+            if !matches!(read_exact_size(&self.client, &mut self.buf).await, Ok(n) if n > 0) {
+                return First::Done;
+            }
+        }
+        // Warm only: a request that would wait goes to the hold in the hyper path.
+        match svc.try_acquire() {
+            Some(slot) => First::Take((svc, slot, req)),
+            None => First::Hyper,
+        }
+    }
+
+    /// Serves requests (`first`, then the next ones) until the connection ends or one
+    /// needs hyper.
+    async fn run(&mut self, mut first: Option<Take>) -> Next {
+        if self.xff.is_empty() {
+            self.xff = self.peer.ip().to_string().into_bytes();
+        }
+        loop {
+            let (svc, slot, req) = match first.take() {
+                Some(take) => take,
+                None => match self.next().await {
+                    Ok(take) => take,
+                    Err(next) => return next,
+                },
+            };
+            match self.forward(&svc, &slot.instance, &req).await {
+                Ok(true) => {}
+                Ok(false) => return Next::Done,
+                Err(e) => {
+                    tracing::debug!(service = %svc.name, error = %e, "fast path: response cut off");
+                    return Next::Cut;
+                }
+            }
+        }
+    }
+
+    /// The next request of a connection the fast path serves, read into its full buffer.
+    async fn next(&mut self) -> Result<Take, Next> {
+        let parsed = loop {
+            if !self.buf.is_empty() {
+                match wire::request(&self.buf, &mut self.out) {
+                    Parsed::Partial => {}
+                    p => break p,
+                }
+            }
+            let r = if self.buf.is_empty() {
+                if *self.stop.borrow() {
+                    return Err(Next::Done);
+                }
+                tokio::select! {
+                    r = fill(&mut self.client, &mut self.buf) => r,
+                    _ = self.stop.changed() => return Err(Next::Done),
+                }
+            } else {
+                fill(&mut self.client, &mut self.buf).await
+            };
+            if !matches!(r, Ok(n) if n > 0) {
+                return Err(Next::Done);
+            }
+        };
+        let Parsed::Take(req) = parsed else {
+            return Err(Next::Hyper);
+        };
+        let Some(svc) = self.service(&req).filter(|s| s.protocol != Protocol::H2c) else {
+            return Err(Next::Hyper);
+        };
+        while self.buf.len() < req.head_len + req.body_len {
+            if !matches!(fill(&mut self.client, &mut self.buf).await, Ok(n) if n > 0) {
+                return Err(Next::Done);
+            }
+        }
+        match svc.try_acquire() {
+            Some(slot) => Ok((svc, slot, req)),
+            None => Err(Next::Hyper),
+        }
+    }
+
+    /// The service a request is for: by its Knative headers, else the connection's.
+    fn service(&self, req: &Req) -> Option<Arc<ServiceState>> {
+        if let Some(rev) = &req.revision {
+            let reg = self.act.registry();
+            let s = match &req.namespace {
+                Some(ns) => reg.get(&format!("{ns}/{rev}")),
+                None => reg.get(rev),
+            };
+            if s.is_some() {
+                return s;
+            }
+        }
+        self.svc.clone()
+    }
+
+    /// Forwards one request (its head and body at the front of `buf`) and its response;
+    /// whether the client connection goes on. Err: failed after the response head went out.
+    async fn forward(
+        &mut self,
+        svc: &ServiceState,
+        inst: &Instance,
+        req: &Req,
+    ) -> std::io::Result<bool> {
+        let deadline = tokio::time::Instant::now() + svc.timeout;
+        let host = if req.has_host {
+            String::new()
+        } else {
+            inst.addr.to_string()
+        };
+        wire::finish_request(&mut self.out, req, &host, &self.xff);
+        let end = req.head_len + req.body_len;
+        self.out.extend_from_slice(&self.buf[req.head_len..end]);
+        self.buf.advance(end);
+        let close = req.close || *self.stop.borrow();
+        let failed = match tokio::time::timeout_at(deadline, self.exchange(inst, req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Err(_) => {
+                svc.timed_out.fetch_add(1, Ordering::Relaxed);
+                Err((
+                    "504 Gateway Timeout",
+                    "redirector activator: instance did not answer in time",
+                ))
+            }
+            Ok(Err(e)) => {
+                inst.mark_failed();
+                tracing::debug!(service = %svc.name, instance = %inst.addr, error = %e, "forwarding failed");
+                Err((
+                    "502 Bad Gateway",
+                    "redirector activator: the instance failed",
+                ))
+            }
+        };
+        let resp = match failed {
+            Ok(r) => r,
+            Err((status, msg)) => {
+                self.up = None; // mid-message: never reused
+                self.rbuf.clear();
+                text(&mut self.hout, status, msg, req.head_method, close);
+                self.client.write_all(&self.hout).await?;
+                self.hout.clear();
+                return Ok(!close);
+            }
+        };
+        svc.forwarded.fetch_add(1, Ordering::Relaxed);
+        let done = self.relay(&resp, close).await?;
+        match self.up.as_mut() {
+            Some(u) if resp.reusable && done && self.rbuf.is_empty() => {
+                u.last = std::time::Instant::now();
+            }
+            _ => {
+                self.up = None;
+                self.rbuf.clear();
+            }
+        }
+        Ok(!close)
+    }
+
+    /// Sends the request in `out` to `inst` and reads the response head (into `hout`, its
+    /// bytes at the front of `rbuf`), skipping 1xx ones.
+    async fn exchange(&mut self, inst: &Instance, req: &Req) -> Result<Resp, UpError> {
+        let mut retried = false;
+        loop {
+            let reused = match self.up.take() {
+                Some(u)
+                    if u.id == inst.id
+                        && (u.last.elapsed() < CHECK_IDLE_AFTER || idle_ok(&u.io)) =>
+                {
+                    self.up = Some(u);
+                    true
+                }
+                other => {
+                    if let Some(u) = other.filter(|u| u.id != inst.id) {
+                        put_raw(u.id, u.io);
+                    }
+                    let (io, reused) = match take_raw(inst.id) {
+                        Some(io) => (io, true),
+                        None => (Box::pin(connect_raw(inst.addr)).await?, false),
+                    };
+                    self.up = Some(Upstream {
+                        io,
+                        id: inst.id,
+                        last: std::time::Instant::now(),
+                    });
+                    reused
+                }
+            };
+            self.rbuf.clear();
+            match self.send_and_read_head(req.head_method).await {
+                Err(UpError::Io(_) | UpError::Closed)
+                    if reused && !retried && req.idempotent && self.rbuf.is_empty() =>
+                {
+                    // The instance closed an idle connection as the request went out.
+                    self.up = None;
+                    retried = true;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn send_and_read_head(&mut self, head_req: bool) -> Result<Resp, UpError> {
+        let Some(up) = self.up.as_mut() else {
+            return Err(UpError::Closed);
+        };
+        up.io.write_all(&self.out).await?;
+        loop {
+            if !self.rbuf.is_empty() {
+                if let Some(r) = wire::response(&self.rbuf, head_req, &mut self.hout)? {
+                    if r.status >= 200 {
+                        return Ok(r);
+                    }
+                    self.rbuf.advance(r.head_len); // 1xx: not forwarded, as hyper does
+                    continue;
+                }
+            }
+            if fill(&mut up.io, &mut self.rbuf).await? == 0 {
+                return Err(UpError::Closed);
+            }
+        }
+    }
+
+    /// Sends the response head in `hout` and its body to the client; whether the body
+    /// ended where its framing says (false: the instance closed early).
+    async fn relay(&mut self, resp: &Resp, close: bool) -> std::io::Result<bool> {
+        if close {
+            self.hout.extend_from_slice(b"connection: close\r\n");
+        }
+        self.hout.extend_from_slice(b"\r\n");
+        self.rbuf.advance(resp.head_len);
+        let mut left = match resp.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut chunks = Chunks::Size;
+        let mut done = false;
+        loop {
+            // Forward what the buffer holds of the body.
+            match resp.framing {
+                Framing::None => done = true,
+                Framing::Length(_) => {
+                    let n = left.min(self.rbuf.len() as u64) as usize;
+                    self.hout.extend_from_slice(&self.rbuf[..n]);
+                    self.rbuf.advance(n);
+                    left -= n as u64;
+                    done = left == 0;
+                }
+                Framing::Chunked => {
+                    let n = chunks.scan(&self.rbuf).map_err(std::io::Error::other)?;
+                    self.hout.extend_from_slice(&self.rbuf[..n]);
+                    self.rbuf.advance(n);
+                    done = chunks == Chunks::Done;
+                }
+                Framing::Close => {
+                    if !self.rbuf.is_empty() {
+                        use std::io::Write as _;
+                        let _ = write!(self.hout, "{:x}\r\n", self.rbuf.len());
+                        self.hout.extend_from_slice(&self.rbuf);
+                        self.hout.extend_from_slice(b"\r\n");
+                        self.rbuf.clear();
+                    }
+                }
+            }
+            if !self.hout.is_empty() {
+                self.client.write_all(&self.hout).await?;
+                self.hout.clear();
+            }
+            if done {
+                return Ok(true);
+            }
+            let Some(up) = self.up.as_mut() else {
+                return Err(std::io::ErrorKind::NotConnected.into());
+            };
+            if fill(&mut up.io, &mut self.rbuf).await? == 0 {
+                if resp.framing == Framing::Close {
+                    self.client.write_all(b"0\r\n\r\n").await?;
+                    return Ok(false);
+                }
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// The client connection ends: its instance connection is kept for another.
+    async fn finish(&mut self) {
+        if let Some(u) = self.up.take() {
+            if self.rbuf.is_empty() {
+                put_raw(u.id, u.io);
+            }
+        }
+        let _ = self.client.shutdown().await;
+    }
+
+    /// Hands the connection (and what was read from it) to hyper: everything of the fast
+    /// path is freed before hyper's connection future is awaited (it lives as long as a
+    /// held request).
+    fn into_hyper(mut self, watcher: Watcher) -> impl std::future::Future<Output = ()> {
+        if let Some(u) = self.up.take() {
+            put_raw(u.id, u.io);
+        }
+        // The bytes read, without spare room: a first request's buffer is already of that
+        // size; the fast path's own (16 KiB) read buffer is not kept for a held request.
+        let buf = std::mem::take(&mut self.buf);
+        let pre = if buf.capacity() == buf.len() {
+            buf.freeze()
+        } else {
+            bytes::Bytes::copy_from_slice(&buf)
+        };
+        http::serve_conn(
+            self.act,
+            self.svc,
+            wire::Rewind::new(pre, self.client),
+            self.peer,
+            watcher,
+        )
+    }
+}

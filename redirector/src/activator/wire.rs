@@ -1,0 +1,400 @@
+//! HTTP/1.1 message heads for the fast path (`fast.rs`): which requests it may take (plain
+//! HTTP/1.1, origin form, no body or a small Content-Length one, no upgrade, expectation or
+//! probe) and their rewritten head for the instance; the instance's response head rewritten
+//! for the client and its body framing; a chunked-body scanner that finds where a message
+//! ends without changing its bytes; and `Rewind`, a connection with bytes already read put
+//! back in front, for handing a connection to hyper.
+use std::{
+    io::{self, Write as _},
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most headers a message may have here (hyper's own limit is 100).
+const MAX_HEADERS: usize = 100;
+/// Request bodies up to this size are read whole and sent with the head; larger ones go
+/// through hyper (streamed).
+pub const MAX_BODY: u64 = 64 * 1024;
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE: usize = 8 * 1024;
+
+/// Why a message could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("malformed response head: {0}")]
+    Parse(#[from] httparse::Error),
+    #[error("malformed chunked body")]
+    Chunk,
+    #[error("unsupported response: {0}")]
+    Unsupported(&'static str),
+}
+
+fn is(name: &str, want: &str) -> bool {
+    name.eq_ignore_ascii_case(want)
+}
+
+/// True when a comma-separated header value lists `token`.
+fn has_token(v: &[u8], token: &str) -> bool {
+    v.split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A request the fast path takes.
+#[derive(Debug)]
+pub struct Req {
+    /// Bytes of the head in the client's buffer.
+    pub head_len: usize,
+    pub body_len: usize,
+    pub head_method: bool,
+    /// The client asked to close after this response.
+    pub close: bool,
+    /// A retry on another connection cannot do harm (RFC 9110 idempotent methods).
+    pub idempotent: bool,
+    pub has_host: bool,
+    /// `Knative-Serving-Namespace` / `-Revision`, when given.
+    pub namespace: Option<String>,
+    pub revision: Option<String>,
+}
+
+/// What to do with the bytes at the front of a client connection.
+#[derive(Debug)]
+pub enum Parsed {
+    /// A request for the fast path; its head for the instance is in `out` without the
+    /// final blank line (Host, K-Proxy-Request and X-Forwarded-For still to add).
+    Take(Req),
+    Partial,
+    /// Anything else: hyper serves the connection from here on.
+    Hyper,
+}
+
+/// Parses a request head from `buf`, writing the head to send into `out`.
+pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
+    if buf.starts_with(b"PRI ") {
+        return Parsed::Hyper; // h2c prior knowledge
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut headers);
+    let head_len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => return Parsed::Partial,
+        _ => return Parsed::Hyper, // hyper answers the error
+    };
+    let (Some(method), Some(path), Some(1)) = (r.method, r.path, r.version) else {
+        return Parsed::Hyper;
+    };
+    if method == "CONNECT" || !(path.starts_with('/') || path == "*") {
+        return Parsed::Hyper;
+    }
+    let mut req = Req {
+        head_len,
+        body_len: 0,
+        head_method: method == "HEAD",
+        close: false,
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        ),
+        has_host: false,
+        namespace: None,
+        revision: None,
+    };
+    let mut content_length = None;
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in r.headers.iter() {
+        let (n, v) = (h.name, h.value);
+        if is(n, "content-length") {
+            let Some(len) = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                return Parsed::Hyper;
+            };
+            if content_length.is_some_and(|l| l != len) {
+                return Parsed::Hyper;
+            }
+            content_length = Some(len);
+            continue;
+        } else if is(n, "transfer-encoding")
+            || is(n, "upgrade")
+            || is(n, "expect")
+            || (is(n, "k-network-probe") && v == b"activator")
+        {
+            return Parsed::Hyper;
+        } else if is(n, "connection") {
+            if has_token(v, "upgrade") {
+                return Parsed::Hyper;
+            }
+            req.close |= has_token(v, "close");
+            continue;
+        } else if is(n, "keep-alive")
+            || is(n, "proxy-connection")
+            || is(n, "te")
+            || is(n, "trailer")
+            || is(n, "k-proxy-request")
+        {
+            continue;
+        } else if is(n, "host") {
+            req.has_host = true;
+        } else if is(n, "knative-serving-revision") {
+            req.revision = std::str::from_utf8(v).ok().map(str::to_owned);
+        } else if is(n, "knative-serving-namespace") {
+            req.namespace = std::str::from_utf8(v).ok().map(str::to_owned);
+        }
+        put_header(out, n, v);
+    }
+    match content_length {
+        Some(l) if l > MAX_BODY => return Parsed::Hyper,
+        Some(l) => {
+            req.body_len = l as usize;
+            let _ = write!(out, "content-length: {l}\r\n");
+        }
+        None => {}
+    }
+    Parsed::Take(req)
+}
+
+/// Finishes a request head in `out`: Host when the client sent none, the activator's
+/// marker, the client's address.
+pub fn finish_request(out: &mut Vec<u8>, req: &Req, host: &str, xff: &[u8]) {
+    if !req.has_host {
+        put_header(out, "host", host.as_bytes());
+    }
+    out.extend_from_slice(b"k-proxy-request: activator\r\n");
+    if !xff.is_empty() {
+        put_header(out, "x-forwarded-for", xff);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    /// Forwarded as is; `Chunks` finds its end.
+    Chunked,
+    /// Until the instance closes; sent to the client re-chunked.
+    Close,
+}
+
+/// A response head from an instance.
+#[derive(Debug)]
+pub struct Resp {
+    pub head_len: usize,
+    pub status: u16,
+    pub framing: Framing,
+    /// The instance connection can take another request after this response.
+    pub reusable: bool,
+}
+
+/// Parses a response head from `buf` (None: incomplete). Informational (1xx) responses
+/// come back with `Framing::None` and `status` < 200, for the caller to skip. The head for
+/// the client goes to `out` without its final blank line.
+pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<Resp>, Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut headers);
+    let head_len = match r.parse(buf)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() < 64 * 1024 => return Ok(None),
+        httparse::Status::Partial => return Err(Error::Unsupported("head too large")),
+    };
+    let status = r.code.unwrap_or(0);
+    if status == 101 {
+        return Err(Error::Unsupported("101 without an upgrade"));
+    }
+    let mut reusable = r.version == Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 {status} ");
+    out.extend_from_slice(r.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in r.headers.iter() {
+        let (n, v) = (h.name, h.value);
+        if is(n, "content-length") {
+            let len = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(Error::Unsupported("bad content-length"))?;
+            if length.is_some_and(|l| l != len) {
+                return Err(Error::Unsupported("conflicting content-length"));
+            }
+            if length.replace(len).is_some() {
+                continue;
+            }
+        } else if is(n, "transfer-encoding") {
+            let last = v.rsplit(|b| *b == b',').next().unwrap_or_default();
+            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(Error::Unsupported("transfer-encoding other than chunked"));
+            }
+            chunked = true;
+        } else if is(n, "connection") {
+            reusable &= !has_token(v, "close");
+            continue;
+        } else if is(n, "keep-alive")
+            || is(n, "proxy-connection")
+            || is(n, "te")
+            || is(n, "trailer")
+            || is(n, "upgrade")
+        {
+            continue;
+        }
+        put_header(out, n, v);
+    }
+    let framing = if status < 200 || status == 204 || status == 304 || head_req {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(l) = length {
+        Framing::Length(l)
+    } else {
+        reusable = false;
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Close
+    };
+    Ok(Some(Resp {
+        head_len,
+        status,
+        framing,
+        reusable,
+    }))
+}
+
+/// Where a chunked body is: in a size line, in chunk data (bytes left, then its CRLF), or in
+/// the trailer section; `Done` after the final blank line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunks {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailer,
+    Done,
+}
+
+impl Chunks {
+    /// How many bytes at the front of `buf` belong to the body (forward them as they are);
+    /// stops where it needs more bytes, or at the end of the body (`Done`).
+    pub fn scan(&mut self, buf: &[u8]) -> Result<usize, Error> {
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            match *self {
+                Chunks::Done => return Ok(at),
+                Chunks::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        at += n;
+                        *self = if size == 0 {
+                            Chunks::Trailer
+                        } else {
+                            Chunks::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if rest.len() < MAX_LINE => return Ok(at),
+                    _ => return Err(Error::Chunk),
+                },
+                Chunks::Data(left) => {
+                    if rest.is_empty() {
+                        return Ok(at);
+                    }
+                    let n = left.min(rest.len() as u64);
+                    at += n as usize;
+                    *self = if n == left {
+                        Chunks::DataEnd
+                    } else {
+                        Chunks::Data(left - n)
+                    };
+                }
+                Chunks::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(at);
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(Error::Chunk);
+                    }
+                    at += 2;
+                    *self = Chunks::Size;
+                }
+                Chunks::Trailer => match rest.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => {
+                        at += 2;
+                        *self = Chunks::Done;
+                    }
+                    Some(i) => at += i + 2,
+                    None if rest.len() < MAX_LINE => return Ok(at),
+                    None => return Err(Error::Chunk),
+                },
+            }
+        }
+    }
+}
+
+/// A connection with bytes already read from it in front.
+pub struct Rewind<T> {
+    pre: Bytes,
+    io: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(pre: Bytes, io: T) -> Self {
+        Self { pre, io }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            if self.pre.is_empty() {
+                self.pre = Bytes::new(); // frees the allocation (a held request keeps us)
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
