@@ -458,8 +458,9 @@ fn pin_reason(plan: &Plan) -> String {
 /// The method paragraph.
 fn method(plan: &Plan, m: &Value) -> String {
     format!(
-        "Client, node and backend in three network namespaces on this one machine (client, \
-         server and forwarding share the {} CPUs, so rates are whole-system rates). For each \
+        "Client, node and backend in three network namespaces on this one machine ({} CPUs; \
+         client, server and forwarding share the CPUs the pinning below names, so a rate is \
+         the whole path's: the load generator's, the server's and the forwarding's). For each \
          service count every variant gets its own client, node and backend namespaces (so \
          iptables / nftables rules are never in another variant's path), all built and \
          programmed once; then {} round(s) run over these live beds, one slot per variant per \
