@@ -108,6 +108,8 @@ struct Attachments {
     /// Programs are not attached (the previous agent's stay) until the maps are
     /// programmed: set when maps were recreated empty and the state comes from the cluster.
     held: bool,
+    /// What `HOOKED` holds (`None`: not written yet); written again only when it changes.
+    hooked: Option<BTreeSet<u32>>,
 }
 
 impl Attachments {
@@ -176,8 +178,11 @@ impl Attachments {
             .filter(|(_, h)| h.iter().any(|h| matches!(h, Hook::Xdp | Hook::TcIngress)))
             .map(|(i, _)| *i)
             .collect();
-        if let Err(e) = dp.set_hooked(&hooked) {
-            tracing::warn!(error = %e, "recording the hooked interfaces");
+        if self.hooked.as_ref() != Some(&hooked) {
+            match dp.set_hooked(&hooked) {
+                Ok(()) => self.hooked = Some(hooked),
+                Err(e) => tracing::warn!(error = %e, "recording the hooked interfaces"),
+            }
         }
     }
 }
@@ -248,6 +253,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut att = Attachments {
         current: HashMap::new(),
         held: kube.is_some() && !dp.recreated_empty().is_empty(),
+        hooked: None,
     };
     if att.held {
         tracing::warn!(

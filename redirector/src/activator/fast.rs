@@ -360,17 +360,10 @@ impl Fast {
 
     /// The service a request is for: by its Knative headers, else the connection's.
     fn service(&self, req: &Req) -> Option<Arc<ServiceState>> {
-        if let Some(rev) = &req.revision {
-            let reg = self.act.registry();
-            let s = match &req.namespace {
-                Some(ns) => reg.get(&format!("{ns}/{rev}")),
-                None => reg.get(rev),
-            };
-            if s.is_some() {
-                return s;
-            }
-        }
-        self.svc.clone()
+        req.revision
+            .as_deref()
+            .and_then(|rev| self.act.service_by_revision(req.namespace.as_deref(), rev))
+            .or_else(|| self.svc.clone())
     }
 
     /// Forwards one request (its head and body at the front of `buf`) and its response;

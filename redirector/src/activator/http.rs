@@ -34,7 +34,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+pub(super) const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -163,15 +163,11 @@ fn text(status: StatusCode, msg: &str) -> Response<RespBody> {
 
 fn service_by_headers(act: &Activator, req: &Request<Incoming>) -> Option<Arc<ServiceState>> {
     let rev = req.headers().get(KNATIVE_REVISION)?.to_str().ok()?;
-    let reg = act.registry();
-    match req
+    let ns = req
         .headers()
         .get(KNATIVE_NAMESPACE)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(ns) => reg.get(&format!("{ns}/{rev}")),
-        None => reg.get(rev),
-    }
+        .and_then(|v| v.to_str().ok());
+    act.service_by_revision(ns, rev)
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {

@@ -75,6 +75,19 @@ impl Activator {
         self.registry.read().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// The service named by a request's Knative-Serving-Revision (and -Namespace) headers.
+    pub fn service_by_revision(
+        &self,
+        namespace: Option<&str>,
+        revision: &str,
+    ) -> Option<Arc<ServiceState>> {
+        let reg = self.registry();
+        match namespace {
+            Some(ns) => reg.get(&format!("{ns}/{revision}")),
+            None => reg.get(revision),
+        }
+    }
+
     pub fn set_registry(&self, r: Registry) {
         if let Ok(mut g) = self.registry.write() {
             *g = Arc::new(r);

@@ -32,6 +32,11 @@ pub enum Error {
     Unsupported(&'static str),
 }
 
+/// A hop-by-hop header (the hyper path's list): not forwarded.
+fn hop_by_hop(name: &str) -> bool {
+    super::http::HOP_BY_HOP.iter().any(|h| is(name, h.as_str()))
+}
+
 fn is(name: &str, want: &str) -> bool {
     name.eq_ignore_ascii_case(want)
 }
@@ -140,12 +145,7 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
             }
             req.close |= has_token(v, "close");
             continue;
-        } else if is(n, "keep-alive")
-            || is(n, "proxy-connection")
-            || is(n, "te")
-            || is(n, "trailer")
-            || is(n, "k-proxy-request")
-        {
+        } else if hop_by_hop(n) || is(n, "k-proxy-request") {
             continue;
         } else if is(n, "host") {
             req.has_host = true;
@@ -245,12 +245,7 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
         } else if is(n, "connection") {
             reusable &= !has_token(v, "close");
             continue;
-        } else if is(n, "keep-alive")
-            || is(n, "proxy-connection")
-            || is(n, "te")
-            || is(n, "trailer")
-            || is(n, "upgrade")
-        {
+        } else if hop_by_hop(n) {
             continue;
         }
         put_header(out, n, v);

@@ -157,12 +157,15 @@ fn copy_hash<K: Pod, V: Pod>(
 ) -> Option<Copied> {
     let old: HashMap<MapData, K, V> = HashMap::try_from(old).ok()?;
     let mut c = Copied::default();
-    for (k, v) in old.iter().filter_map(Result::ok) {
-        if keep(&k, &v) && new.insert(k, v, 0).is_ok() {
+    let walked = super::batch::for_each(&old, |k, v| {
+        if keep(k, v) && new.insert(k, v, 0).is_ok() {
             c.copied += 1;
         } else {
             c.dropped += 1;
         }
+    });
+    if let Err(e) = walked {
+        tracing::warn!(error = %e, "reading a retired map");
     }
     Some(c)
 }
@@ -232,10 +235,13 @@ pub fn copy_late_flows(pin_path: &Path) -> usize {
     };
     let mut added = 0;
     if let (Some(old), Some(mut new)) = (open(&old_path), open(&pin_path.join("CONNTRACK"))) {
-        for (k, v) in old.iter().filter_map(Result::ok) {
+        let walked = super::batch::for_each(&old, |k, v| {
             if new.insert(k, v, BPF_NOEXIST).is_ok() {
                 added += 1;
             }
+        });
+        if let Err(e) = walked {
+            tracing::warn!(error = %e, "reading the retired conntrack");
         }
     }
     let _ = std::fs::remove_file(&old_path);

@@ -21,7 +21,7 @@ use redirector::{
     addr::{ip_words, port_wire},
     control::{DesiredService, Programmer},
     datapath::{
-        Datapath, PROG_TC_EGRESS, PROG_TC_EMPTY, PROG_TC_INGRESS, PROG_XDP, PROG_XDP_EMPTY,
+        batch, Datapath, PROG_TC_EGRESS, PROG_TC_EMPTY, PROG_TC_INGRESS, PROG_XDP, PROG_XDP_EMPTY,
     },
 };
 use redirector_common::{CtKey, ServiceKey, MODE_PROXY, MODE_SERVE};
@@ -172,11 +172,9 @@ impl Bench {
     /// Removes every conntrack entry; returns how many there were.
     pub fn clear_conntrack(&mut self) -> usize {
         let ct = &mut self.prog.maps_mut().conntrack;
-        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            let _ = ct.remove(k);
-        }
-        keys.len()
+        let mut keys: Vec<CtKey> = Vec::new();
+        batch::for_each(ct, |k, _| keys.push(*k)).expect("walking conntrack");
+        batch::delete(ct, &keys).expect("removing conntrack entries")
     }
 
     pub fn conntrack_len(&self) -> usize {
