@@ -55,10 +55,16 @@ pub const CT_CLOSING: u16 = 1 << 3;
 /// On the original-direction entry: the peer has answered (a later bare SYN is a new flow).
 pub const CT_SEEN_REPLY: u16 = 1 << 4;
 
+/// Slots of `HOOKED`, a direct-mapped set of interface indexes: ifindex `i` lives in slot
+/// `i & (HOOKED_SLOTS - 1)` and the slot holds `i` itself (0: empty). A power of two.
+pub const HOOKED_SLOTS: u32 = 1 << 16;
+
 /// Index of the single `DatapathConfig` entry in the `CONFIG` array.
 pub const CONFIG_KEY: u32 = 0;
 
 /// Global counters (`GLOBAL_STATS` per-CPU array index).
+/// Packets the programs examined (not egress packets that arrived on a `HOOKED` interface:
+/// those were counted at their ingress).
 pub const G_PACKETS: u32 = 0;
 pub const G_NOT_IP: u32 = 1;
 pub const G_MALFORMED: u32 = 2;

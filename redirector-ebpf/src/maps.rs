@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
-    ServiceMeta, ServiceStats, ServiceValue, G_COUNT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    ServiceMeta, ServiceStats, ServiceValue, G_COUNT, HOOKED_SLOTS, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_SERVICES,
 };
 
 /// VIP:port:proto → service (mode, backend count, activator).
@@ -64,10 +65,13 @@ pub static SERVICE_META: HashMap<
 > = HashMap::new();
 
 /// Interfaces (ifindex) whose ingress runs our programs (tc ingress or XDP), written by the
-/// agent after every attach. On egress, a packet received on one of them was translated
-/// there already and is passed without a lookup. Not pinned: each agent fills its own.
+/// agent when they change. On egress, a packet received on one of them was translated
+/// there already and is passed without a lookup. A direct-mapped set (`HOOKED_SLOTS`): an
+/// array lookup, which the verifier inlines, instead of a hash; an interface whose slot is
+/// taken by another is simply not in the set (its packets get the full egress lookup).
+/// Not pinned: each agent fills its own.
 #[btf_map]
-pub static HOOKED: HashMap<u32, u32, 4096> = HashMap::new();
+pub static HOOKED: Array<u32, { HOOKED_SLOTS as usize }> = Array::new();
 
 #[inline(always)]
 pub fn count(idx: u32) {

@@ -16,14 +16,6 @@ use crate::{
 
 const SECOND: u64 = 1_000_000_000;
 
-/// What to do with a packet.
-pub enum Verdict {
-    /// Leave it exactly as it is.
-    Pass,
-    /// Rewrite its tuple to `to`.
-    Rewrite { to: CtValue },
-}
-
 #[inline(always)]
 fn config() -> DatapathConfig {
     match CONFIG.get(CONFIG_KEY) {
@@ -43,19 +35,24 @@ fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
     }
 }
 
-/// Decides what happens to a parsed packet. `allow_new` is false on egress hooks, which
-/// only reverse-translate flows that already exist.
+/// Decides what happens to a parsed packet: true when its tuple is to be rewritten to `to`
+/// (written then), false when it passes as it is. `allow_new` is false on egress hooks,
+/// which only reverse-translate flows that already exist. The rewrite is an out parameter,
+/// not a return value: every copy of it costs stack, which the subprograms share.
 #[inline(always)]
-pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
+pub fn decide(p: &Parsed, allow_new: bool, to: &mut CtValue) -> bool {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let cfg = config();
     let is_tcp = p.key.proto == PROTO_TCP;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&p.key) {
         // SAFETY: LRU value; concurrent writers only touch `flags`/`last_seen`, and a torn
         // read of those is harmless (they are hints).
-        let v = unsafe { *ct };
+        *to = unsafe { *ct };
+        let v = &*to;
         let idle = now.saturating_sub(v.last_seen);
-        let expired = idle > timeout(&cfg, p.key.proto, v.flags);
+        // `last_seen` is refreshed at least once a second while packets flow, and timeouts
+        // are whole seconds of at least one (the agent refuses less): only a flow idle for
+        // more than a second can have expired, so only then is the config read.
+        let expired = idle > SECOND && idle > timeout(&config(), p.key.proto, v.flags);
         let is_reply = v.flags & CT_REPLY != 0;
         // A bare SYN on a flow that was answered or is closing is a new connection reusing
         // the client port: it follows the current mode. (A SYN retransmitted before any
@@ -74,7 +71,7 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
                 flags |= CT_SEEN_REPLY;
                 // First reply, or the server closing: tell the original-direction entry.
                 if v.flags & CT_SEEN_REPLY == 0 || (fin && v.flags & CT_CLOSING == 0) {
-                    mark_forward(&p.key, &v, fin, now);
+                    mark_forward(&p.key, v, fin, now);
                 }
             }
             if flags != v.flags {
@@ -85,18 +82,18 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
             } else if idle > SECOND {
                 unsafe { (*ct).last_seen = now };
             }
-            account(v.svc_id, p.ip_len, v.flags & CT_REPLY != 0, false, false);
-            count(if v.flags & CT_REPLY != 0 {
-                G_NAT_REPLY
-            } else {
-                G_NAT_FORWARD
-            });
-            return Verdict::Rewrite { to: v };
+            account(v.svc_id, p.ip_len, is_reply, false, false);
+            count(if is_reply { G_NAT_REPLY } else { G_NAT_FORWARD });
+            return true;
         }
     }
-    if !allow_new {
-        return Verdict::Pass;
-    }
+    allow_new && open_flow(p, now, to)
+}
+
+/// A packet without conntrack state: if its destination is a service, picks the target,
+/// creates the flow's two conntrack entries and writes the rewrite to `to`.
+#[inline(always)]
+fn open_flow(p: &Parsed, now: u64, to: &mut CtValue) -> bool {
     let skey = ServiceKey {
         addr: p.key.daddr,
         port: p.key.dport,
@@ -104,10 +101,9 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Verdict {
         family: p.key.family,
     };
     let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
-        return Verdict::Pass;
+        return false;
     };
-    let svc = *svc;
-    new_flow(p, &svc, now)
+    new_flow(p, svc, now, to)
 }
 
 /// Marks the original-direction entry of the flow whose reply entry `v` (key `rk`) was
@@ -136,8 +132,10 @@ fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64) {
     }
 }
 
+/// Picks the target of a new flow of `svc`, writes the rewrite to `to` and creates the two
+/// conntrack entries. False: no usable target (the packet passes unchanged).
 #[inline(always)]
-fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
+fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64, to: &mut CtValue) -> bool {
     let proxied;
     let target = if svc.mode == MODE_PROXY || svc.backend_count == 0 {
         proxied = true;
@@ -154,7 +152,7 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
         Some(t) if t.family == p.key.family && t.port != 0 => t,
         _ => {
             count(G_NO_BACKEND);
-            return Verdict::Pass;
+            return false;
         }
     };
     let hairpin = target.addr == p.key.saddr;
@@ -168,7 +166,7 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
     }
     // A hairpinned flow must come back through us: its source becomes the VIP.
     let client_as_seen = if hairpin { p.key.daddr } else { p.key.saddr };
-    let fwd = CtValue {
+    *to = CtValue {
         nat_saddr: client_as_seen,
         nat_daddr: target.addr,
         nat_sport: p.key.sport,
@@ -198,12 +196,12 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Verdict {
         ..CtValue::default()
     };
     // Reply entry first: a reply can never arrive before its translation exists.
-    if CONNTRACK.insert(&rkey, &rev, 0).is_err() || CONNTRACK.insert(&p.key, &fwd, 0).is_err() {
+    if CONNTRACK.insert(&rkey, &rev, 0).is_err() || CONNTRACK.insert(&p.key, to, 0).is_err() {
         count(G_CT_FULL);
     }
     account(svc.id, p.ip_len, false, true, proxied);
     count(G_NAT_FORWARD);
-    Verdict::Rewrite { to: fwd }
+    true
 }
 
 /// Flow hash: stable for a flow's lifetime so that a packet without conntrack state (e.g.

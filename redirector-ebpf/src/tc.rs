@@ -7,12 +7,14 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use redirector_common::{CtValue, CT_HAIRPIN, G_MALFORMED, G_PACKETS, G_REWRITE_FAILED, PROTO_UDP};
+use redirector_common::{
+    CtValue, CT_HAIRPIN, G_MALFORMED, G_PACKETS, G_REWRITE_FAILED, HOOKED_SLOTS, PROTO_UDP,
+};
 
 use crate::{
     csum,
     maps::{count, HOOKED},
-    nat::{decide, Verdict},
+    nat::decide,
     parse::{load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
 
@@ -24,35 +26,33 @@ pub const TC_NEXT: i32 = -1;
 /// otherwise only existing flows are translated.
 #[inline(always)]
 pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
-    count(G_PACKETS);
+    // Before anything else, counters included: on a forwarding node this is most of
+    // egress's packets.
     if !ingress && arrived_hooked(ctx) {
         return TC_NEXT;
     }
+    count(G_PACKETS);
     let len = ctx.len() as usize;
-    let p = match parse(ctx.data(), ctx.data_end(), len) {
+    let mut parsed = parse(ctx.data(), ctx.data_end(), len);
+    // The headers reach past the linear part (the rest in page fragments): pull just the
+    // headers in and parse again. Never up front: pulling a cloned skb (every TCP data
+    // segment is one, its payload shared with the retransmit queue) reallocates its head.
+    if matches!(parsed, Err(G_MALFORMED)) && ctx.data() + len > ctx.data_end() {
+        let want = ETH_LEN + IPV6_LEN + TCP_LEN;
+        let _ = ctx.pull_data(if len < want { len } else { want } as u32);
+        parsed = parse(ctx.data(), ctx.data_end(), len);
+    }
+    let p = match parsed {
         Ok(p) => p,
-        // The headers reach past the linear part (the rest in page fragments): pull just the
-        // headers in and parse again. Never up front: pulling a cloned skb (every TCP data
-        // segment is one, its payload shared with the retransmit queue) reallocates its head.
-        Err(G_MALFORMED) if ctx.data() + len > ctx.data_end() => {
-            let want = ETH_LEN + IPV6_LEN + TCP_LEN;
-            let _ = ctx.pull_data(if len < want { len } else { want } as u32);
-            match parse(ctx.data(), ctx.data_end(), len) {
-                Ok(p) => p,
-                Err(c) => {
-                    count(c);
-                    return TC_NEXT;
-                }
-            }
-        }
         Err(c) => {
             count(c);
             return TC_NEXT;
         }
     };
-    let Verdict::Rewrite { to } = decide(&p, ingress) else {
+    let mut to = CtValue::default();
+    if !decide(&p, ingress, &mut to) {
         return TC_NEXT;
-    };
+    }
     if try_rewrite(ctx, &p, &to).is_err() {
         count(G_REWRITE_FAILED);
         return TC_ACT_SHOT as i32;
@@ -72,7 +72,7 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
 fn arrived_hooked(ctx: &TcContext) -> bool {
     // SAFETY: the context is a valid __sk_buff for the program's lifetime.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    iif != 0 && unsafe { HOOKED.get(&iif) }.is_some()
+    iif != 0 && HOOKED.get(iif & (HOOKED_SLOTS - 1)) == Some(&iif)
 }
 
 #[inline(always)]

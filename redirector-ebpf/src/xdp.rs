@@ -7,7 +7,7 @@ use redirector_common::{CtValue, G_PACKETS, PROTO_UDP};
 use crate::{
     csum,
     maps::count,
-    nat::{decide, Verdict},
+    nat::decide,
     parse::{load, parse, store, Parsed, ETH_LEN},
 };
 
@@ -22,7 +22,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    if let Verdict::Rewrite { to } = decide(&p, true) {
+    let mut to = CtValue::default();
+    if decide(&p, true, &mut to) {
         let _ = try_rewrite(data, data_end, &p, &to);
     }
     xdp_action::XDP_PASS

@@ -180,7 +180,16 @@ impl Attachments {
             .collect();
         if self.hooked.as_ref() != Some(&hooked) {
             match dp.set_hooked(&hooked) {
-                Ok(()) => self.hooked = Some(hooked),
+                Ok(left_out) => {
+                    if !left_out.is_empty() {
+                        tracing::info!(
+                            ?left_out,
+                            "interfaces sharing a HOOKED slot with another: their egress \
+                             packets get the full lookup"
+                        );
+                    }
+                    self.hooked = Some(hooked);
+                }
                 Err(e) => tracing::warn!(error = %e, "recording the hooked interfaces"),
             }
         }

@@ -406,6 +406,16 @@ impl Config {
             udp_timeout_secs: None,
             closing_timeout_secs: None,
         });
+        // The datapath checks expiry only on flows idle for more than a second.
+        for (field, v) in [
+            ("conntrack.tcp_timeout_secs", ct.tcp_timeout_secs),
+            ("conntrack.udp_timeout_secs", ct.udp_timeout_secs),
+            ("conntrack.closing_timeout_secs", ct.closing_timeout_secs),
+        ] {
+            if v == Some(0) {
+                return Err(err(None, format!("{field}: at least 1")));
+            }
+        }
         let conntrack = ConntrackConfig {
             tcp_timeout: Duration::from_secs(ct.tcp_timeout_secs.unwrap_or(6 * 3600)),
             udp_timeout: Duration::from_secs(ct.udp_timeout_secs.unwrap_or(60)),
@@ -707,6 +717,16 @@ backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("test.toml:8:"), "{e}");
+    }
+
+    #[test]
+    fn zero_conntrack_timeout_rejected() {
+        let e = parse("[node]\n[conntrack]\nudp_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conntrack.udp_timeout_secs: at least 1"), "{e}");
+        let c = parse("[node]\n[conntrack]\nclosing_timeout_secs = 1\n").unwrap();
+        assert_eq!(c.conntrack.closing_timeout, Duration::from_secs(1));
     }
 
     #[test]

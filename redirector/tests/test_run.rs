@@ -12,7 +12,7 @@ use common::{
     packet::{diff, sa, verify_checksums, Spec, TCP, TCP_ACK, TCP_FIN, TCP_PSH, UDP},
     Bench, Hook, TC_ACT_REDIRECT,
 };
-use redirector_common::{MODE_PROXY, MODE_SERVE};
+use redirector_common::{HOOKED_SLOTS, MODE_PROXY, MODE_SERVE};
 
 const NAT_HOOKS: [Hook; 2] = [Hook::Xdp, Hook::TcIngress];
 
@@ -349,8 +349,13 @@ fn egress_skips_packets_received_on_hooked_interfaces() {
     let _g = common::serial();
     let mut b = bench();
     let hooked = 7;
-    b.dp.set_hooked(&[hooked, 9].into_iter().collect())
-        .expect("set_hooked");
+    // A third interface in the same slot as `hooked`: left out of the direct-mapped set,
+    // so its packets get the full lookup.
+    let same_slot = hooked + HOOKED_SLOTS;
+    let left_out =
+        b.dp.set_hooked(&[hooked, 9, same_slot].into_iter().collect())
+            .expect("set_hooked");
+    assert_eq!(left_out, vec![same_slot], "left out of HOOKED");
     let mut port = 46_000;
     for v4 in FAMILIES {
         for proto in PROTOS {
@@ -377,7 +382,7 @@ fn egress_skips_packets_received_on_hooked_interfaces() {
                 diff(&out.pkt, &pkt)
             );
             let want = reply.clone().with_src(vip).build();
-            for iif in [0, 8] {
+            for iif in [0, 8, same_slot] {
                 let out = b.run_received_on(Hook::TcEgress, &pkt, iif);
                 assert!(
                     out.pkt == want,

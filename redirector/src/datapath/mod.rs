@@ -8,7 +8,7 @@ pub mod maps;
 pub mod migrate;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -16,7 +16,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
-use redirector_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES};
+use redirector_common::{HOOKED_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES};
 
 pub use attach::{link_pin_path, pinned_links as pinned_links_at, AttachReport, Hook};
 pub use maps::{Maps, MapsError};
@@ -117,6 +117,8 @@ pub struct Datapath {
     maps: Option<Maps>,
     /// Maps that replaced pinned ones of another layout and start empty.
     recreated_empty: Vec<&'static str>,
+    /// What `HOOKED` holds: slot → ifindex (the map is this agent's own, so this is exact).
+    hooked: BTreeMap<u32, u32>,
 }
 
 impl Datapath {
@@ -157,6 +159,7 @@ impl Datapath {
             pin_path: pin_path.to_owned(),
             maps,
             recreated_empty,
+            hooked: BTreeMap::new(),
         })
     }
 
@@ -169,6 +172,7 @@ impl Datapath {
             pin_path: PathBuf::new(),
             maps: None,
             recreated_empty: Vec::new(),
+            hooked: BTreeMap::new(),
         })
     }
 
@@ -205,21 +209,41 @@ impl Datapath {
 
     /// Makes `HOOKED` (not pinned: this agent's programs only) hold exactly `ifindexes`:
     /// the interfaces whose ingress runs our programs. Egress passes packets received on
-    /// them without a lookup (they were translated at that ingress).
-    pub fn set_hooked(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), DatapathError> {
+    /// them without a lookup (they were translated at that ingress). `HOOKED` is a
+    /// direct-mapped set: of two interfaces with the same slot only the lower is recorded,
+    /// and the other's packets get the full egress lookup (still right, only slower).
+    /// Returns the interfaces left out that way.
+    pub fn set_hooked(&mut self, ifindexes: &BTreeSet<u32>) -> Result<Vec<u32>, DatapathError> {
         let name = "HOOKED";
         let err = |source| MapsError::Map { name, source };
+        let mut want = BTreeMap::new();
+        let mut left_out = Vec::new();
+        for &i in ifindexes.iter().filter(|&&i| i != 0) {
+            let slot = i & (HOOKED_SLOTS - 1);
+            if want.contains_key(&slot) {
+                left_out.push(i);
+            } else {
+                want.insert(slot, i);
+            }
+        }
         let map = self.ebpf.map_mut(name).ok_or(MapsError::Missing { name })?;
-        let mut m: aya::maps::HashMap<_, u32, u32> =
-            aya::maps::HashMap::try_from(map).map_err(err)?;
-        let old: Vec<u32> = m.keys().filter_map(Result::ok).collect();
-        for k in old.iter().filter(|k| !ifindexes.contains(k)) {
-            let _ = m.remove(k);
+        let mut m: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(err)?;
+        // `self.hooked` follows every write, so a failed one leaves it exact.
+        let stale: Vec<u32> = (self.hooked.keys())
+            .filter(|s| !want.contains_key(s))
+            .copied()
+            .collect();
+        for slot in stale {
+            m.set(slot, 0, 0).map_err(err)?;
+            self.hooked.remove(&slot);
         }
-        for k in ifindexes {
-            m.insert(k, 1, 0).map_err(err)?;
+        for (slot, i) in want {
+            if self.hooked.get(&slot) != Some(&i) {
+                m.set(slot, i, 0).map_err(err)?;
+                self.hooked.insert(slot, i);
+            }
         }
-        Ok(())
+        Ok(left_out)
     }
 
     pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {

@@ -49,8 +49,10 @@ pub fn idle_flows_expire() {
     b.apply(&fixture::services());
     let cfg = DatapathConfig {
         tcp_timeout_ns: 3_600_000_000_000,
-        udp_timeout_ns: 1_000_000, // 1 ms
-        closing_timeout_ns: 1_000_000,
+        // The least the agent accepts: whole seconds, at least one (the datapath checks
+        // expiry only on flows idle for more than a second).
+        udp_timeout_ns: 1_000_000_000,
+        closing_timeout_ns: 1_000_000_000,
     };
     b.prog.maps_mut().config.set(CONFIG_KEY, cfg, 0).unwrap();
     let vip = fixture::serve_vip(true, UDP);
@@ -69,8 +71,14 @@ pub fn idle_flows_expire() {
     );
     b.prog.set_mode(&key, MODE_PROXY).unwrap();
     b.prog.set_mode(&tcp_key, MODE_PROXY).unwrap();
-    // The coarse clock ticks every few ms.
-    sleep(Duration::from_millis(30));
+    // Still within the timeout: pinned to its backend.
+    assert_eq!(
+        dst_of(&mut b, Hook::Xdp, &udp),
+        fixture::serve_backend(true, UDP),
+        "UDP flow within its timeout kept"
+    );
+    // Past it (the coarse clock ticks every few ms).
+    sleep(Duration::from_millis(1_100));
     let act = fixture::activator(true);
     assert_eq!(
         dst_of(&mut b, Hook::Xdp, &udp),

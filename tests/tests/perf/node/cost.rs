@@ -6,7 +6,11 @@
 //!
 //! This is what the throughput ratios cannot show on a 2-CPU machine where client, server
 //! and forwarding share the CPUs: how much of a request's CPU the programs themselves take.
-use std::{collections::BTreeSet, path::Path, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+};
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
@@ -34,6 +38,9 @@ pub(super) struct PerOp {
     /// The agent process's own CPU time per request / connection (its periodic work, e.g.
     /// the conntrack sweep, while the run goes on).
     pub(super) agent_ns_per_op: f64,
+    /// Per program (by name, summed over the interfaces it is attached to): runs per
+    /// request / connection and ns per run.
+    pub(super) by_prog: Vec<(String, f64, f64)>,
 }
 
 impl PerOp {
@@ -45,6 +52,8 @@ impl PerOp {
         json!({"ops": self.ops, "runs_per_op": self.runs_per_op, "ns_per_run": self.ns_per_run,
                "prog_ns_per_op": self.prog_ns_per_op, "cpu_ns_per_op": self.cpu_ns_per_op,
                "agent_ns_per_op": self.agent_ns_per_op,
+               "by_program": self.by_prog.iter().map(|(n, r, ns)| json!({"program": n,
+                   "runs_per_op": r, "ns_per_run": ns})).collect::<Vec<_>>(),
                "share": self.share()})
     }
 }
@@ -110,6 +119,17 @@ fn one(
         bail!("the run completed nothing");
     }
     let ops = load.count as f64;
+    let mut by_prog: Vec<(String, f64, f64)> = Vec::new();
+    for (name, (ns1, r1)) in &t1.2 {
+        let (ns0, r0) = t0.2.get(name).copied().unwrap_or((0, 0));
+        let runs = r1.saturating_sub(r0) as f64;
+        let ns = ns1.saturating_sub(ns0) as f64;
+        by_prog.push((
+            name.clone(),
+            runs / ops,
+            if runs > 0.0 { ns / runs } else { f64::NAN },
+        ));
+    }
     let (ns, runs) = ((t1.0 - t0.0) as f64, (t1.1 - t0.1) as f64);
     Ok(PerOp {
         ops: load.count,
@@ -118,6 +138,7 @@ fn one(
         prog_ns_per_op: ns / ops,
         cpu_ns_per_op: (c1 - c0) as f64 / ops,
         agent_ns_per_op: (a1 - a0) as f64 / ops,
+        by_prog,
     })
 }
 
@@ -142,13 +163,23 @@ fn program_ids(pin: &Path) -> Result<BTreeSet<u64>> {
     Ok(ids)
 }
 
-/// Summed (run_time_ns, run_cnt) of `progs`.
-fn prog_stats(progs: &BTreeSet<u64>) -> Result<(u64, u64)> {
-    let mut sum = (0, 0);
+/// Summed (run_time_ns, run_cnt) of `progs`, and the same per program name.
+type ProgStats = (u64, u64, BTreeMap<String, (u64, u64)>);
+
+fn prog_stats(progs: &BTreeSet<u64>) -> Result<ProgStats> {
+    let mut sum = (0, 0, BTreeMap::new());
     for id in progs {
         let v = bpftool(&["prog", "show", "id", &id.to_string()])?;
-        sum.0 += v["run_time_ns"].as_u64().unwrap_or(0);
-        sum.1 += v["run_cnt"].as_u64().unwrap_or(0);
+        let (ns, cnt) = (
+            v["run_time_ns"].as_u64().unwrap_or(0),
+            v["run_cnt"].as_u64().unwrap_or(0),
+        );
+        sum.0 += ns;
+        sum.1 += cnt;
+        let name = v["name"].as_str().unwrap_or("?").to_string();
+        let e = sum.2.entry(name).or_insert((0, 0));
+        e.0 += ns;
+        e.1 += cnt;
     }
     Ok(sum)
 }

@@ -411,13 +411,15 @@ fn cost_section(res: &Results) -> String {
          is pinned to (/proc/stat: user, system, irq, softirq; client, server and forwarding \
          together; every CPU when unpinned). The share is what the programs can take from a CPU-bound throughput: a \
          kept-alive ratio to direct much below 1 - share is the beds' noise, not the \
-         datapath. The agent's own CPU over the run (its periodic work) is shown apart.\n\n\
+         datapath. The agent's own CPU over the run (its periodic work) is shown apart. `by \
+         program`: runs each x ns per run of each program, over the interfaces it is attached \
+         to.\n\n\
          | services | run | completed | program runs each | ns per run | program time each | \
-         CPU each | programs' share | agent CPU each |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+         CPU each | programs' share | agent CPU each | by program |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     if res.costs.is_empty() {
-        md += "| - | not measured | | | | | | | |\n";
+        md += "| - | not measured | | | | | | | | |\n";
     }
     for (n, c) in &res.costs {
         for (name, p) in [
@@ -425,16 +427,22 @@ fn cost_section(res: &Results) -> String {
             ("new connections", &c.newconn),
         ] {
             if let Some(p) = p {
+                let by = p
+                    .by_prog
+                    .iter()
+                    .map(|(prog, runs, ns)| format!("{prog}: {runs:.1} x {ns:.0} ns"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 let _ = writeln!(
                     md,
-                    "| {n} | {name} | {} | {:.1} | {:.0} ns | {:.0} ns | {:.1} us | {:.2}% | {:.0} ns |",
+                    "| {n} | {name} | {} | {:.1} | {:.0} ns | {:.0} ns | {:.1} us | {:.2}% | {:.0} ns | {by} |",
                     p.ops,
                     p.runs_per_op,
                     p.ns_per_run,
                     p.prog_ns_per_op,
                     p.cpu_ns_per_op / 1e3,
                     p.share() * 100.0,
-                    p.agent_ns_per_op
+                    p.agent_ns_per_op,
                 );
             }
         }
