@@ -403,7 +403,7 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
 /// The programs' own CPU per request beside the whole machine's (`cost.rs`).
 fn cost_section(res: &Results) -> String {
     let mut md = String::from(
-        "\n## The datapath's own cost per request\n\nOn the redirector bed after the rounds, \
+        "\n## The datapath's own cost per request\n\nOn the redirector bed after the rounds (kept-alive: the median of three runs by program time), \
          with the kernel's BPF run-time statistics on (`kernel.bpf_stats_enabled`; they add \
          two clock reads to each program run, so they are off during the rounds): the run time \
          of the agent's attached programs (tc ingress and egress on both pod interfaces) per \
