@@ -11,7 +11,7 @@ use redirector_common::{
 
 use crate::{
     maps::{count, BACKENDS, CONFIG, CONNTRACK, MAGLEV, MAGLEV_SMALL, SERVICES, SERVICE_STATS},
-    parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{cold, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -71,21 +71,26 @@ pub fn decide(p: &Parsed, allow_new: bool, to: &mut CtValue) -> bool {
                 flags |= CT_SEEN_REPLY;
                 // First reply, or the server closing: tell the original-direction entry.
                 if v.flags & CT_SEEN_REPLY == 0 || (fin && v.flags & CT_CLOSING == 0) {
+                    cold();
                     mark_forward(&p.key, v, fin, now);
                 }
             }
             if flags != v.flags {
+                cold();
                 unsafe {
                     (*ct).flags = flags;
                     (*ct).last_seen = now;
                 }
             } else if idle > SECOND {
+                cold();
                 unsafe { (*ct).last_seen = now };
             }
             account(v.svc_id, p.ip_len, is_reply, false, false);
             count(if is_reply { G_NAT_REPLY } else { G_NAT_FORWARD });
             return true;
         }
+        // Expired, or a new connection on the same tuple.
+        cold();
     }
     allow_new && open_flow(p, now, to)
 }
@@ -103,6 +108,8 @@ fn open_flow(p: &Parsed, now: u64, to: &mut CtValue) -> bool {
     let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
         return false;
     };
+    // A service's first packet of a flow: rare next to the flow's others.
+    cold();
     new_flow(p, svc, now, to)
 }
 

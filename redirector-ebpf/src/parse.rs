@@ -70,6 +70,15 @@ pub fn load<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(p) })
 }
 
+/// Marks the branch it is called on as rarely taken: the compiler lays such blocks out
+/// after the function's hot path, so the instructions an established flow's packet runs
+/// stay on few cache lines (between two packets the rest of the network stack evicts them
+/// from L1).
+#[inline(always)]
+pub fn cold() {
+    core::hint::cold_path();
+}
+
 /// Reads a `T` at `base + off` without a bounds check: `base` must come from a `ptr_at`
 /// covering the read.
 #[inline(always)]

@@ -15,7 +15,7 @@ use crate::{
     csum,
     maps::{count, HOOKED},
     nat::decide,
-    parse::{load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
+    parse::{cold, load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
 
 /// `TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`: the next program on the hook (e.g. a CNI's)
@@ -38,6 +38,7 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
     // headers in and parse again. Never up front: pulling a cloned skb (every TCP data
     // segment is one, its payload shared with the retransmit queue) reallocates its head.
     if matches!(parsed, Err(G_MALFORMED)) && ctx.data() + len > ctx.data_end() {
+        cold();
         let want = ETH_LEN + IPV6_LEN + TCP_LEN;
         let _ = ctx.pull_data(if len < want { len } else { want } as u32);
         parsed = parse(ctx.data(), ctx.data_end(), len);
@@ -45,6 +46,7 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
     let p = match parsed {
         Ok(p) => p,
         Err(c) => {
+            cold();
             count(c);
             return TC_NEXT;
         }
@@ -54,10 +56,12 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
         return TC_NEXT;
     }
     if try_rewrite(ctx, &p, &to).is_err() {
+        cold();
         count(G_REWRITE_FAILED);
         return TC_ACT_SHOT as i32;
     }
     if ingress && to.flags & CT_HAIRPIN != 0 {
+        cold();
         // Back out of the interface it came from: swap MACs and redirect to its egress.
         return hairpin(ctx);
     }

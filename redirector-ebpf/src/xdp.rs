@@ -8,7 +8,7 @@ use crate::{
     csum,
     maps::count,
     nat::decide,
-    parse::{load, parse, store, Parsed, ETH_LEN},
+    parse::{cold, load, parse, store, Parsed, ETH_LEN},
 };
 
 #[inline(always)]
@@ -18,6 +18,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let p = match parse(data, data_end, data_end - data) {
         Ok(p) => p,
         Err(c) => {
+            cold();
             count(c);
             return xdp_action::XDP_PASS;
         }
