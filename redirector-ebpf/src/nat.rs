@@ -38,7 +38,7 @@ fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
 /// Decides what happens to a parsed packet: true when its tuple is to be rewritten to `to`
 /// (written then), false when it passes as it is. `allow_new` is false on egress hooks,
 /// which only reverse-translate flows that already exist. The rewrite is an out parameter,
-/// not a return value: every copy of it costs stack, which the subprograms share.
+/// not a return value: every copy of it would cost stack (512 bytes in all).
 #[inline(always)]
 pub fn decide(p: &Parsed, allow_new: bool, to: &mut CtValue) -> bool {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -110,7 +110,9 @@ fn open_flow(p: &Parsed, now: u64, to: &mut CtValue) -> bool {
     };
     // A service's first packet of a flow: rare next to the flow's others.
     cold();
-    new_flow(p, svc, now, to)
+    // One copy: the agent may replace the element while we read it.
+    let svc = *svc;
+    new_flow(p, &svc, now, to)
 }
 
 /// Marks the original-direction entry of the flow whose reply entry `v` (key `rk`) was

@@ -64,14 +64,18 @@ enum Variant {
     /// A second direct bed: the A/A control. Its ratio to direct is the noise floor of
     /// the paired ratios (two identical paths measured the same way).
     Control,
+    /// Direct, with the empty tc program on the same four hooks as redirector's (ingress
+    /// and egress of both pod interfaces): what hooking the path costs before any work.
+    Floor,
     Redirector,
     Iptables,
     Nftables,
 }
 
-const VARIANTS: [Variant; 5] = [
+const VARIANTS: [Variant; 6] = [
     Variant::Direct,
     Variant::Control,
+    Variant::Floor,
     Variant::Redirector,
     Variant::Iptables,
     Variant::Nftables,
@@ -80,13 +84,14 @@ const VARIANTS: [Variant; 5] = [
 impl Variant {
     /// No NAT on the path: the client talks to the pod's address.
     fn is_direct(self) -> bool {
-        matches!(self, Variant::Direct | Variant::Control)
+        matches!(self, Variant::Direct | Variant::Control | Variant::Floor)
     }
 
     fn name(self) -> &'static str {
         match self {
             Variant::Direct => "direct",
             Variant::Control => "direct-b",
+            Variant::Floor => "empty-tc",
             Variant::Redirector => "redirector",
             Variant::Iptables => "iptables",
             Variant::Nftables => "nftables",

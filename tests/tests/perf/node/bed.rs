@@ -9,7 +9,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use redirector::datapath::{batch, maps::Maps};
+use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
+use redirector::datapath::{batch, maps::Maps, Datapath, PROG_TC_EMPTY};
 use redirector_common::CtKey;
 use redirector_tests::{
     agent::redirector_bin,
@@ -142,6 +143,9 @@ impl Drop for AgentRun {
 /// rules (flushed), namespaces, scratch directory.
 pub(super) struct Bed {
     pub(super) agent: Option<AgentRun>,
+    /// `empty-tc`: the loaded object whose empty program is attached (dropping it
+    /// detaches).
+    pub(super) floor: Option<Datapath>,
     pub(super) servers: Vec<Proc>,
     pub(super) cli: Netns,
     pub(super) be: Netns,
@@ -152,6 +156,7 @@ pub(super) struct Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         self.agent = None;
+        self.floor = None;
         self.servers.clear();
         let _ = self.node.exec("nft", &["flush", "ruleset"]);
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -217,6 +222,7 @@ impl Bed {
         cli.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         let mut bed = Bed {
             agent: None,
+            floor: None,
             servers: Vec::new(),
             cli,
             be,
@@ -261,6 +267,11 @@ impl Bed {
     pub(super) fn program(&mut self, variant: Variant, svcs: &[Svc]) -> Result<Option<Duration>> {
         Ok(match variant {
             Variant::Direct | Variant::Control => None,
+            Variant::Floor => {
+                let t0 = Instant::now();
+                self.floor = Some(attach_empty(&self.node)?);
+                Some(t0.elapsed())
+            }
             Variant::Redirector => {
                 let label = format!("{}-agent", self.node.name);
                 let pin = PathBuf::from(format!("/sys/fs/bpf/{label}"));
@@ -298,7 +309,7 @@ impl Bed {
     /// entries removed from the agent's map (0 for the kernel's: a flush does not count).
     pub(super) fn reset_tracking(&self, variant: Variant) -> Result<usize> {
         match variant {
-            Variant::Direct | Variant::Control => Ok(0),
+            Variant::Direct | Variant::Control | Variant::Floor => Ok(0),
             Variant::Redirector => {
                 let a = self
                     .agent
@@ -323,6 +334,31 @@ impl Bed {
             sa(VIP, VIP_PORT)
         }
     }
+}
+
+/// Loads the programs (private maps) and attaches the empty tc program with TCX on the
+/// ingress and egress of both pod interfaces of namespace `ns`, as the agent attaches its
+/// own; the links last as long as the returned object.
+fn attach_empty(ns: &Netns) -> Result<Datapath> {
+    let path = ns.path();
+    std::thread::spawn(move || -> Result<Datapath> {
+        enter(&path)?;
+        let mut dp = Datapath::open_unpinned()?;
+        let prog = dp.tc(PROG_TC_EMPTY)?;
+        for ifname in ["rdp-cli", "rdp-be"] {
+            for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
+                prog.attach_with_options(
+                    ifname,
+                    ty,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching the empty program to {ifname} {ty:?}"))?;
+            }
+        }
+        Ok(dp)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
 }
 
 /// Flushes the kernel's IPv4 conntrack table of namespace `ns`: ctnetlink

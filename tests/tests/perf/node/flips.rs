@@ -75,7 +75,7 @@ pub(super) fn measure_flips(
             let full = !light || to_proxy;
             let cheap = !light || !to_proxy;
             match variant {
-                Variant::Direct | Variant::Control => {}
+                Variant::Direct | Variant::Control | Variant::Floor => {}
                 Variant::Redirector => {
                     // One map write, the way the agent flips: SERVICES[vip].mode.
                     let a = bed.agent.as_ref().unwrap();

@@ -474,7 +474,10 @@ fn method(plan: &Plan, m: &Value) -> String {
          programmed once; then {} round(s) run over these live beds, one slot per variant per \
          round, the variant order rotated every round; then the flips; then the beds are torn \
          down. `direct-b` is a second direct bed measured the same way: the A/A control, \
-         whose ratio to direct shows how far two identical paths drift apart in this run. A slot: the connection tracking on the bed's path is emptied (the node \
+         whose ratio to direct shows how far two identical paths drift apart in this run. \
+         `empty-tc` is direct with an empty tc program on the four hooks redirector uses \
+         (TCX ingress and egress of both pod interfaces): the floor of any tc datapath, what \
+         hooking the path costs before a program does any work. A slot: the connection tracking on the bed's path is emptied (the node \
          namespace's kernel conntrack table for iptables / nftables, the agent's CONNTRACK map \
          for redirector), then `wrk -t{} -c{}` for {} s as warm-up and {} s measured \
          (kept-alive), then {} in-process clients doing connect + GET + close for {} s as \
