@@ -35,19 +35,22 @@ fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
     }
 }
 
-/// Decides what happens to a parsed packet: true when its tuple is to be rewritten to `to`
-/// (written then), false when it passes as it is. `allow_new` is false on egress hooks,
-/// which only reverse-translate flows that already exist. The rewrite is an out parameter,
-/// not a return value: every copy of it would cost stack (512 bytes in all).
+/// Decides what happens to a parsed packet: the tuple to rewrite it to, or `None` to pass
+/// it as it is. `allow_new` is false on egress hooks, which only reverse-translate flows
+/// that already exist.
+///
+/// The rewrite is returned by value, never written through a pointer: a copy into a
+/// `&mut CtValue` (or its zeroing) compiles to calls of the byte-at-a-time `memmove` /
+/// `memset` of compiler-builtins, hundreds of instructions per packet. The object test
+/// `no_mem_calls_in_programs` fails the build on any such call.
 #[inline(always)]
-pub fn decide(p: &Parsed, allow_new: bool, to: &mut CtValue) -> bool {
+pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_tcp = p.key.proto == PROTO_TCP;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&p.key) {
         // SAFETY: LRU value; concurrent writers only touch `flags`/`last_seen`, and a torn
         // read of those is harmless (they are hints).
-        *to = unsafe { *ct };
-        let v = &*to;
+        let v = unsafe { *ct };
         let idle = now.saturating_sub(v.last_seen);
         // `last_seen` is refreshed at least once a second while packets flow, and timeouts
         // are whole seconds of at least one (the agent refuses less): only a flow idle for
@@ -72,7 +75,7 @@ pub fn decide(p: &Parsed, allow_new: bool, to: &mut CtValue) -> bool {
                 // First reply, or the server closing: tell the original-direction entry.
                 if v.flags & CT_SEEN_REPLY == 0 || (fin && v.flags & CT_CLOSING == 0) {
                     cold();
-                    mark_forward(&p.key, v, fin, now);
+                    mark_forward(&p.key, &v, fin, now);
                 }
             }
             if flags != v.flags {
@@ -87,32 +90,33 @@ pub fn decide(p: &Parsed, allow_new: bool, to: &mut CtValue) -> bool {
             }
             account(v.svc_id, p.ip_len, is_reply, false, false);
             count(if is_reply { G_NAT_REPLY } else { G_NAT_FORWARD });
-            return true;
+            return Some(v);
         }
         // Expired, or a new connection on the same tuple.
         cold();
     }
-    allow_new && open_flow(p, now, to)
+    if !allow_new {
+        return None;
+    }
+    open_flow(p, now)
 }
 
 /// A packet without conntrack state: if its destination is a service, picks the target,
-/// creates the flow's two conntrack entries and writes the rewrite to `to`.
+/// creates the flow's two conntrack entries and returns the rewrite.
 #[inline(always)]
-fn open_flow(p: &Parsed, now: u64, to: &mut CtValue) -> bool {
+fn open_flow(p: &Parsed, now: u64) -> Option<CtValue> {
     let skey = ServiceKey {
         addr: p.key.daddr,
         port: p.key.dport,
         proto: p.key.proto,
         family: p.key.family,
     };
-    let Some(svc) = (unsafe { SERVICES.get(&skey) }) else {
-        return false;
-    };
+    let svc = unsafe { SERVICES.get(&skey) }?;
     // A service's first packet of a flow: rare next to the flow's others.
     cold();
     // One copy: the agent may replace the element while we read it.
     let svc = *svc;
-    new_flow(p, &svc, now, to)
+    new_flow(p, &svc, now)
 }
 
 /// Marks the original-direction entry of the flow whose reply entry `v` (key `rk`) was
@@ -141,10 +145,10 @@ fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64) {
     }
 }
 
-/// Picks the target of a new flow of `svc`, writes the rewrite to `to` and creates the two
-/// conntrack entries. False: no usable target (the packet passes unchanged).
+/// Picks the target of a new flow of `svc`, creates the two conntrack entries and returns
+/// the rewrite. `None`: no usable target (the packet passes unchanged).
 #[inline(always)]
-fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64, to: &mut CtValue) -> bool {
+fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Option<CtValue> {
     let proxied;
     let target = if svc.mode == MODE_PROXY || svc.backend_count == 0 {
         proxied = true;
@@ -161,7 +165,7 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64, to: &mut CtValue) -> bool 
         Some(t) if t.family == p.key.family && t.port != 0 => t,
         _ => {
             count(G_NO_BACKEND);
-            return false;
+            return None;
         }
     };
     let hairpin = target.addr == p.key.saddr;
@@ -175,7 +179,7 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64, to: &mut CtValue) -> bool 
     }
     // A hairpinned flow must come back through us: its source becomes the VIP.
     let client_as_seen = if hairpin { p.key.daddr } else { p.key.saddr };
-    *to = CtValue {
+    let fwd = CtValue {
         nat_saddr: client_as_seen,
         nat_daddr: target.addr,
         nat_sport: p.key.sport,
@@ -205,12 +209,12 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64, to: &mut CtValue) -> bool 
         ..CtValue::default()
     };
     // Reply entry first: a reply can never arrive before its translation exists.
-    if CONNTRACK.insert(&rkey, &rev, 0).is_err() || CONNTRACK.insert(&p.key, to, 0).is_err() {
+    if CONNTRACK.insert(&rkey, &rev, 0).is_err() || CONNTRACK.insert(&p.key, &fwd, 0).is_err() {
         count(G_CT_FULL);
     }
     account(svc.id, p.ip_len, false, true, proxied);
     count(G_NAT_FORWARD);
-    true
+    Some(fwd)
 }
 
 /// Flow hash: stable for a flow's lifetime so that a packet without conntrack state (e.g.

@@ -51,10 +51,9 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
             return TC_NEXT;
         }
     };
-    let mut to = CtValue::default();
-    if !decide(&p, ingress, &mut to) {
+    let Some(to) = decide(&p, ingress) else {
         return TC_NEXT;
-    }
+    };
     if try_rewrite(ctx, &p, &to).is_err() {
         cold();
         count(G_REWRITE_FAILED);

@@ -23,8 +23,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    let mut to = CtValue::default();
-    if decide(&p, true, &mut to) {
+    if let Some(to) = decide(&p, true) {
         let _ = try_rewrite(data, data_end, &p, &to);
     }
     xdp_action::XDP_PASS
