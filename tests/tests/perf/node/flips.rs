@@ -11,13 +11,22 @@ use redirector_common::{MODE_PROXY, MODE_SERVE};
 use super::{
     bed::Bed,
     load::{answers, Prober},
-    pin::Pinning,
+    pin::{self, Pinning},
     rules::{
         act_eps, agent_toml, ipt_sep_chain, iptables_partial, iptables_rules, nft_ep_chain,
         nft_incremental, nft_rules, sa, Svc,
     },
     Variant, ACT_ID, BE_ID, VIP, VIP_PORT,
 };
+
+/// Puts the calling thread back on every CPU when dropped.
+struct Unpin;
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = pin::this_thread(&None);
+    }
+}
 
 /// Flip samples: (method, services) -> (landed µs, probe connections needed).
 pub(super) type Flips = BTreeMap<(String, usize), Vec<(f64, u32)>>;
@@ -35,6 +44,11 @@ pub(super) fn measure_flips(
     flips: &mut Flips,
 ) -> Result<()> {
     let prober = Prober::new(&bed.cli, pinning);
+    // This thread makes the decisions: on a CPU of its own where there is one (else, on
+    // the prober's CPU, a flip's landing time would include waiting for the prober to
+    // yield the CPU), back on every CPU afterwards.
+    pin::this_thread(&pinning.spare())?;
+    let _unpin = Unpin;
     let mut to_act = svcs.to_vec();
     to_act.last_mut().unwrap().endpoints = act_eps();
     let (serve_svc, act_svc) = (svcs.last().unwrap(), to_act.last().unwrap());

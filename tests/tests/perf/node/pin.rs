@@ -44,6 +44,18 @@ impl Pinning {
         }
     }
 
+    /// The online CPUs neither side is pinned to (`None` when there are none, or when
+    /// unpinned): where the flips' decision (the map write, the rule rewrite, the agent's
+    /// signal) is made, so that it does not wait behind the prober for the CPU.
+    pub(super) fn spare(&self) -> Option<Vec<usize>> {
+        let (l, s) = (self.load.as_ref()?, self.serve.as_ref()?);
+        let v: Vec<usize> = online()
+            .into_iter()
+            .filter(|c| !l.contains(c) && !s.contains(c))
+            .collect();
+        (!v.is_empty()).then_some(v)
+    }
+
     pub(super) fn is_on(&self) -> bool {
         self.load.is_some()
     }

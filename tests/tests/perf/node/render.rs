@@ -246,7 +246,7 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
     md += "\nThe agent's time includes process start, loading and attaching the eBPF programs and \
            parsing the TOML config.\n";
     md += "\n## Flip: decision to the first new connection on the new target\n\n\
-           On the live beds, after the rounds. The measured service moves between its two pod \
+           On the live beds, after the rounds, with the prober pinned like the load and the decision (map write, rule rewrite, signal to the agent) made on a CPU of its own when one is left. The measured service moves between its two pod \
            endpoints and the node-local activator (and back); a prober in the client namespace \
            opens new connections back to back from the decision on. `redirector: map write` \
            writes `SERVICES[vip].mode` in the pinned map (what the agent does); `config + \
