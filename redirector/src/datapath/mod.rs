@@ -219,11 +219,11 @@ impl Datapath {
         let mut want = BTreeMap::new();
         let mut left_out = Vec::new();
         for &i in ifindexes.iter().filter(|&&i| i != 0) {
-            let slot = i & (HOOKED_SLOTS - 1);
-            if want.contains_key(&slot) {
-                left_out.push(i);
-            } else {
-                want.insert(slot, i);
+            match want.entry(i & (HOOKED_SLOTS - 1)) {
+                std::collections::btree_map::Entry::Occupied(_) => left_out.push(i),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(i);
+                }
             }
         }
         let map = self.ebpf.map_mut(name).ok_or(MapsError::Missing { name })?;
