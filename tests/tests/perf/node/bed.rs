@@ -144,8 +144,8 @@ impl Drop for AgentRun {
 pub(super) struct Bed {
     pub(super) agent: Option<AgentRun>,
     /// `empty-tc`: the loaded object whose empty program is attached (dropping it
-    /// detaches).
-    pub(super) floor: Option<Datapath>,
+    /// detaches), and that program's id.
+    pub(super) floor: Option<(Datapath, u32)>,
     pub(super) servers: Vec<Proc>,
     pub(super) cli: Netns,
     pub(super) be: Netns,
@@ -339,9 +339,9 @@ impl Bed {
 /// Loads the programs (private maps) and attaches the empty tc program with TCX on the
 /// ingress and egress of both pod interfaces of namespace `ns`, as the agent attaches its
 /// own; the links last as long as the returned object.
-fn attach_empty(ns: &Netns) -> Result<Datapath> {
+fn attach_empty(ns: &Netns) -> Result<(Datapath, u32)> {
     let path = ns.path();
-    std::thread::spawn(move || -> Result<Datapath> {
+    std::thread::spawn(move || -> Result<(Datapath, u32)> {
         enter(&path)?;
         let mut dp = Datapath::open_unpinned()?;
         let prog = dp.tc(PROG_TC_EMPTY)?;
@@ -355,7 +355,8 @@ fn attach_empty(ns: &Netns) -> Result<Datapath> {
                 .with_context(|| format!("attaching the empty program to {ifname} {ty:?}"))?;
             }
         }
-        Ok(dp)
+        let id = prog.info().context("the empty program's info")?.id();
+        Ok((dp, id))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("attach thread panicked"))?

@@ -62,6 +62,10 @@ impl PerOp {
 pub(super) struct Cost {
     pub(super) keepalive: Option<PerOp>,
     pub(super) newconn: Option<PerOp>,
+    /// Kept-alive on the `empty-tc` bed: the empty program on the same four hooks. Its ns
+    /// per run is what the statistics themselves add to every run (their two clock reads;
+    /// tens of ns on a VM) plus an empty program: the floor under the figures above.
+    pub(super) floor: Option<PerOp>,
 }
 
 /// Measures both runs on the redirector bed; the statistics are switched off again even
@@ -79,35 +83,68 @@ pub(super) fn measure(plan: &Plan, bed: &Bed) -> Result<Cost> {
     std::fs::write(STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
     let r = (|| -> Result<Cost> {
         let to = bed.target(Variant::Redirector);
-        let run = plan.run;
         let ka = plan.pinning(0, Metric::Keepalive);
         bed.pin(&ka)?;
         wrk(&bed.cli, to, plan.wrk_conns, plan.warm, &ka)?;
         let pid = agent.pid();
         // The median of three runs by program time: one run can catch the agent's
         // periodic sweep or other work on the machine.
-        let mut runs = (0..3)
-            .map(|_| {
-                one(&progs, pid, &ka, || {
-                    wrk(&bed.cli, to, plan.wrk_conns, run, &ka)
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        runs.sort_by(|a, b| a.prog_ns_per_op.total_cmp(&b.prog_ns_per_op));
-        let keepalive = runs.swap_remove(1);
+        let keepalive = median_keepalive(plan, bed, &progs, pid, to)?;
         let nc = plan.pinning(0, Metric::Newconn);
         bed.pin(&nc)?;
         new_conns(&bed.cli, to, plan.gen_threads, plan.warm_newconn, &nc)?;
         let newconn = one(&progs, pid, &nc, || {
-            new_conns(&bed.cli, to, plan.gen_threads, run, &nc)
+            new_conns(&bed.cli, to, plan.gen_threads, plan.run, &nc)
         })?;
         Ok(Cost {
             keepalive: Some(keepalive),
             newconn: Some(newconn),
+            floor: None,
         })
     })();
     let _ = std::fs::write(STATS, was.trim());
     r
+}
+
+/// Kept-alive through the `empty-tc` bed with the statistics on (see `Cost::floor`).
+pub(super) fn measure_floor(plan: &Plan, bed: &Bed) -> Result<PerOp> {
+    let (_, id) = bed
+        .floor
+        .as_ref()
+        .context("empty-tc bed without its programs")?;
+    let progs: BTreeSet<u64> = [u64::from(*id)].into();
+    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
+    std::fs::write(STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let r = (|| {
+        let to = bed.target(Variant::Floor);
+        let ka = plan.pinning(0, Metric::Keepalive);
+        bed.pin(&ka)?;
+        wrk(&bed.cli, to, plan.wrk_conns, plan.warm, &ka)?;
+        median_keepalive(plan, bed, &progs, 0, to)
+    })();
+    let _ = std::fs::write(STATS, was.trim());
+    r
+}
+
+/// Three kept-alive runs; the one of median program time (one run can catch the agent's
+/// periodic sweep or other work on the machine).
+fn median_keepalive(
+    plan: &Plan,
+    bed: &Bed,
+    progs: &BTreeSet<u64>,
+    pid: i32,
+    to: std::net::SocketAddr,
+) -> Result<PerOp> {
+    let ka = plan.pinning(0, Metric::Keepalive);
+    let mut runs = (0..3)
+        .map(|_| {
+            one(progs, pid, &ka, || {
+                wrk(&bed.cli, to, plan.wrk_conns, plan.run, &ka)
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    runs.sort_by(|a, b| a.prog_ns_per_op.total_cmp(&b.prog_ns_per_op));
+    Ok(runs.swap_remove(1))
 }
 
 const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -120,9 +157,9 @@ fn one(
 ) -> Result<PerOp> {
     let cpus = pinned_cpus(pinning);
     let cpus = cpus.as_deref();
-    let (t0, c0, a0) = (prog_stats(progs)?, busy_ns(cpus)?, process_ns(pid)?);
+    let (t0, c0, a0) = (prog_stats(progs)?, busy_ns(cpus)?, agent_ns(pid)?);
     let load = f()?;
-    let (t1, c1, a1) = (prog_stats(progs)?, busy_ns(cpus)?, process_ns(pid)?);
+    let (t1, c1, a1) = (prog_stats(progs)?, busy_ns(cpus)?, agent_ns(pid)?);
     if load.count == 0 {
         bail!("the run completed nothing");
     }
@@ -210,6 +247,14 @@ fn bpftool(args: &[&str]) -> Result<Value> {
 fn clk_tck() -> u64 {
     // SAFETY: sysconf with a constant name.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+/// `process_ns` of the agent; 0 when there is none (`pid` 0).
+fn agent_ns(pid: i32) -> Result<u64> {
+    if pid == 0 {
+        return Ok(0);
+    }
+    process_ns(pid)
 }
 
 /// utime + stime of process `pid` (every thread), in ns.

@@ -380,7 +380,8 @@ pub(super) fn write(plan: &Plan, res: &Results, scale: &[Scale], started: Instan
         "redirector_loses": losses,
         "datapath_cost": res.costs.iter().map(|(n, c)| json!({"services": n,
             "keepalive": c.keepalive.as_ref().map(|p| p.json()),
-            "newconn": c.newconn.as_ref().map(|p| p.json())})).collect::<Vec<_>>(),
+            "newconn": c.newconn.as_ref().map(|p| p.json()),
+            "floor_keepalive": c.floor.as_ref().map(|p| p.json())})).collect::<Vec<_>>(),
         "flips": flip_rows,
         "scale": scale::json(scale),
         "phases_secs": res.phases.iter().map(|(n, p)| json!({"services": n, "build_program": p[0],
@@ -413,7 +414,10 @@ fn cost_section(res: &Results) -> String {
          kept-alive ratio to direct much below 1 - share is the beds' noise, not the \
          datapath. The agent's own CPU over the run (its periodic work) is shown apart. `by \
          program`: runs each x ns per run of each program, over the interfaces it is attached \
-         to.\n\n\
+         to. `empty-tc (the floor)`: the same kept-alive measurement on the `empty-tc` bed, \
+         whose four hooks run the empty program: its ns per run is what the statistics add \
+         to every run (two clock reads) plus an empty program, so redirector's programs \
+         cost about their ns per run minus that.\n\n\
          | services | run | completed | program runs each | ns per run | program time each | \
          CPU each | programs' share | agent CPU each | by program |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
@@ -425,6 +429,7 @@ fn cost_section(res: &Results) -> String {
         for (name, p) in [
             ("kept-alive requests", &c.keepalive),
             ("new connections", &c.newconn),
+            ("kept-alive, empty-tc (the floor)", &c.floor),
         ] {
             if let Some(p) = p {
                 let by = p

@@ -136,7 +136,17 @@ fn one_count(plan: &Plan, ci: usize, n: usize, res: &mut Results) -> Result<()> 
     // The programs' own CPU per request, with the BPF statistics on (never during rounds).
     if let Some(l) = live.iter().find(|l| l.variant == Variant::Redirector) {
         match cost::measure(plan, &l.bed) {
-            Ok(c) => {
+            Ok(mut c) => {
+                if let Some(f) = live.iter().find(|l| l.variant == Variant::Floor) {
+                    match cost::measure_floor(plan, &f.bed) {
+                        Ok(p) => c.floor = Some(p),
+                        Err(e) => {
+                            let msg = format!("empty-program cost at {n}: {e:#}");
+                            println!("  {msg}");
+                            res.errors.push(msg);
+                        }
+                    }
+                }
                 res.costs.insert(n, c);
             }
             Err(e) => {
