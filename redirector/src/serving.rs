@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{atomic::AtomicUsize, atomic::Ordering, Arc, Mutex},
+    time::Duration,
 };
 
 use redirector_common::{CT_CLOSING, CT_PROXIED, CT_REPLY};
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::{
     activator::{Activator, Instance, Instances, ServiceState},
-    config::{Config, Mode, ServiceConfig},
+    config::{Config, Mode, Protocol, ServiceConfig},
     control::{desired_from_config, DesiredService, Programmer},
     scaler::{Addresses, Scaler, ScalerStatus, Update},
 };
@@ -27,7 +28,18 @@ struct Scaled {
 pub struct Serving {
     pub activator: Arc<Activator>,
     scaled: HashMap<String, Scaled>,
-    statics: HashMap<String, (ServiceConfig, Arc<ServiceState>, watch::Sender<Instances>)>,
+    /// Services without a local scaler: what their state was made with (a change of either
+    /// makes a new state), the state, and the sender of their instances (the backends).
+    /// Not the whole `ServiceConfig`: at 100,000 services a copy of each cost 60 MiB.
+    statics: HashMap<
+        String,
+        (
+            Protocol,
+            Duration,
+            Arc<ServiceState>,
+            watch::Sender<Instances>,
+        ),
+    >,
     states: HashMap<String, Arc<ServiceState>>,
     pub statuses: Arc<Mutex<BTreeMap<String, Arc<Mutex<ScalerStatus>>>>>,
     overrides: HashMap<String, (Mode, Vec<SocketAddr>)>,
@@ -112,7 +124,9 @@ impl Serving {
                 let instances: Instances =
                     Arc::new(s.backends.iter().map(|a| Instance::new(*a, cc)).collect());
                 match self.statics.get(&name) {
-                    Some((c, st, tx)) if c.timeout == s.timeout && c.protocol == s.protocol => {
+                    Some((protocol, timeout, st, tx))
+                        if *timeout == s.timeout && *protocol == s.protocol =>
+                    {
                         let _ = tx.send(instances);
                         st.clone()
                     }
@@ -127,7 +141,7 @@ impl Serving {
                             Arc::new(Notify::new()),
                         ));
                         self.statics
-                            .insert(name.clone(), (s.clone(), st.clone(), tx));
+                            .insert(name.clone(), (s.protocol, s.timeout, st.clone(), tx));
                         st
                     }
                 }
