@@ -644,6 +644,11 @@ mod tests {
         Config::parse(s, Path::new("test.toml"))
     }
 
+    /// The error message of a config that must be refused.
+    fn refused(s: &str) -> String {
+        parse(s).unwrap_err().to_string()
+    }
+
     #[test]
     fn default_config_parses() {
         let c = parse(DEFAULT_CONFIG).expect("embedded default");
@@ -679,11 +684,9 @@ backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
 
     #[test]
     fn bad_backend_names_line_and_field() {
-        let e = parse(
+        let e = refused(
             "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\nbackends = [\"10.1.0.1:80\", \"nope\"]\n",
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.starts_with("test.toml:6:"), "{e}");
         assert!(e.contains("service[0] (a).backends"), "{e}");
         assert!(e.contains("\"nope\""), "{e}");
@@ -691,39 +694,31 @@ backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
 
     #[test]
     fn bad_mode_names_line() {
-        let e = parse(
+        let e = refused(
             "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\nmode = \"fast\"\n",
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.starts_with("test.toml:6:"), "{e}");
         assert!(e.contains("fast"), "{e}");
     }
 
     #[test]
     fn unknown_field_rejected() {
-        let e = parse("[node]\nuplinks = [\"eth0\"]\n")
-            .unwrap_err()
-            .to_string();
+        let e = refused("[node]\nuplinks = [\"eth0\"]\n");
         assert!(e.starts_with("test.toml:2:"), "{e}");
         assert!(e.contains("uplinks"), "{e}");
     }
 
     #[test]
     fn duplicate_vip_rejected() {
-        let e = parse(
+        let e = refused(
             "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\n[[service]]\nname = \"b\"\nvip = \"10.96.0.1\"\nport = 80\n",
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.starts_with("test.toml:8:"), "{e}");
     }
 
     #[test]
     fn zero_conntrack_timeout_rejected() {
-        let e = parse("[node]\n[conntrack]\nudp_timeout_secs = 0\n")
-            .unwrap_err()
-            .to_string();
+        let e = refused("[node]\n[conntrack]\nudp_timeout_secs = 0\n");
         assert!(e.contains("conntrack.udp_timeout_secs: at least 1"), "{e}");
         let c = parse("[node]\n[conntrack]\nclosing_timeout_secs = 1\n").unwrap();
         assert_eq!(c.conntrack.closing_timeout, Duration::from_secs(1));
@@ -736,9 +731,7 @@ backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
         assert_eq!(c.maps.conntrack, 1_048_576);
         assert_eq!(c.maps.backends, MapSizes::default().backends);
         assert_eq!(parse("[node]\n").unwrap().maps, MapSizes::default());
-        let e = parse("[node]\n[maps]\nservices = 8\n")
-            .unwrap_err()
-            .to_string();
+        let e = refused("[node]\n[maps]\nservices = 8\n");
         assert!(
             e.contains(":3:") && e.contains("maps.services: 8 is outside"),
             "{e}"

@@ -79,17 +79,10 @@ pub(super) fn measure(plan: &Plan, bed: &Bed) -> Result<Cost> {
     if progs.is_empty() {
         bail!("no pinned links under {}", agent.pin.display());
     }
-    let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
-    std::fs::write(STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
-    let r = (|| -> Result<Cost> {
+    with_stats(|| {
         let to = bed.target(Variant::Redirector);
-        let ka = plan.pinning(0, Metric::Keepalive);
-        bed.pin(&ka)?;
-        wrk(&bed.cli, to, plan.wrk_conns, plan.warm, &ka)?;
         let pid = agent.pid();
-        // The median of three runs by program time: one run can catch the agent's
-        // periodic sweep or other work on the machine.
-        let keepalive = median_keepalive(plan, bed, &progs, pid, to)?;
+        let keepalive = keepalive_cost(plan, bed, &progs, pid, to)?;
         let nc = plan.pinning(0, Metric::Newconn);
         bed.pin(&nc)?;
         new_conns(&bed.cli, to, plan.gen_threads, plan.warm_newconn, &nc)?;
@@ -101,9 +94,7 @@ pub(super) fn measure(plan: &Plan, bed: &Bed) -> Result<Cost> {
             newconn: Some(newconn),
             floor: None,
         })
-    })();
-    let _ = std::fs::write(STATS, was.trim());
-    r
+    })
 }
 
 /// Kept-alive through the `empty-tc` bed with the statistics on (see `Cost::floor`).
@@ -113,22 +104,22 @@ pub(super) fn measure_floor(plan: &Plan, bed: &Bed) -> Result<PerOp> {
         .as_ref()
         .context("empty-tc bed without its programs")?;
     let progs: BTreeSet<u64> = [u64::from(*id)].into();
+    with_stats(|| keepalive_cost(plan, bed, &progs, 0, bed.target(Variant::Floor)))
+}
+
+/// Runs `f` with the kernel's BPF run-time statistics on, and puts the setting back as it
+/// was even when `f` fails.
+fn with_stats<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     let was = std::fs::read_to_string(STATS).unwrap_or_else(|_| "0".into());
     std::fs::write(STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
-    let r = (|| {
-        let to = bed.target(Variant::Floor);
-        let ka = plan.pinning(0, Metric::Keepalive);
-        bed.pin(&ka)?;
-        wrk(&bed.cli, to, plan.wrk_conns, plan.warm, &ka)?;
-        median_keepalive(plan, bed, &progs, 0, to)
-    })();
+    let r = f();
     let _ = std::fs::write(STATS, was.trim());
     r
 }
 
-/// Three kept-alive runs (one with `--quick`); the one of median program time (one run can
-/// catch the agent's periodic sweep or other work on the machine).
-fn median_keepalive(
+/// After a warm-up, three kept-alive runs (one with `--quick`); the one of median program
+/// time (one run can catch the agent's periodic sweep or other work on the machine).
+fn keepalive_cost(
     plan: &Plan,
     bed: &Bed,
     progs: &BTreeSet<u64>,
@@ -136,6 +127,8 @@ fn median_keepalive(
     to: std::net::SocketAddr,
 ) -> Result<PerOp> {
     let ka = plan.pinning(0, Metric::Keepalive);
+    bed.pin(&ka)?;
+    wrk(&bed.cli, to, plan.wrk_conns, plan.warm, &ka)?;
     let mut runs = (0..if plan.quick { 1 } else { 3 })
         .map(|_| {
             one(progs, pid, &ka, || {
