@@ -55,6 +55,12 @@ pub const CT_CLOSING: u16 = 1 << 3;
 /// On the original-direction entry: the peer has answered (a later bare SYN is a new flow).
 pub const CT_SEEN_REPLY: u16 = 1 << 4;
 
+/// Jiffies between two clock reads of a conntrack entry while packets flow (see
+/// `CtValue::seen_jiffies`): 100 ms at HZ=1000, one second at HZ=100, the slowest tick
+/// Linux offers. Timeouts are whole seconds, so an entry can only have expired once this
+/// has passed, and `last_seen` is never more than a second behind.
+pub const CT_REFRESH_JIFFIES: u32 = 100;
+
 /// Slots of `HOOKED`, a direct-mapped set of interface indexes: ifindex `i` lives in slot
 /// `i & (HOOKED_SLOTS - 1)` and the slot holds `i` itself (0: empty). A power of two.
 pub const HOOKED_SLOTS: u32 = 1 << 16;
@@ -168,8 +174,13 @@ pub struct CtValue {
     pub svc_id: u32,
     pub flags: u16,
     pub _pad0: u16,
-    pub _pad1: u32,
-    /// `bpf_ktime_get_coarse_ns` of the last packet (updated at most once a second).
+    /// Low 32 bits of `jiffies` when the datapath last looked at the clock for this entry.
+    /// A packet reads the clock (`bpf_ktime_get_coarse_ns`, a helper call) only when at
+    /// least `CT_REFRESH_JIFFIES` have passed since; otherwise it costs one inlined load of
+    /// `jiffies`.
+    pub seen_jiffies: u32,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet, refreshed at
+    /// most every `CT_REFRESH_JIFFIES` (at most a second behind while packets flow).
     pub last_seen: u64,
 }
 

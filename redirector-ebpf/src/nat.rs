@@ -1,12 +1,12 @@
 //! The NAT core shared by every program: conntrack lookup, service lookup, target choice
 //! (Maglev for Serve, the activator for Proxy) and conntrack creation. It decides the
 //! rewrite; the XDP and tc programs apply it with the checksum method their hook allows.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue, CONFIG_KEY,
-    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REPLY, CT_SEEN_REPLY, G_CT_FULL, G_HAIRPIN,
-    G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP,
-    SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
+    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES, CT_REPLY, CT_SEEN_REPLY, G_CT_FULL,
+    G_HAIRPIN, G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MAGLEV_M_SMALL, MODE_PROXY,
+    PROTO_TCP, SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
@@ -15,6 +15,14 @@ use crate::{
 };
 
 const SECOND: u64 = 1_000_000_000;
+
+/// CLOCK_MONOTONIC_COARSE in ns, what `CtValue::last_seen` holds (the agent compares it
+/// with the same clock).
+#[inline(always)]
+fn clock() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
 
 #[inline(always)]
 fn config() -> DatapathConfig {
@@ -45,17 +53,28 @@ fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
 /// `no_mem_calls_in_programs` fails the build on any such call.
 #[inline(always)]
 pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The verifier inlines this helper into one load of `jiffies`; the clock itself (a
+    // real helper call, ~40 ns per packet in the kept-alive benchmark) is read only on the
+    // rare paths below.
+    let jiffies = unsafe { bpf_jiffies64() } as u32;
     let is_tcp = p.key.proto == PROTO_TCP;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&p.key) {
-        // SAFETY: LRU value; concurrent writers only touch `flags`/`last_seen`, and a torn
-        // read of those is harmless (they are hints).
+        // SAFETY: LRU value; concurrent writers only touch `flags`, `seen_jiffies` and
+        // `last_seen`, and a torn read of those is harmless (they are hints).
         let v = unsafe { *ct };
-        let idle = now.saturating_sub(v.last_seen);
-        // `last_seen` is refreshed at least once a second while packets flow, and timeouts
-        // are whole seconds of at least one (the agent refuses less): only a flow idle for
-        // more than a second can have expired, so only then is the config read.
-        let expired = idle > SECOND && idle > timeout(&config(), p.key.proto, v.flags);
+        // An entry is refreshed every `CT_REFRESH_JIFFIES` (at most a second) while packets
+        // flow, and timeouts are whole seconds of at least one (the agent refuses less):
+        // only an entry not refreshed for that long can have expired, so only then are the
+        // clock and the config read. (`wrapping_sub`: `seen_jiffies` is jiffies' low half.)
+        let stale = jiffies.wrapping_sub(v.seen_jiffies) >= CT_REFRESH_JIFFIES;
+        let mut now = 0;
+        let mut expired = false;
+        if stale {
+            cold();
+            now = clock();
+            let idle = now.saturating_sub(v.last_seen);
+            expired = idle > SECOND && idle > timeout(&config(), p.key.proto, v.flags);
+        }
         let is_reply = v.flags & CT_REPLY != 0;
         // A bare SYN on a flow that was answered or is closing is a new connection reusing
         // the client port: it follows the current mode. (A SYN retransmitted before any
@@ -75,18 +94,28 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
                 // First reply, or the server closing: tell the original-direction entry.
                 if v.flags & CT_SEEN_REPLY == 0 || (fin && v.flags & CT_CLOSING == 0) {
                     cold();
-                    mark_forward(&p.key, &v, fin, now);
+                    if now == 0 {
+                        now = clock();
+                    }
+                    mark_forward(&p.key, &v, fin, now, jiffies);
                 }
             }
             if flags != v.flags {
                 cold();
+                if now == 0 {
+                    now = clock();
+                }
                 unsafe {
                     (*ct).flags = flags;
                     (*ct).last_seen = now;
+                    (*ct).seen_jiffies = jiffies;
                 }
-            } else if idle > SECOND {
+            } else if stale {
                 cold();
-                unsafe { (*ct).last_seen = now };
+                unsafe {
+                    (*ct).last_seen = now;
+                    (*ct).seen_jiffies = jiffies;
+                }
             }
             account(v.svc_id, p.ip_len, is_reply, false, false);
             count(if is_reply { G_NAT_REPLY } else { G_NAT_FORWARD });
@@ -98,13 +127,13 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
     if !allow_new {
         return None;
     }
-    open_flow(p, now)
+    open_flow(p, jiffies)
 }
 
 /// A packet without conntrack state: if its destination is a service, picks the target,
 /// creates the flow's two conntrack entries and returns the rewrite.
 #[inline(always)]
-fn open_flow(p: &Parsed, now: u64) -> Option<CtValue> {
+fn open_flow(p: &Parsed, jiffies: u32) -> Option<CtValue> {
     let skey = ServiceKey {
         addr: p.key.daddr,
         port: p.key.dport,
@@ -116,13 +145,13 @@ fn open_flow(p: &Parsed, now: u64) -> Option<CtValue> {
     cold();
     // One copy: the agent may replace the element while we read it.
     let svc = *svc;
-    new_flow(p, &svc, now)
+    new_flow(p, &svc, jiffies)
 }
 
 /// Marks the original-direction entry of the flow whose reply entry `v` (key `rk`) was
 /// hit: a reply was seen, and the flow is closing if `fin`.
 #[inline(always)]
-fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64) {
+fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64, jiffies: u32) {
     let fkey = CtKey {
         saddr: v.nat_daddr,
         daddr: v.nat_saddr,
@@ -139,6 +168,7 @@ fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64) {
             if fin {
                 flags |= CT_CLOSING;
                 (*f).last_seen = now;
+                (*f).seen_jiffies = jiffies;
             }
             (*f).flags = flags;
         }
@@ -148,7 +178,8 @@ fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64) {
 /// Picks the target of a new flow of `svc`, creates the two conntrack entries and returns
 /// the rewrite. `None`: no usable target (the packet passes unchanged).
 #[inline(always)]
-fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Option<CtValue> {
+fn new_flow(p: &Parsed, svc: &ServiceValue, jiffies: u32) -> Option<CtValue> {
+    let now = clock();
     let proxied;
     let target = if svc.mode == MODE_PROXY || svc.backend_count == 0 {
         proxied = true;
@@ -186,6 +217,7 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Option<CtValue> {
         nat_dport: target.port,
         svc_id: svc.id,
         flags,
+        seen_jiffies: jiffies,
         last_seen: now,
         ..CtValue::default()
     };
@@ -205,6 +237,7 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, now: u64) -> Option<CtValue> {
         nat_dport: p.key.sport,
         svc_id: svc.id,
         flags: flags | CT_REPLY,
+        seen_jiffies: jiffies,
         last_seen: now,
         ..CtValue::default()
     };

@@ -651,6 +651,13 @@ fn idle_flows_expire_and_follow_the_mode() {
 }
 
 #[test]
+fn conntrack_reads_the_clock_once_per_refresh() {
+    require_root!();
+    let _g = common::serial();
+    common::lifecycle::conntrack_clock_refresh();
+}
+
+#[test]
 fn counters_follow_traffic() {
     require_root!();
     let _g = common::serial();

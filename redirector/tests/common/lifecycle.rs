@@ -3,12 +3,12 @@
 use std::{net::SocketAddr, thread::sleep, time::Duration};
 
 use redirector_common::{
-    DatapathConfig, CONFIG_KEY, G_FRAGMENT_OR_OPTIONS, G_MALFORMED, G_NAT_FORWARD, G_NAT_REPLY,
-    G_NOT_IP, G_NO_BACKEND, MODE_PROXY,
+    DatapathConfig, CONFIG_KEY, CT_REFRESH_JIFFIES, G_FRAGMENT_OR_OPTIONS, G_MALFORMED,
+    G_NAT_FORWARD, G_NAT_REPLY, G_NOT_IP, G_NO_BACKEND, MODE_PROXY,
 };
 
 use super::{
-    fixture, malformed,
+    ct_key, fixture, malformed,
     packet::{diff, parse, Spec, TCP, UDP},
     service, service_key, tc_test_run_refuses, Bench, Hook,
 };
@@ -91,6 +91,62 @@ pub fn idle_flows_expire() {
         fixture::serve_backend(true, TCP),
         "TCP flow (6 h timeout) kept"
     );
+}
+
+/// A conntrack entry reads the clock only once `CT_REFRESH_JIFFIES` have passed since it
+/// last did: packets in between leave `last_seen` and `seen_jiffies` as they are; the first
+/// one after moves both (`last_seen` on CLOCK_MONOTONIC_COARSE, the clock the agent's sweep
+/// and activity checks compare it with).
+pub fn conntrack_clock_refresh() {
+    let mut b = Bench::new();
+    b.apply(&fixture::services());
+    let vip = fixture::serve_vip(true, TCP);
+    let s = Spec::new(TCP, fixture::client(true, 41_150), vip).with_flags(0x10);
+    let key = ct_key(s.src, s.dst, TCP);
+    let entry = |b: &Bench| b.prog.maps().conntrack.get(&key, 0).expect("forward entry");
+    let t0 = monotonic_coarse_ns();
+    dst_of(&mut b, Hook::TcIngress, &s);
+    let first = entry(&b);
+    assert!(
+        first.last_seen >= t0 && first.last_seen <= monotonic_coarse_ns(),
+        "last_seen {} is CLOCK_MONOTONIC_COARSE (from {t0})",
+        first.last_seen
+    );
+    // Within the refresh interval (CT_REFRESH_JIFFIES is at least 100 ms): untouched.
+    for _ in 0..3 {
+        dst_of(&mut b, Hook::TcIngress, &s);
+    }
+    let same = entry(&b);
+    assert_eq!(
+        (same.last_seen, same.seen_jiffies),
+        (first.last_seen, first.seen_jiffies),
+        "no refresh within {CT_REFRESH_JIFFIES} jiffies"
+    );
+    // A second is at least 100 jiffies (HZ >= 100).
+    sleep(Duration::from_millis(1_100));
+    dst_of(&mut b, Hook::Xdp, &s);
+    let later = entry(&b);
+    assert!(
+        later.last_seen >= first.last_seen + 1_000_000_000,
+        "last_seen refreshed: {} -> {}",
+        first.last_seen,
+        later.last_seen
+    );
+    let ticks = later.seen_jiffies.wrapping_sub(first.seen_jiffies);
+    assert!(
+        (CT_REFRESH_JIFFIES..100 * CT_REFRESH_JIFFIES).contains(&ticks),
+        "seen_jiffies moved by {ticks}"
+    );
+}
+
+fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Per-service and global counters follow the traffic.
