@@ -104,6 +104,7 @@ pub fn conntrack_clock_refresh() {
     let s = Spec::new(TCP, fixture::client(true, 41_150), vip).with_flags(0x10);
     let key = ct_key(s.src, s.dst, TCP);
     let entry = |b: &Bench| b.prog.maps().conntrack.get(&key, 0).expect("forward entry");
+    use redirector::control::monotonic_coarse_ns;
     let t0 = monotonic_coarse_ns();
     dst_of(&mut b, Hook::TcIngress, &s);
     let first = entry(&b);
@@ -137,16 +138,6 @@ pub fn conntrack_clock_refresh() {
         (CT_REFRESH_JIFFIES..100 * CT_REFRESH_JIFFIES).contains(&ticks),
         "seen_jiffies moved by {ticks}"
     );
-}
-
-fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Per-service and global counters follow the traffic.
