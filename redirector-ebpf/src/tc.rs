@@ -4,7 +4,7 @@
 //! right for CHECKSUM_PARTIAL packets from veth (`BPF_F_PSEUDO_HDR`).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::bpf_redirect,
+    helpers::{bpf_probe_read_kernel, bpf_redirect},
     programs::TcContext,
 };
 use redirector_common::{
@@ -135,13 +135,67 @@ fn try_rewrite(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Result<(), i64> {
         0
     };
     let off = p.l4_csum_off();
-    if addr_changed {
-        ctx.l4_csum_replace(off, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
+    match ip_summed(ctx) {
+        Some(summed @ (CHECKSUM_NONE | CHECKSUM_UNNECESSARY | CHECKSUM_PARTIAL)) => {
+            // What `bpf_l4_csum_replace` would do for these, without two helper calls: a
+            // full checksum takes both changes; the pseudo-header sum of a
+            // CHECKSUM_PARTIAL packet only the address change (its ports are summed by
+            // whoever completes the checksum).
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            let old: u16 = load(data, data_end, off).ok_or(-1i64)?;
+            if mangled != 0 && old == 0 {
+                // UDP without a checksum stays without one (BPF_F_MARK_MANGLED_0).
+                return Ok(());
+            }
+            let mut new = if summed == CHECKSUM_PARTIAL {
+                !csum::apply(!old, addr)
+            } else {
+                csum::apply(old, addr + port)
+            };
+            if mangled != 0 && new == 0 {
+                new = 0xffff;
+            }
+            put(data, data_end, off, new)
+        }
+        _ => {
+            // CHECKSUM_COMPLETE (skb->csum must follow the change) or an unknown layout.
+            cold();
+            if addr_changed {
+                ctx.l4_csum_replace(off, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
+            }
+            if ports_changed {
+                ctx.l4_csum_replace(off, 0, port as u64, mangled)?;
+            }
+            Ok(())
+        }
     }
-    if ports_changed {
-        ctx.l4_csum_replace(off, 0, port as u64, mangled)?;
+}
+
+/// `ip_summed` values (include/linux/skbuff.h).
+const CHECKSUM_NONE: u8 = 0;
+const CHECKSUM_UNNECESSARY: u8 = 1;
+const CHECKSUM_PARTIAL: u8 = 3;
+
+/// Where `sk_buff::ip_summed` is, as its bit offset plus one; 0: unknown. Set by the agent
+/// at load time from the kernel's BTF (`datapath::skb_layout`); read-only to the programs,
+/// so the verifier sees a constant.
+#[no_mangle]
+static SKB_IP_SUMMED: u32 = 0;
+
+/// The packet's `ip_summed`, read from the kernel's `struct sk_buff` behind the context
+/// (a tc program's context pointer is the skb itself). `None`: the layout is unknown.
+#[inline(always)]
+fn ip_summed(ctx: &TcContext) -> Option<u8> {
+    // SAFETY: reading a global.
+    let at = unsafe { core::ptr::read_volatile(&SKB_IP_SUMMED) };
+    if at == 0 {
+        return None;
     }
-    Ok(())
+    let bit = at - 1;
+    let ptr = (ctx.skb.skb as *const u8).wrapping_add((bit / 8) as usize);
+    // SAFETY: a fault-tolerant kernel read of one byte inside the skb.
+    let byte = unsafe { bpf_probe_read_kernel(ptr) }.ok()?;
+    Some((byte >> (bit % 8)) & 3)
 }
 
 /// `parse::store` for the `?` of `try_rewrite`.

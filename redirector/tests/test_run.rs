@@ -609,6 +609,17 @@ fn random_packets_never_dropped_and_non_vip_untouched() {
     }
 }
 
+/// The same with the tc programs updating L4 checksums only through
+/// `bpf_l4_csum_replace`: the path of CHECKSUM_COMPLETE packets, which test_run (whose
+/// packets are CHECKSUM_NONE) cannot produce. Every rewritten packet's checksums verify.
+#[test]
+fn random_packets_with_checksum_helpers_only() {
+    require_root!();
+    let _g = common::serial();
+    let b = common::Bench::with(redirector::datapath::L4Checksum::Helpers);
+    common::fuzz::run_on(b, 10_000, 0x5eed_0004);
+}
+
 /// Removing one of 10 backends moves ~1/N of new-flow assignments, and those are the
 /// removed backend's flows (plus few others).
 #[test]

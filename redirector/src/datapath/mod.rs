@@ -6,6 +6,7 @@ pub mod batch;
 mod bpffs;
 pub mod maps;
 pub mod migrate;
+pub mod skb_layout;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -109,6 +110,17 @@ impl MapSizes {
     }
 }
 
+/// How the tc programs update the L4 checksum of a packet they rewrite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Checksum {
+    /// In place when the skb's `ip_summed` (located through the kernel's BTF) is NONE,
+    /// UNNECESSARY or PARTIAL; through `bpf_l4_csum_replace` for CHECKSUM_COMPLETE.
+    InPlace,
+    /// Always through `bpf_l4_csum_replace` (the CHECKSUM_COMPLETE path, for tests; also
+    /// what happens when the BTF lookup fails).
+    Helpers,
+}
+
 /// Loaded programs plus their pinned maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -136,6 +148,8 @@ impl Datapath {
             MAP_NAMES.iter().map(|n| (*n, pin_path.join(n))).collect();
         let retired = migrate::retire_mismatched(&MAP_NAMES, pin_path, sizes)?;
         let mut loader = EbpfLoader::new();
+        let ip_summed = ip_summed_global();
+        loader.override_global("SKB_IP_SUMMED", &ip_summed, true);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -165,7 +179,18 @@ impl Datapath {
 
     /// Loads the programs with private, unpinned maps (tests and benchmarks).
     pub fn open_unpinned() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        Self::open_unpinned_with(L4Checksum::InPlace)
+    }
+
+    /// `open_unpinned`, choosing how the tc programs update L4 checksums.
+    pub fn open_unpinned_with(l4: L4Checksum) -> Result<Self, DatapathError> {
+        let ip_summed = match l4 {
+            L4Checksum::InPlace => ip_summed_global(),
+            L4Checksum::Helpers => 0,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SKB_IP_SUMMED", &ip_summed, true)
+            .load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -277,4 +302,19 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
             .map_err(err(name))?;
     }
     Ok(())
+}
+
+/// The programs' `SKB_IP_SUMMED`: where the kernel keeps `sk_buff::ip_summed` (from its
+/// BTF), or 0, with which the tc programs update every L4 checksum through the helper.
+fn ip_summed_global() -> u32 {
+    match skb_layout::ip_summed() {
+        Ok(f) => {
+            tracing::debug!(byte = f.byte, shift = f.shift, "sk_buff.ip_summed from BTF");
+            f.global()
+        }
+        Err(e) => {
+            tracing::warn!("{e}: tc programs update L4 checksums through bpf_l4_csum_replace only");
+            0
+        }
+    }
 }

@@ -21,7 +21,8 @@ use redirector::{
     addr::{ip_words, port_wire},
     control::{DesiredService, Programmer},
     datapath::{
-        batch, Datapath, PROG_TC_EGRESS, PROG_TC_EMPTY, PROG_TC_INGRESS, PROG_XDP, PROG_XDP_EMPTY,
+        batch, Datapath, L4Checksum, PROG_TC_EGRESS, PROG_TC_EMPTY, PROG_TC_INGRESS, PROG_XDP,
+        PROG_XDP_EMPTY,
     },
 };
 use redirector_common::{CtKey, ServiceKey, MODE_PROXY, MODE_SERVE};
@@ -97,7 +98,12 @@ pub struct Bench {
 
 impl Bench {
     pub fn new() -> Self {
-        let mut dp = Datapath::open_unpinned().expect("loading the datapath");
+        Self::with(L4Checksum::InPlace)
+    }
+
+    /// A bench whose tc programs update L4 checksums as `l4` says.
+    pub fn with(l4: L4Checksum) -> Self {
+        let mut dp = Datapath::open_unpinned_with(l4).expect("loading the datapath");
         let maps = dp.maps().expect("taking the maps");
         let prog = Programmer::adopt(maps, &redirector::datapath::MapSizes::default());
         Self { dp, prog }
