@@ -307,6 +307,13 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
 /// The programs' `SKB_IP_SUMMED`: where the kernel keeps `sk_buff::ip_summed` (from its
 /// BTF), or 0, with which the tc programs update every L4 checksum through the helper.
 fn ip_summed_global() -> u32 {
+    // Kernel lockdown in confidentiality mode takes bpf_probe_read_kernel away; with the
+    // global at 0 the verifier never reaches that call (it prunes the branch).
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
+    if lockdown.contains("[confidentiality]") {
+        tracing::warn!("kernel lockdown: tc programs update L4 checksums through the helper");
+        return 0;
+    }
     match skb_layout::ip_summed() {
         Ok(f) => {
             tracing::debug!(byte = f.byte, shift = f.shift, "sk_buff.ip_summed from BTF");
