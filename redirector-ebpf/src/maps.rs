@@ -2,7 +2,7 @@
 //! The agent pins them by name under its pin path; sizes are defaults it can override.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use redirector_common::{
@@ -42,6 +42,16 @@ pub static BACKENDS: Array<Endpoint, { MAX_BACKENDS as usize }> = Array::new();
 /// Flow tuple → rewrite. One global LRU shared by all CPUs and all programs.
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+
+/// During a conntrack resize, slot 0 holds the previous conntrack (the map the old
+/// programs still use on the hooks not switched yet); empty otherwise. A flow missing from
+/// `CONNTRACK` is looked up there and moved over on its first packet, and new flows are
+/// written to both, so a flow keeps its translation whichever program sees its next
+/// packet while the links are switched one by one. Not pinned: each agent fills its own,
+/// and empties it once every link runs its programs (`Datapath::finish_migration`).
+/// (The template's size does not matter: hash inner maps of any size are accepted.)
+#[btf_map]
+pub static CONNTRACK_PREV: ArrayOfMaps<LruHashMap<CtKey, CtValue, 64>, 1> = ArrayOfMaps::new();
 
 /// Per-service counters, index = service id.
 #[btf_map]

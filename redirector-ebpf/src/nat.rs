@@ -10,7 +10,10 @@ use redirector_common::{
 };
 
 use crate::{
-    maps::{count, BACKENDS, CONFIG, CONNTRACK, MAGLEV, MAGLEV_SMALL, SERVICES, SERVICE_STATS},
+    maps::{
+        count, BACKENDS, CONFIG, CONNTRACK, CONNTRACK_PREV, MAGLEV, MAGLEV_SMALL, SERVICES,
+        SERVICE_STATS,
+    },
     parse::{cold, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -58,7 +61,11 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
     // rare paths below.
     let jiffies = unsafe { bpf_jiffies64() } as u32;
     let is_tcp = p.key.proto == PROTO_TCP;
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&p.key) {
+    let ct = match CONNTRACK.get_ptr_mut(&p.key) {
+        Some(ct) => Some(ct),
+        None => from_prev(&p.key),
+    };
+    if let Some(ct) = ct {
         // SAFETY: LRU value; concurrent writers only touch `flags`, `seen_jiffies` and
         // `last_seen`, and a torn read of those is harmless (they are hints).
         let v = unsafe { *ct };
@@ -130,6 +137,19 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
     open_flow(p, jiffies)
 }
 
+/// During a conntrack resize: the entry `k` of the previous conntrack, moved into
+/// `CONNTRACK` (the old programs created it after the agent copied the old map, or a
+/// resize is switching links right now). `None` outside a resize.
+#[inline(always)]
+fn from_prev(k: &CtKey) -> Option<*mut CtValue> {
+    let prev = CONNTRACK_PREV.get(0)?;
+    cold();
+    // SAFETY: LRU value copied out at once (its hints may be torn, see `decide`).
+    let v = unsafe { *prev.get(k)? };
+    CONNTRACK.insert(k, &v, 0).ok()?;
+    CONNTRACK.get_ptr_mut(k)
+}
+
 /// A packet without conntrack state: if its destination is a service, picks the target,
 /// creates the flow's two conntrack entries and returns the rewrite.
 #[inline(always)]
@@ -161,7 +181,11 @@ fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64, jiffies: u32) {
         family: rk.family,
         _pad: 0,
     };
-    if let Some(f) = CONNTRACK.get_ptr_mut(&fkey) {
+    let f = match CONNTRACK.get_ptr_mut(&fkey) {
+        Some(f) => Some(f),
+        None => from_prev(&fkey),
+    };
+    if let Some(f) = f {
         // SAFETY: LRU value; flag and timestamp updates are hints (see `decide`).
         unsafe {
             let mut flags = (*f).flags | CT_SEEN_REPLY;
@@ -244,6 +268,12 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, jiffies: u32) -> Option<CtValue> {
     // Reply entry first: a reply can never arrive before its translation exists.
     if CONNTRACK.insert(&rkey, &rev, 0).is_err() || CONNTRACK.insert(&p.key, &fwd, 0).is_err() {
         count(G_CT_FULL);
+    }
+    // During a resize the old programs may see this flow's next packets: give them it too.
+    if let Some(prev) = CONNTRACK_PREV.get(0) {
+        cold();
+        let _ = prev.insert(&rkey, &rev, 0);
+        let _ = prev.insert(&p.key, &fwd, 0);
     }
     account(svc.id, p.ip_len, false, true, proxied);
     count(G_NAT_FORWARD);

@@ -669,6 +669,13 @@ fn conntrack_reads_the_clock_once_per_refresh() {
 }
 
 #[test]
+fn flows_keep_their_translation_across_a_conntrack_switch() {
+    require_root!();
+    let _g = common::serial();
+    common::lifecycle::conntrack_lent_during_resize();
+}
+
+#[test]
 fn counters_follow_traffic() {
     require_root!();
     let _g = common::serial();

@@ -241,77 +241,49 @@ fn resize_steps(c: &mut Cluster, before: &[BTreeSet<String>], steps: &[MapsSpec]
 /// restarted agent replaces the pinned maps with maps of the new capacities (as the kernel
 /// reports them) and copies services, backends and conntrack over.
 ///
-/// Resizing the read-only maps (services, tables, backends) never fails a request. A
+/// No request fails and no kept-alive connection changes backend, in either phase. A
 /// conntrack resize switches the programs interface by interface between two conntrack
-/// maps: a flow that starts in those few milliseconds can have its request translated by
-/// one program generation and its reply by the other, and fail. That phase asserts that
-/// kept-alive connections keep their backend and that at most 1 request in 500 fails.
+/// maps; during the switch the new programs also read and write the old map
+/// (`CONNTRACK_PREV`), so a flow whose request and reply are seen by different program
+/// generations keeps its translation.
 #[test]
 fn resize_maps_under_load() {
     require_root!();
     let mut c = Cluster::new("rsz", bins!()).expect("cluster");
     let before = digests(&c);
     let ct = redirector::datapath::MapSizes::default().conntrack;
-    let phases: [(bool, [MapsSpec; 2]); 2] = [
-        (
-            true,
-            [
-                MapsSpec {
-                    services: 256,
-                    backends: 1024,
-                    conntrack: ct,
-                },
-                MapsSpec {
-                    services: 131_072,
-                    backends: 300_000,
-                    conntrack: ct,
-                },
-            ],
-        ),
-        (
-            false,
-            [
-                MapsSpec {
-                    services: 131_072,
-                    backends: 300_000,
-                    conntrack: 16_384,
-                },
-                MapsSpec {
-                    services: 131_072,
-                    backends: 300_000,
-                    conntrack: 262_144,
-                },
-            ],
-        ),
+    let phases: [[MapsSpec; 2]; 2] = [
+        [
+            MapsSpec {
+                services: 256,
+                backends: 1024,
+                conntrack: ct,
+            },
+            MapsSpec {
+                services: 131_072,
+                backends: 300_000,
+                conntrack: ct,
+            },
+        ],
+        [
+            MapsSpec {
+                services: 131_072,
+                backends: 300_000,
+                conntrack: 16_384,
+            },
+            MapsSpec {
+                services: 131_072,
+                backends: 300_000,
+                conntrack: 262_144,
+            },
+        ],
     ];
-    for (strict, steps) in phases {
+    for steps in phases {
         let loops = start_loops(&c, 30);
         sleep(Duration::from_millis(500));
         resize_steps(&mut c, &before, &steps);
         sleep(Duration::from_millis(500));
-        if strict {
-            stop_loops(loops);
-        } else {
-            for (name, l) in loops {
-                let s = l.stop().expect("client loop summary");
-                eprintln!(
-                    "{name}: ok={} failed={} errors={:?}",
-                    s.ok, s.failed, s.errors
-                );
-                assert!(
-                    s.ok > 0 && s.failed * 500 <= s.ok,
-                    "{name}: {} ok, {} failed across conntrack resizes: {:?}",
-                    s.ok,
-                    s.failed,
-                    s.errors
-                );
-                assert_eq!(
-                    s.unstable_conns, 0,
-                    "{name}: kept-alive connections changed server: {:?}",
-                    s.unstable
-                );
-            }
-        }
+        stop_loops(loops);
     }
     for a in &c.agents {
         let log = a.log();

@@ -80,6 +80,17 @@ impl Retired {
     pub fn is_empty(&self) -> bool {
         self.maps.is_empty()
     }
+
+    /// The old conntrack, if it is being replaced and its layout is this agent's (the new
+    /// programs can then read it during the switch).
+    pub fn conntrack(&self) -> Option<MapData> {
+        let (path, have) = self.maps.get("CONNTRACK")?;
+        let want = shape::<CtKey, CtValue>(have.max_entries);
+        if *have != want {
+            return None;
+        }
+        MapData::from_pin(path).ok()
+    }
 }
 
 /// Before loading: moves every pinned map whose shape differs from the wanted one to
@@ -221,6 +232,42 @@ fn copy_per_cpu<V: Pod>(old: Map, new: &mut PerCpuArray<MapData, V>) -> Option<C
 
 /// `bpf_map_update_elem` flag: only insert keys that are not there yet.
 const BPF_NOEXIST: u64 = 1;
+
+/// Empties `CONNTRACK_PREV` (aya has no delete for maps of maps): the old conntrack is
+/// freed once its pin is removed too.
+pub fn unlend_conntrack(prev: &MapData) -> Result<(), std::io::Error> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+    }
+    let key: u32 = 0;
+    let mut attr = Attr {
+        map_fd: prev.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+    };
+    // SAFETY: `attr` is the `bpf_attr` prefix BPF_MAP_DELETE_ELEM reads; `key` outlives the
+    // call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>() as u32,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
 
 /// After the new programs are attached: copies the flows the old programs created in the
 /// retired conntrack since `copy_retired` (entries the new map already has are kept), then

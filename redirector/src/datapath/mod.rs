@@ -33,6 +33,23 @@ pub const PROG_TC_EGRESS: &str = "redirector_tc_egress";
 pub const PROG_XDP_EMPTY: &str = "redirector_xdp_empty";
 pub const PROG_TC_EMPTY: &str = "redirector_tc_empty";
 
+/// The previous conntrack during a resize (not pinned, see the eBPF side).
+const CONNTRACK_PREV: &str = "CONNTRACK_PREV";
+
+fn lend_conntrack(ebpf: &mut Ebpf, old: &aya::maps::MapData) -> Result<(), DatapathError> {
+    let err = |source| MapsError::Map {
+        name: CONNTRACK_PREV,
+        source,
+    };
+    let prev = ebpf.map_mut(CONNTRACK_PREV).ok_or(MapsError::Missing {
+        name: CONNTRACK_PREV,
+    })?;
+    let mut prev: aya::maps::ArrayOfMaps<_> =
+        aya::maps::ArrayOfMaps::try_from(prev).map_err(err)?;
+    prev.set(0, old, 0).map_err(err)?;
+    Ok(())
+}
+
 /// Every map, pinned as `<pin_path>/<NAME>`.
 pub const MAP_NAMES: [&str; 9] = [
     "SERVICES",
@@ -156,6 +173,10 @@ impl Datapath {
         sizes.apply(&mut loader);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
+        if let Some(old) = retired.conntrack() {
+            lend_conntrack(&mut ebpf, &old)?;
+            tracing::info!("the new programs share the old conntrack until every link is switched");
+        }
         let mut maps = None;
         let mut recreated_empty = Vec::new();
         if !retired.is_empty() {
@@ -210,6 +231,32 @@ impl Datapath {
                 flows = n,
                 "copied conntrack entries created during the switch"
             );
+        }
+        if let Err(e) = self.return_conntrack() {
+            tracing::warn!(error = %e, "emptying CONNTRACK_PREV");
+        }
+    }
+
+    /// Lets the programs read (and add flows to) `old`, a conntrack the programs of the
+    /// previous agent still use, until `return_conntrack`: see `CONNTRACK_PREV`.
+    pub fn lend_conntrack(&mut self, old: &aya::maps::MapData) -> Result<(), DatapathError> {
+        lend_conntrack(&mut self.ebpf, old)
+    }
+
+    /// Ends `lend_conntrack` (no-op without one).
+    pub fn return_conntrack(&self) -> Result<(), DatapathError> {
+        match self.ebpf.map(CONNTRACK_PREV) {
+            Some(aya::maps::Map::ArrayOfMaps(data)) => {
+                migrate::unlend_conntrack(data).map_err(|source| DatapathError::Io {
+                    op: "emptying",
+                    path: PathBuf::from(CONNTRACK_PREV),
+                    source,
+                })
+            }
+            _ => Err(MapsError::Missing {
+                name: CONNTRACK_PREV,
+            }
+            .into()),
         }
     }
 

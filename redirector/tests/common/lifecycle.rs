@@ -344,3 +344,72 @@ pub fn conntrack_sweep_in_batches() {
     })
     .expect("batched walk");
 }
+
+/// A conntrack resize switches the links one by one: a flow the old programs opened in the
+/// old conntrack (lent as `CONNTRACK_PREV`) keeps its translation when the new programs see
+/// its next packet, and a flow the new programs open is also written where the old programs
+/// look. Without the loan, the reply of the old flow would leave with the backend's address.
+pub fn conntrack_lent_during_resize() {
+    let mut old = Bench::new();
+    let mut new = Bench::new();
+    old.apply(&fixture::services());
+    new.apply(&fixture::services());
+    let old_ct = {
+        use aya::maps::IterableMap as _;
+        let id = old
+            .prog
+            .maps()
+            .conntrack
+            .map()
+            .info()
+            .expect("map info")
+            .id();
+        aya::maps::MapData::from_id(id).expect("opening the old conntrack")
+    };
+    let vip = fixture::serve_vip(true, TCP);
+    let backend = fixture::serve_backend(true, TCP);
+    let mut port = 43_000;
+    for reply_hook in [Hook::Xdp, Hook::TcIngress, Hook::TcEgress] {
+        port += 1;
+        let client = fixture::client(true, port);
+        let req = Spec::new(TCP, client, vip);
+        assert_eq!(dst_of(&mut old, Hook::Xdp, &req), backend);
+        let reply = Spec::new(TCP, backend, client).with_flags(super::packet::TCP_ACK);
+        // Control: without the loan the new programs don't know the flow.
+        new.return_conntrack();
+        let out = new.run(reply_hook, &reply.build());
+        assert!(
+            out.pkt == reply.build(),
+            "{reply_hook:?}: reply translated without the old conntrack"
+        );
+        new.dp.lend_conntrack(&old_ct).expect("lending");
+        let out = new.run(reply_hook, &reply.build());
+        assert_eq!(out.ret, reply_hook.pass());
+        let want = reply.clone().with_src(vip).build();
+        assert!(
+            out.pkt == want,
+            "{reply_hook:?}: reply of a flow in the lent conntrack\n{}",
+            diff(&out.pkt, &want)
+        );
+        // The entry moved over (and the flow's forward entry with it, on the first reply).
+        let ct = &new.prog.maps().conntrack;
+        assert!(ct.get(&ct_key(backend, client, TCP), 0).is_ok());
+        assert!(ct.get(&ct_key(client, vip, TCP), 0).is_ok());
+        // The next request is the flow's, on the new side too.
+        assert_eq!(dst_of(&mut new, Hook::TcIngress, &req), backend);
+    }
+    // A flow the new programs open during the loan reaches the old conntrack as well.
+    let before = old.conntrack_len();
+    let client = fixture::client(true, port + 1);
+    let req = Spec::new(TCP, client, vip);
+    assert_eq!(dst_of(&mut new, Hook::Xdp, &req), backend);
+    assert_eq!(old.conntrack_len(), before + 2, "new flow not lent back");
+    let reply = Spec::new(TCP, backend, client).with_flags(super::packet::TCP_ACK);
+    let out = old.run(Hook::TcEgress, &reply.build());
+    assert!(out.pkt == reply.clone().with_src(vip).build());
+    // After the loan, new flows stay in the new conntrack only.
+    new.return_conntrack();
+    let req = Spec::new(TCP, fixture::client(true, port + 2), vip);
+    assert_eq!(dst_of(&mut new, Hook::Xdp, &req), backend);
+    assert_eq!(old.conntrack_len(), before + 2);
+}

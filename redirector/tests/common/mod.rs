@@ -186,6 +186,11 @@ impl Bench {
     pub fn conntrack_len(&self) -> usize {
         self.prog.maps().conntrack_len()
     }
+
+    /// Ends a `Datapath::lend_conntrack` (none: no-op).
+    pub fn return_conntrack(&self) {
+        self.dp.return_conntrack().expect("emptying CONNTRACK_PREV");
+    }
 }
 
 impl Default for Bench {
