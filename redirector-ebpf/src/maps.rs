@@ -83,6 +83,13 @@ pub static SERVICE_META: HashMap<
 #[btf_map]
 pub static HOOKED: Array<u32, { HOOKED_SLOTS as usize }> = Array::new();
 
+/// Pod interfaces (ifindex, direct-mapped like `HOOKED`) that are veths whose peer is the
+/// pod's: with `[node] host_routing = "bpf"`, translated packets routed out of one of them
+/// are handed to the pod's side directly (`tc::to_peer`). Not pinned: each agent fills its
+/// own.
+#[btf_map]
+pub static PEERS: Array<u32, { HOOKED_SLOTS as usize }> = Array::new();
+
 #[inline(always)]
 pub fn count(idx: u32) {
     if let Some(p) = GLOBAL_STATS.get_ptr_mut(idx) {

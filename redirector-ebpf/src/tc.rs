@@ -3,8 +3,11 @@
 //! activator) that no XDP hook sees. Checksums go through the skb-aware helpers, which are
 //! right for CHECKSUM_PARTIAL packets from veth (`BPF_F_PSEUDO_HDR`).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_probe_read_kernel, bpf_redirect},
+    bindings::{
+        bpf_fib_lookup as FibLookup, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT,
+        TC_ACT_SHOT,
+    },
+    helpers::{bpf_fib_lookup, bpf_probe_read_kernel, bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
 use redirector_common::{
@@ -13,7 +16,7 @@ use redirector_common::{
 
 use crate::{
     csum,
-    maps::{count, HOOKED},
+    maps::{count, HOOKED, PEERS},
     nat::decide,
     parse::{cold, load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
@@ -64,7 +67,102 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
         // Back out of the interface it came from: swap MACs and redirect to its egress.
         return hairpin(ctx);
     }
+    // SAFETY: reading a global.
+    if ingress && unsafe { core::ptr::read_volatile(&HOST_ROUTING_BPF) } != 0 {
+        if let Some(r) = to_peer(ctx, &p, &to) {
+            return r;
+        }
+    }
     TC_NEXT
+}
+
+/// `[node] host_routing = "bpf"`: set by the agent at load time (read-only, so with the
+/// default 0 the verifier drops `to_peer`).
+#[no_mangle]
+static HOST_ROUTING_BPF: u32 = 0;
+
+/// `bpf_fib_lookup` results and families (uapi).
+const FIB_SUCCESS: i64 = 0;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Host routing in BPF for a translated packet whose next hop is a local pod: looks the
+/// route up (`bpf_fib_lookup`, which also checks the MTU and wants a resolved neighbour), and
+/// when it leaves through a pod interface the agent listed in `PEERS` (a veth whose peer is
+/// the pod's), writes the MACs, takes one off the TTL / hop limit as forwarding would, and
+/// hands the packet straight to the pod's side (`bpf_redirect_peer`): the node's IP stack
+/// (routing, netfilter, the neighbour layer, the veth queue) is skipped. `None`: the packet
+/// takes the stack's way (no route, neighbour unresolved, too big, TTL expiring, another
+/// interface).
+#[inline(always)]
+fn to_peer(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Option<i32> {
+    let v4 = p.is_v4();
+    // SAFETY: the context is a valid __sk_buff for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Zeroed word by word and filled through the pointer: a struct literal, `zeroed()` or
+    // `assume_init()` compiles to a `memset` call.
+    let mut fib = core::mem::MaybeUninit::<FibLookup>::uninit();
+    let f = fib.as_mut_ptr();
+    let words = f.cast::<u64>();
+    for i in 0..core::mem::size_of::<FibLookup>() / 8 {
+        // SAFETY: within `fib`, which is 8-byte aligned and a multiple of 8 bytes long.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: `f` points to `fib`, every byte of which is initialised above; the helper
+    // reads and writes it whole.
+    let r = unsafe {
+        (*f).family = if v4 { AF_INET } else { AF_INET6 };
+        (*f).l4_protocol = p.key.proto;
+        (*f).sport = to.nat_sport;
+        (*f).dport = to.nat_dport;
+        (*f).__bindgen_anon_1.tot_len = p.ip_len as u16;
+        (*f).ifindex = ifindex;
+        if v4 {
+            (*f).__bindgen_anon_3.ipv4_src = to.nat_saddr[0];
+            (*f).__bindgen_anon_4.ipv4_dst = to.nat_daddr[0];
+        } else {
+            (*f).__bindgen_anon_3.ipv6_src = to.nat_saddr;
+            (*f).__bindgen_anon_4.ipv6_dst = to.nat_daddr;
+        }
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            f,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
+    if r != FIB_SUCCESS {
+        return None;
+    }
+    // SAFETY: as above.
+    let (oif, dmac, smac) = unsafe { ((*f).ifindex, (*f).dmac, (*f).smac) };
+    if PEERS.get(oif & (HOOKED_SLOTS - 1)) != Some(&oif) {
+        return None;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if v4 {
+        // TTL and protocol share a 16-bit word of the header checksum.
+        let word: u16 = load(data, data_end, ETH_LEN + 8)?;
+        let ttl = load::<u8>(data, data_end, ETH_LEN + 8)?;
+        if ttl <= 1 {
+            return None;
+        }
+        let ipc: u16 = load(data, data_end, ETH_LEN + 10)?;
+        store(data, data_end, ETH_LEN + 8, ttl - 1)?;
+        let new_word: u16 = load(data, data_end, ETH_LEN + 8)?;
+        let d = csum::diff16(0, word, new_word);
+        store(data, data_end, ETH_LEN + 10, csum::apply(ipc, d))?;
+    } else {
+        let hop = load::<u8>(data, data_end, ETH_LEN + 7)?;
+        if hop <= 1 {
+            return None;
+        }
+        store(data, data_end, ETH_LEN + 7, hop - 1)?;
+    }
+    store(data, data_end, 0, dmac)?;
+    store(data, data_end, 6, smac)?;
+    // SAFETY: a helper taking plain values.
+    Some(unsafe { bpf_redirect_peer(oif, 0) } as i32)
 }
 
 /// Whether the packet was received on an interface whose ingress hook (tc or XDP) already

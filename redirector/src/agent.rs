@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     activator::{origdst::OrigDst, Activator},
-    config::{Config, ConfigError, NodeConfig, DEFAULT_CONFIG},
+    config::{Config, ConfigError, HostRouting, NodeConfig, DEFAULT_CONFIG},
     control::{ControlError, DesiredService, Programmer},
     datapath::{AttachReport, Datapath, DatapathError, Hook},
     k8s::{
@@ -110,6 +110,10 @@ struct Attachments {
     held: bool,
     /// What `HOOKED` holds (`None`: not written yet); written again only when it changes.
     hooked: Option<BTreeSet<u32>>,
+    /// With `host_routing = "bpf"`: what `PEERS` holds, likewise (`None` also when off).
+    peers: Option<BTreeSet<u32>>,
+    /// `[node] host_routing` as loaded (a change takes a restart).
+    host_routing: bool,
 }
 
 impl Attachments {
@@ -119,13 +123,14 @@ impl Attachments {
         if self.held {
             return;
         }
-        let links = match netlink::list_links() {
+        let all = match netlink::links() {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing interfaces");
                 return;
             }
         };
+        let links: Vec<(u32, String)> = all.iter().map(|l| (l.index, l.name.clone())).collect();
         let present: HashMap<&str, u32> = links.iter().map(|(i, n)| (n.as_str(), *i)).collect();
         // Interfaces gone or renamed/recreated: forget (the kernel detached their links).
         self.current.retain(|name, (idx, _)| {
@@ -193,6 +198,33 @@ impl Attachments {
                 Err(e) => tracing::warn!(error = %e, "recording the hooked interfaces"),
             }
         }
+        if self.host_routing {
+            // Pod interfaces (tc ingress, no XDP) that are veths or netkits: the kinds
+            // `bpf_redirect_peer` can hand a packet across.
+            let peers: BTreeSet<u32> = all
+                .iter()
+                .filter(|l| matches!(l.kind.as_deref(), Some("veth" | "netkit")))
+                .filter(|l| {
+                    self.current.get(&l.name).is_some_and(|(i, h)| {
+                        *i == l.index && h.contains(&Hook::TcIngress) && !h.contains(&Hook::Xdp)
+                    })
+                })
+                .map(|l| l.index)
+                .collect();
+            if self.peers.as_ref() != Some(&peers) {
+                match dp.set_peers(&peers) {
+                    Ok(left_out) => {
+                        tracing::info!(
+                            peers = peers.len(),
+                            ?left_out,
+                            "pod interfaces that translated packets reach directly"
+                        );
+                        self.peers = Some(peers);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "recording the pod interfaces"),
+                }
+            }
+        }
     }
 }
 
@@ -229,10 +261,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     raise_nofile_limit();
     let mut cfg = load(&opts)?;
     let pin_path = cfg.node.pin_path.clone();
-    let mut dp = Datapath::open(&pin_path, &cfg.maps)?;
+    let host_routing = cfg.node.host_routing == HostRouting::Bpf;
+    let mut dp = Datapath::open(&pin_path, &cfg.maps, host_routing)?;
     tracing::info!(
         pin_path = %pin_path.display(),
         services = cfg.maps.services,
+        host_routing = ?cfg.node.host_routing,
         backends = cfg.maps.backends,
         conntrack = cfg.maps.conntrack,
         "datapath loaded, maps pinned"
@@ -263,6 +297,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         current: HashMap::new(),
         held: kube.is_some() && !dp.recreated_empty().is_empty(),
         hooked: None,
+        peers: None,
+        host_routing,
     };
     if att.held {
         tracing::warn!(
@@ -423,6 +459,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                     if new.maps != cfg.maps {
                         tracing::warn!(
                             "[maps] changes take effect at the next agent start (the maps are resized and their entries copied)"
+                        );
+                    }
+                    if new.node.host_routing != cfg.node.host_routing {
+                        tracing::warn!(
+                            "node.host_routing changes take effect at the next agent start; keeping {:?}",
+                            cfg.node.host_routing
                         );
                     }
                     if new.node.pin_path != cfg.node.pin_path {

@@ -119,6 +119,19 @@ pub enum XdpModeCfg {
     Generic,
 }
 
+/// How translated packets to a pod on this node leave the node's side of the pod veth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HostRouting {
+    /// Through the node's IP stack, as any forwarded packet (routing, netfilter, neighbours).
+    #[default]
+    Kernel,
+    /// Straight into the pod's namespace from tc (`bpf_fib_lookup` + `bpf_redirect_peer`),
+    /// skipping the node's forwarding path, netfilter included: only where no policy on the
+    /// node's FORWARD path must see pod traffic.
+    Bpf,
+}
+
 /// One string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -215,6 +228,8 @@ struct RawNode {
     #[serde(default)]
     xdp_mode: XdpModeCfg,
     #[serde(default)]
+    host_routing: HostRouting,
+    #[serde(default)]
     metrics: Option<Spanned<String>>,
     #[serde(default)]
     instance_cidr: Option<Spanned<String>>,
@@ -279,6 +294,8 @@ pub struct NodeConfig {
     pub pin_path: PathBuf,
     pub activator: Vec<SocketAddr>,
     pub xdp_mode: XdpModeCfg,
+    /// Read when the programs are loaded: a change takes a restart.
+    pub host_routing: HostRouting,
     pub metrics: Option<SocketAddr>,
     /// Addresses for instances the agent starts (one /32 or /128 each).
     pub instance_cidr: Option<(IpAddr, u8)>,
@@ -399,6 +416,7 @@ impl Config {
             pin_path: raw.node.pin_path.unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
             activator,
             xdp_mode: raw.node.xdp_mode,
+            host_routing: raw.node.host_routing,
             metrics,
         };
         let ct = raw.conntrack.unwrap_or(RawConntrack {

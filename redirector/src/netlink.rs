@@ -8,6 +8,8 @@ const RTM_GETLINK: u16 = 18;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 const RTMGRP_LINK: u32 = 1;
 const NLMSG_HDRLEN: usize = 16;
 const IFINFO_LEN: usize = 16;
@@ -64,28 +66,69 @@ fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(off..off + 4)?.try_into().ok()?))
 }
 
-/// Parses one RTM_NEWLINK payload into (ifindex, name).
-fn parse_link(msg: &[u8]) -> Option<(u32, String)> {
-    let ifindex = u32_at(msg, 4)?;
-    let mut off = IFINFO_LEN;
-    while off + 4 <= msg.len() {
-        let len = u16_at(msg, off)? as usize;
-        let ty = u16_at(msg, off + 2)? & 0x3fff;
-        if len < 4 || off + len > msg.len() {
+/// An interface of this network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// The link kind (`IFLA_INFO_KIND`: "veth", "netkit", "bridge", ...); `None` for
+    /// devices without one (physical NICs, loopback).
+    pub kind: Option<String>,
+}
+
+fn attr_str(raw: &[u8]) -> String {
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// The attributes of `buf` as (type, payload).
+fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + 4 > buf.len() {
             return None;
         }
-        if ty == IFLA_IFNAME {
-            let raw = &msg[off + 4..off + len];
-            let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
-            return Some((ifindex, String::from_utf8_lossy(&raw[..end]).into_owned()));
+        let len = u16_at(buf, off)? as usize;
+        let ty = u16_at(buf, off + 2)? & 0x3fff;
+        if len < 4 || off + len > buf.len() {
+            return None;
         }
+        let payload = &buf[off + 4..off + len];
         off += (len + 3) & !3;
+        Some((ty, payload))
+    })
+}
+
+/// Parses one RTM_NEWLINK payload.
+fn parse_link(msg: &[u8]) -> Option<Link> {
+    let index = u32_at(msg, 4)?;
+    let mut name = None;
+    let mut kind = None;
+    for (ty, payload) in attrs(msg.get(IFINFO_LEN..)?) {
+        match ty {
+            IFLA_IFNAME => name = Some(attr_str(payload)),
+            IFLA_LINKINFO => {
+                kind = attrs(payload)
+                    .find(|(t, _)| *t == IFLA_INFO_KIND)
+                    .map(|(_, k)| attr_str(k));
+            }
+            _ => {}
+        }
     }
-    None
+    Some(Link {
+        index,
+        name: name?,
+        kind,
+    })
 }
 
 /// Interfaces of this network namespace: (ifindex, name).
 pub fn list_links() -> io::Result<Vec<(u32, String)>> {
+    Ok(links()?.into_iter().map(|l| (l.index, l.name)).collect())
+}
+
+/// Interfaces of this network namespace, with their kinds.
+pub fn links() -> io::Result<Vec<Link>> {
     let s = open(0)?;
     let mut req = [0u8; NLMSG_HDRLEN + IFINFO_LEN];
     let total = req.len() as u32;
@@ -154,5 +197,8 @@ mod tests {
     fn lists_loopback() {
         let links = super::list_links().expect("netlink dump");
         assert!(links.iter().any(|(i, n)| *i == 1 && n == "lo"), "{links:?}");
+        let lo = super::links().expect("netlink dump");
+        let lo = lo.iter().find(|l| l.index == 1).expect("lo");
+        assert_eq!((lo.name.as_str(), lo.kind.as_deref()), ("lo", None));
     }
 }

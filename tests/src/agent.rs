@@ -87,6 +87,8 @@ pub struct AgentConfig {
     pub services: Vec<ServiceSpec>,
     /// `[maps]` capacities; `None` leaves the defaults.
     pub maps: Option<MapsSpec>,
+    /// `host_routing = "bpf"` (else the default, kernel).
+    pub host_routing_bpf: bool,
 }
 
 /// The `[maps]` section: map capacities.
@@ -120,6 +122,9 @@ impl AgentConfig {
         let _ = writeln!(s, "pod_interfaces = {}", quoted(&self.pod_interfaces));
         let _ = writeln!(s, "pin_path = \"{}\"", self.pin_path.display());
         let _ = writeln!(s, "activator = {}", quoted(&self.activator));
+        if self.host_routing_bpf {
+            let _ = writeln!(s, "host_routing = \"bpf\"");
+        }
         if let Some(m) = &self.maps {
             let _ = writeln!(s, "\n[maps]");
             let _ = writeln!(s, "services = {}", m.services);

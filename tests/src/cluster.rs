@@ -136,6 +136,11 @@ impl Cluster {
     /// Builds the topology (pods `cli`, `bea` on A, `beb` on B), starts the servers and both
     /// agents with the standard services.
     pub fn new(tag: &str, bins: Bins) -> Result<Self> {
+        Self::new_with(tag, bins, |_| {})
+    }
+
+    /// `new`, with each agent's standard config changed by `f` before it starts.
+    pub fn new_with(tag: &str, bins: Bins, f: impl Fn(&mut AgentConfig)) -> Result<Self> {
         let mut topo = Topology::two_nodes(tag)?;
         topo.add_pod("cli", 0, 10)?;
         topo.add_pod("bea", 0, 20)?;
@@ -172,7 +177,8 @@ impl Cluster {
             c.servers.push(s);
         }
         for i in 0..2u8 {
-            let cfg = c.standard_config(i);
+            let mut cfg = c.standard_config(i);
+            f(&mut cfg);
             let n = c.topo.node(i);
             let label = format!("agent-{}", ['a', 'b'][i as usize]);
             let agent = Agent::start(&c.agent_bin.0, &n.ns, &c.dir.0, &label, &cfg)?;
@@ -226,6 +232,7 @@ impl Cluster {
                 })
                 .collect(),
             maps: None,
+            host_routing_bpf: false,
         }
     }
 

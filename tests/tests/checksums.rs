@@ -1,7 +1,9 @@
 //! Checksums stay right through every rewrite, with veth checksum offload on (partial
 //! checksums cross the veths) and off (full checksums, verified by the receiver): TCP and UDP,
 //! IPv4 and IPv6, local backend, remote backend (XDP reverse NAT on the uplink), the
-//! node-local activator (tc egress reverse NAT) and hairpin.
+//! node-local activator (tc egress reverse NAT) and hairpin. Run twice: with the node's
+//! forwarding (`host_routing = "kernel"`) and with translated packets handed straight to
+//! the local pod (`host_routing = "bpf"`), where the node must forward none of them.
 use std::collections::BTreeMap;
 
 use redirector_tests::{
@@ -76,10 +78,66 @@ fn traffic(c: &Cluster, phase: &str) {
     }
 }
 
+/// IPv4 + IPv6 datagrams node A forwarded (`Ip.ForwDatagrams`, `Ip6OutForwDatagrams`).
+fn forwarded(c: &Cluster) -> u64 {
+    let ns = &c.topo.node(0).ns;
+    let snmp = ns.exec("cat", &["/proc/net/snmp"]).expect("snmp");
+    let lines: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Ip: ")).collect();
+    let v4 = match lines.as_slice() {
+        [names, values] => names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "ForwDatagrams")
+            .and_then(|(_, v)| v.parse::<u64>().ok()),
+        _ => None,
+    };
+    let snmp6 = ns.exec("cat", &["/proc/net/snmp6"]).expect("snmp6");
+    let v6 = snmp6.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next() == Some("Ip6OutForwDatagrams"))
+            .then(|| it.next().and_then(|v| v.parse::<u64>().ok()))
+            .flatten()
+    });
+    v4.expect("Ip.ForwDatagrams") + v6.expect("Ip6OutForwDatagrams")
+}
+
+/// Requests to the local backend (both families, TCP and UDP): how many datagrams node A
+/// forwarded meanwhile, and how many requests were made.
+fn local_forwarding(c: &Cluster) -> (u64, u64) {
+    let before = forwarded(c);
+    let ns = &c.topo.pod("cli").ns;
+    let mut requests = 0;
+    for v6 in [false, true] {
+        for svc in [WEB_LOCAL, ECHO_LOCAL] {
+            let args = if svc.udp() {
+                ClientArgs::udp(svc.vip(v6), 10, 2, 5)
+            } else {
+                ClientArgs::tcp(svc.vip(v6), 10, 2, 5)
+            };
+            let s = run_client(&c.bins, ns, &args).expect("client");
+            s.assert_all_ok(svc.name);
+            requests += s.ok;
+        }
+    }
+    (forwarded(c) - before, requests as u64)
+}
+
 #[test]
 fn checksums_offload_on_and_off() {
     require_root!();
-    let c = Cluster::new("cs", bins!()).expect("cluster");
+    checksums(false);
+}
+
+#[test]
+fn checksums_offload_on_and_off_bpf_host_routing() {
+    require_root!();
+    checksums(true);
+}
+
+fn checksums(host_routing_bpf: bool) {
+    let tag = if host_routing_bpf { "csb" } else { "cs" };
+    let c = Cluster::new_with(tag, bins!(), |cfg| cfg.host_routing_bpf = host_routing_bpf)
+        .expect("cluster");
 
     let before = counters(&c);
     traffic(&c, "offload on");
@@ -102,4 +160,19 @@ fn checksums_offload_on_and_off() {
     traffic(&c, "offload off");
     let after = counters(&c);
     assert_no_new_errors(&mid, &after, "offload off");
+
+    // Who carried the local backend's packets: the node's forwarding, or the programs.
+    let (forwarded, requests) = local_forwarding(&c);
+    if host_routing_bpf {
+        assert!(
+            forwarded <= 4,
+            "host_routing = bpf: node A forwarded {forwarded} datagrams for {requests} requests to its own pod"
+        );
+    } else {
+        assert!(
+            forwarded >= 2 * requests,
+            "host_routing = kernel: node A forwarded only {forwarded} datagrams for {requests} requests"
+        );
+    }
+    assert_no_new_errors(&after, &counters(&c), "local backend");
 }

@@ -148,13 +148,21 @@ pub struct Datapath {
     recreated_empty: Vec<&'static str>,
     /// What `HOOKED` holds: slot → ifindex (the map is this agent's own, so this is exact).
     hooked: BTreeMap<u32, u32>,
+    /// What `PEERS` holds, likewise.
+    peers: BTreeMap<u32, u32>,
 }
 
 impl Datapath {
     /// Loads the programs and pins (or adopts pinned) maps under `pin_path`, mounting a
     /// bpffs there first if none is mounted. Pinned maps of another size or layout are
     /// replaced by maps of `sizes`, with their entries copied over (`migrate`).
-    pub fn open(pin_path: &Path, sizes: &MapSizes) -> Result<Self, DatapathError> {
+    /// `host_routing`: whether translated packets to local pods skip the node's stack
+    /// (`[node] host_routing = "bpf"`, the pods' veths given by `set_peers`).
+    pub fn open(
+        pin_path: &Path,
+        sizes: &MapSizes,
+        host_routing: bool,
+    ) -> Result<Self, DatapathError> {
         bpffs::ensure(pin_path)?;
         std::fs::create_dir_all(pin_path.join("links")).map_err(|source| DatapathError::Io {
             op: "creating",
@@ -167,6 +175,8 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let ip_summed = ip_summed_global();
         loader.override_global("SKB_IP_SUMMED", &ip_summed, true);
+        let host_routing = host_routing as u32;
+        loader.override_global("HOST_ROUTING_BPF", &host_routing, true);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -195,6 +205,7 @@ impl Datapath {
             maps,
             recreated_empty,
             hooked: BTreeMap::new(),
+            peers: BTreeMap::new(),
         })
     }
 
@@ -219,6 +230,7 @@ impl Datapath {
             maps: None,
             recreated_empty: Vec::new(),
             hooked: BTreeMap::new(),
+            peers: BTreeMap::new(),
         })
     }
 
@@ -286,36 +298,14 @@ impl Datapath {
     /// and the other's packets get the full egress lookup (still right, only slower).
     /// Returns the interfaces left out that way.
     pub fn set_hooked(&mut self, ifindexes: &BTreeSet<u32>) -> Result<Vec<u32>, DatapathError> {
-        let name = "HOOKED";
-        let err = |source| MapsError::Map { name, source };
-        let mut want = BTreeMap::new();
-        let mut left_out = Vec::new();
-        for &i in ifindexes.iter().filter(|&&i| i != 0) {
-            match want.entry(i & (HOOKED_SLOTS - 1)) {
-                std::collections::btree_map::Entry::Occupied(_) => left_out.push(i),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(i);
-                }
-            }
-        }
-        let map = self.ebpf.map_mut(name).ok_or(MapsError::Missing { name })?;
-        let mut m: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(err)?;
-        // `self.hooked` follows every write, so a failed one leaves it exact.
-        let stale: Vec<u32> = (self.hooked.keys())
-            .filter(|s| !want.contains_key(s))
-            .copied()
-            .collect();
-        for slot in stale {
-            m.set(slot, 0, 0).map_err(err)?;
-            self.hooked.remove(&slot);
-        }
-        for (slot, i) in want {
-            if self.hooked.get(&slot) != Some(&i) {
-                m.set(slot, i, 0).map_err(err)?;
-                self.hooked.insert(slot, i);
-            }
-        }
-        Ok(left_out)
+        write_slots(&mut self.ebpf, "HOOKED", &mut self.hooked, ifindexes)
+    }
+
+    /// Makes `PEERS` hold exactly `ifindexes`: the pod veths that translated packets may be
+    /// handed to directly with `[node] host_routing = "bpf"` (direct-mapped like `HOOKED`;
+    /// an interface left out takes the stack's way). Returns the interfaces left out.
+    pub fn set_peers(&mut self, ifindexes: &BTreeSet<u32>) -> Result<Vec<u32>, DatapathError> {
+        write_slots(&mut self.ebpf, "PEERS", &mut self.peers, ifindexes)
     }
 
     pub fn xdp(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
@@ -325,6 +315,46 @@ impl Datapath {
     pub fn tc(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, name)
     }
+}
+
+/// Writes a direct-mapped interface set (`HOOKED`, `PEERS`: slot = ifindex mod
+/// `HOOKED_SLOTS`) so that it holds `ifindexes`, `current` mirroring every write (so a
+/// failed one leaves it exact). Of two interfaces with the same slot only the lower is
+/// recorded; returns the others.
+fn write_slots(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    current: &mut BTreeMap<u32, u32>,
+    ifindexes: &BTreeSet<u32>,
+) -> Result<Vec<u32>, DatapathError> {
+    let err = |source| MapsError::Map { name, source };
+    let mut want = BTreeMap::new();
+    let mut left_out = Vec::new();
+    for &i in ifindexes.iter().filter(|&&i| i != 0) {
+        match want.entry(i & (HOOKED_SLOTS - 1)) {
+            std::collections::btree_map::Entry::Occupied(_) => left_out.push(i),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(i);
+            }
+        }
+    }
+    let map = ebpf.map_mut(name).ok_or(MapsError::Missing { name })?;
+    let mut m: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(err)?;
+    let stale: Vec<u32> = (current.keys())
+        .filter(|s| !want.contains_key(s))
+        .copied()
+        .collect();
+    for slot in stale {
+        m.set(slot, 0, 0).map_err(err)?;
+        current.remove(&slot);
+    }
+    for (slot, i) in want {
+        if current.get(&slot) != Some(&i) {
+            m.set(slot, i, 0).map_err(err)?;
+            current.insert(slot, i);
+        }
+    }
+    Ok(left_out)
 }
 
 /// A program of the object, as its concrete type.
