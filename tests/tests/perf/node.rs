@@ -68,15 +68,19 @@ enum Variant {
     /// and egress of both pod interfaces): what hooking the path costs before any work.
     Floor,
     Redirector,
+    /// Redirector with `host_routing = "bpf"`: translated packets to the pod skip the
+    /// node's forwarding path.
+    RedirectorBpf,
     Iptables,
     Nftables,
 }
 
-const VARIANTS: [Variant; 6] = [
+const VARIANTS: [Variant; 7] = [
     Variant::Direct,
     Variant::Control,
     Variant::Floor,
     Variant::Redirector,
+    Variant::RedirectorBpf,
     Variant::Iptables,
     Variant::Nftables,
 ];
@@ -93,6 +97,7 @@ impl Variant {
             Variant::Control => "direct-b",
             Variant::Floor => "empty-tc",
             Variant::Redirector => "redirector",
+            Variant::RedirectorBpf => "redirector-bpf",
             Variant::Iptables => "iptables",
             Variant::Nftables => "nftables",
         }

@@ -272,10 +272,13 @@ impl Bed {
                 self.floor = Some(attach_empty(&self.node)?);
                 Some(t0.elapsed())
             }
-            Variant::Redirector => {
+            Variant::Redirector | Variant::RedirectorBpf => {
                 let label = format!("{}-agent", self.node.name);
                 let pin = PathBuf::from(format!("/sys/fs/bpf/{label}"));
-                let toml = agent_toml(&pin, svcs, "");
+                let mut toml = agent_toml(&pin, svcs, "");
+                if variant == Variant::RedirectorBpf {
+                    toml = toml.replacen("[node]\n", "[node]\nhost_routing = \"bpf\"\n", 1);
+                }
                 let (a, took) = AgentRun::start(&self.node, &self.dir, &label, &toml)?;
                 self.agent = Some(a);
                 Some(took)
@@ -310,7 +313,7 @@ impl Bed {
     pub(super) fn reset_tracking(&self, variant: Variant) -> Result<usize> {
         match variant {
             Variant::Direct | Variant::Control | Variant::Floor => Ok(0),
-            Variant::Redirector => {
+            Variant::Redirector | Variant::RedirectorBpf => {
                 let a = self
                     .agent
                     .as_ref()
