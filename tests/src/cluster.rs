@@ -67,6 +67,22 @@ impl Svc {
     pub fn udp(&self) -> bool {
         self.proto == Proto::Udp
     }
+
+    /// Client arguments for this service's VIP of family `v6`, with its protocol.
+    pub fn client(
+        &self,
+        v6: bool,
+        new: usize,
+        keepalive: usize,
+        per_conn: usize,
+    ) -> crate::traffic::ClientArgs {
+        let make = if self.udp() {
+            crate::traffic::ClientArgs::udp
+        } else {
+            crate::traffic::ClientArgs::tcp
+        };
+        make(self.vip(v6), new, keepalive, per_conn)
+    }
 }
 
 const fn svc(name: &'static str, vip_id: u8, proto: Proto, proxy: bool, b: Backends) -> Svc {

@@ -13,7 +13,7 @@ use redirector_tests::{
         WEB_PROXY, WEB_REMOTE,
     },
     require_root,
-    traffic::{csum_errors, run_client, ClientArgs},
+    traffic::{csum_errors, run_client},
 };
 
 type Counters = BTreeMap<String, BTreeMap<String, u64>>;
@@ -58,11 +58,7 @@ fn traffic(c: &Cluster, phase: &str) {
         for (svc, pod, id) in cases.iter().chain(&hairpin) {
             let ns = &c.topo.pod(pod).ns;
             for pad in [0, if svc.udp() { 1200 } else { 200_000 }] {
-                let mut args = if svc.udp() {
-                    ClientArgs::udp(svc.vip(v6), 10, 2, 5)
-                } else {
-                    ClientArgs::tcp(svc.vip(v6), 10, 2, 5)
-                };
+                let mut args = svc.client(v6, 10, 2, 5);
                 args.pad = pad;
                 let what = format!("{phase}: {} from {pod} v6={v6} pad={pad}", svc.name);
                 let s = run_client(&c.bins, ns, &args).expect("client");
@@ -109,11 +105,7 @@ fn local_forwarding(c: &Cluster) -> (u64, u64) {
     let mut requests = 0;
     for v6 in [false, true] {
         for svc in [WEB_LOCAL, ECHO_LOCAL] {
-            let args = if svc.udp() {
-                ClientArgs::udp(svc.vip(v6), 10, 2, 5)
-            } else {
-                ClientArgs::tcp(svc.vip(v6), 10, 2, 5)
-            };
+            let args = svc.client(v6, 10, 2, 5);
             let s = run_client(&c.bins, ns, &args).expect("client");
             s.assert_all_ok(svc.name);
             requests += s.ok;

@@ -82,11 +82,7 @@ fn proxy_mode_reaches_activator() {
     let cli = &c.topo.pod("cli").ns;
     for v6 in [false, true] {
         for svc in [WEB_PROXY, ECHO_PROXY] {
-            let args = if svc.udp() {
-                ClientArgs::udp(svc.vip(v6), 20, 2, 10)
-            } else {
-                ClientArgs::tcp(svc.vip(v6), 20, 2, 10)
-            };
+            let args = svc.client(v6, 20, 2, 10);
             let s = run_client(&c.bins, cli, &args).unwrap();
             s.assert_all_ok(&format!("{} v6={v6}", svc.name));
             assert_eq!(
@@ -140,11 +136,7 @@ fn status_lists_services_and_counters() {
     let cli = &c.topo.pod("cli").ns;
     for v6 in [false, true] {
         for svc in SERVICES {
-            let args = if svc.udp() {
-                ClientArgs::udp(svc.vip(v6), 5, 0, 0)
-            } else {
-                ClientArgs::tcp(svc.vip(v6), 5, 0, 0)
-            };
+            let args = svc.client(v6, 5, 0, 0);
             run_client(&c.bins, cli, &args)
                 .unwrap()
                 .assert_all_ok(svc.name);

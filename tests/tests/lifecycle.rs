@@ -459,11 +459,7 @@ fn new_interface_attached() {
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", c.agents[0].log()));
     for v6 in [false, true] {
         for svc in [WEB, ECHO] {
-            let args = if svc.udp() {
-                ClientArgs::udp(svc.vip(v6), 30, 2, 5)
-            } else {
-                ClientArgs::tcp(svc.vip(v6), 30, 2, 5)
-            };
+            let args = svc.client(v6, 30, 2, 5);
             let s = run_client(&c.bins, &pod.ns, &args).unwrap();
             let what = format!("{} from the new pod v6={v6}", svc.name);
             s.assert_all_ok(&what);
