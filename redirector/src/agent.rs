@@ -123,15 +123,15 @@ impl Attachments {
         if self.held {
             return;
         }
-        let all = match netlink::links() {
+        let links = match netlink::links() {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing interfaces");
                 return;
             }
         };
-        let links: Vec<(u32, String)> = all.iter().map(|l| (l.index, l.name.clone())).collect();
-        let present: HashMap<&str, u32> = links.iter().map(|(i, n)| (n.as_str(), *i)).collect();
+        let present: HashMap<&str, u32> =
+            links.iter().map(|l| (l.name.as_str(), l.index)).collect();
         // Interfaces gone or renamed/recreated: forget (the kernel detached their links).
         self.current.retain(|name, (idx, _)| {
             let keep = present.get(name.as_str()) == Some(idx);
@@ -150,7 +150,12 @@ impl Attachments {
                 tracing::info!(%ifname, %hook, "detached (no longer configured)");
             }
         }
-        for (ifindex, ifname) in &links {
+        for netlink::Link {
+            index: ifindex,
+            name: ifname,
+            ..
+        } in &links
+        {
             let hooks = hooks_for(node, ifname);
             let entry = self
                 .current
@@ -201,7 +206,7 @@ impl Attachments {
         if self.host_routing {
             // Pod interfaces (tc ingress, no XDP) that are veths or netkits: the kinds
             // `bpf_redirect_peer` can hand a packet across.
-            let peers: BTreeSet<u32> = all
+            let peers: BTreeSet<u32> = links
                 .iter()
                 .filter(|l| matches!(l.kind.as_deref(), Some("veth" | "netkit")))
                 .filter(|l| {
