@@ -38,19 +38,23 @@ pub enum BatchError {
     Walk(#[from] aya::maps::MapError),
 }
 
-fn fd(map: &MapData) -> u32 {
+pub(super) fn fd(map: &MapData) -> u32 {
     map.fd().as_fd().as_raw_fd() as u32
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> Result<(), std::io::Error> {
-    // SAFETY: `attr` is a valid bpf_attr prefix for the batch commands, and the buffers it
-    // points to are sized for `attr.count` entries by the callers.
+/// The `bpf(2)` syscall with `attr` as its `bpf_attr` (the command's prefix of it).
+///
+/// # Safety
+/// `attr` must be the `#[repr(C)]` prefix of `bpf_attr` that `cmd` reads, and every buffer
+/// it points to must be valid for what `cmd` reads or writes there.
+pub(super) unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> Result<(), std::io::Error> {
+    // SAFETY: the caller's contract.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
+            attr as *mut A,
+            std::mem::size_of::<A>() as u32,
         )
     };
     if r < 0 {
@@ -92,7 +96,8 @@ pub fn for_each<K: Pod, V: Pod>(
             map_fd: fd(data),
             ..Default::default()
         };
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: a batch `bpf_attr`; its key and value buffers hold `attr.count` entries.
+        let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let got = (attr.count as usize).min(cap);
         let done = match r {
             Ok(()) => false,
@@ -158,7 +163,8 @@ pub fn delete<K: Pod, V: Pod>(
             map_fd,
             ..Default::default()
         };
-        match bpf(BPF_MAP_DELETE_BATCH, &mut attr) {
+        // SAFETY: a batch `bpf_attr`; its key buffer holds `attr.count` keys.
+        match unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) } {
             Ok(()) => {
                 removed += chunk.len();
                 at += chunk.len();

@@ -236,7 +236,6 @@ const BPF_NOEXIST: u64 = 1;
 /// Empties `CONNTRACK_PREV` (aya has no delete for maps of maps): the old conntrack is
 /// freed once its pin is removed too.
 pub fn unlend_conntrack(prev: &MapData) -> Result<(), std::io::Error> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
     #[repr(C)]
     struct Attr {
@@ -246,27 +245,16 @@ pub fn unlend_conntrack(prev: &MapData) -> Result<(), std::io::Error> {
     }
     let key: u32 = 0;
     let mut attr = Attr {
-        map_fd: prev.fd().as_fd().as_raw_fd() as u32,
+        map_fd: super::batch::fd(prev),
         _pad: 0,
         key: &key as *const u32 as u64,
     };
     // SAFETY: `attr` is the `bpf_attr` prefix BPF_MAP_DELETE_ELEM reads; `key` outlives the
     // call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &mut attr as *mut Attr,
-            std::mem::size_of::<Attr>() as u32,
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
-        }
+    match unsafe { super::batch::bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// After the new programs are attached: copies the flows the old programs created in the
