@@ -179,8 +179,8 @@ pub struct CtValue {
     /// least `CT_REFRESH_JIFFIES` have passed since; otherwise it costs one inlined load of
     /// `jiffies`.
     pub seen_jiffies: u32,
-    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet, refreshed at
-    /// most every `CT_REFRESH_JIFFIES` (at most a second behind while packets flow).
+    /// The datapath clock (see [`CLOCK_EPOCH_NS`]) at the last packet, refreshed at most
+    /// every `CT_REFRESH_JIFFIES` (at most a second behind while packets flow).
     pub last_seen: u64,
 }
 
@@ -261,3 +261,23 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceStats>() == 48);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
 };
+
+/// The datapath clock is CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`; on kernels
+/// before 5.11 `bpf_ktime_get_ns`, CLOCK_MONOTONIC) plus this offset, in `CtValue::last_seen`
+/// and wherever the agent compares with it. A freshly booted node has a clock of a few
+/// seconds, so "an hour ago" would not exist on the raw clock (it saturates at 0); with the
+/// offset every past instant since long before boot has a value. In hex the offset is the
+/// leading `0x4`: `0x4000_0000_0000_0000 + ns since boot`.
+pub const CLOCK_EPOCH_NS: u64 = 1 << 62;
+
+/// A `last_seen` read from conntrack on the datapath clock. Values below half the offset
+/// were written on the raw clock (by a release before the offset, or never set): they get
+/// the offset added, so flows survive an upgrade with their age.
+#[inline(always)]
+pub fn ct_time(last_seen: u64) -> u64 {
+    if last_seen < CLOCK_EPOCH_NS / 2 {
+        last_seen + CLOCK_EPOCH_NS
+    } else {
+        last_seen
+    }
+}

@@ -1,12 +1,12 @@
 //! The NAT core shared by every program: conntrack lookup, service lookup, target choice
 //! (Maglev for Serve, the activator for Proxy) and conntrack creation. It decides the
 //! rewrite; the XDP and tc programs apply it with the checksum method their hook allows.
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use redirector_common::{
-    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue, CONFIG_KEY,
-    CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES, CT_REPLY, CT_SEEN_REPLY, G_CT_FULL,
-    G_HAIRPIN, G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MAGLEV_M_SMALL, MODE_PROXY,
-    PROTO_TCP, SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
+    ct_time, CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue,
+    CLOCK_EPOCH_NS, CONFIG_KEY, CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES, CT_REPLY,
+    CT_SEEN_REPLY, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M,
+    MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
@@ -19,12 +19,24 @@ use crate::{
 
 const SECOND: u64 = 1_000_000_000;
 
-/// CLOCK_MONOTONIC_COARSE in ns, what `CtValue::last_seen` holds (the agent compares it
-/// with the same clock).
+/// Set by the agent to 0 on kernels without `bpf_ktime_get_coarse_ns` (before 5.11): a
+/// read-only global, so the verifier prunes the call the kernel does not have.
+#[no_mangle]
+static CLOCK_COARSE: u32 = 1;
+
+/// The datapath clock, what `CtValue::last_seen` holds: CLOCK_MONOTONIC_COARSE (or
+/// CLOCK_MONOTONIC, see `CLOCK_COARSE`) plus `CLOCK_EPOCH_NS`; the agent reads the same.
 #[inline(always)]
 fn clock() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: helpers without arguments; the global is only read.
+    let raw = unsafe {
+        if core::ptr::read_volatile(&CLOCK_COARSE) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    };
+    raw + CLOCK_EPOCH_NS
 }
 
 #[inline(always)]
@@ -79,7 +91,7 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
         if stale {
             cold();
             now = clock();
-            let idle = now.saturating_sub(v.last_seen);
+            let idle = now.saturating_sub(ct_time(v.last_seen));
             expired = idle > SECOND && idle > timeout(&config(), p.key.proto, v.flags);
         }
         let is_reply = v.flags & CT_REPLY != 0;

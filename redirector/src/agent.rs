@@ -267,6 +267,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut cfg = load(&opts)?;
     let pin_path = cfg.node.pin_path.clone();
     let host_routing = cfg.node.host_routing == HostRouting::Bpf;
+    tracing::info!("{}", crate::datapath::kernel().line());
     let mut dp = Datapath::open(&pin_path, &cfg.maps, host_routing)?;
     tracing::info!(
         pin_path = %pin_path.display(),
@@ -547,7 +548,8 @@ fn raise_nofile_limit() {
 
 /// Uninstalls: detaches every pinned link and removes the pinned maps.
 pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
-    let mut n = 0;
+    // clsact filters (kernels without tcx) are not pinned: found by name and priority.
+    let mut n = crate::datapath::detach_clsact_everywhere();
     for (ifname, hook) in crate::datapath::pinned_links_at(pin_path) {
         let p = crate::datapath::link_pin_path(pin_path, &ifname, hook);
         if std::fs::remove_file(&p).is_ok() {

@@ -581,7 +581,9 @@ impl Programmer {
             } else {
                 ct.udp_timeout
             };
-            if now.saturating_sub(v.last_seen) > timeout.as_nanos() as u64 {
+            if now.saturating_sub(redirector_common::ct_time(v.last_seen))
+                > timeout.as_nanos() as u64
+            {
                 expired.push(*k);
             }
         });
@@ -598,13 +600,20 @@ impl Programmer {
     }
 }
 
-/// The clock `bpf_ktime_get_coarse_ns` reads.
+/// The datapath clock (`CtValue::last_seen`): CLOCK_MONOTONIC_COARSE, or CLOCK_MONOTONIC on
+/// kernels whose programs read `bpf_ktime_get_ns` (see `datapath::features`), plus
+/// `redirector_common::CLOCK_EPOCH_NS`.
 pub fn monotonic_coarse_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    let clock = if crate::datapath::coarse_clock() {
+        libc::CLOCK_MONOTONIC_COARSE
+    } else {
+        libc::CLOCK_MONOTONIC
+    };
     // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 + redirector_common::CLOCK_EPOCH_NS
 }

@@ -62,6 +62,12 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Probe what the running kernel offers the datapath (tcx, helpers, socket hooks,
+    /// sk_lookup, batch map operations, BTF) and print one line, or JSON.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a config file and exit.
     Check {
         #[arg(long)]
@@ -130,6 +136,14 @@ fn main() -> anyhow::Result<()> {
                 "detached {n} links, removed maps under {}",
                 pin_path.display()
             );
+        }
+        Cmd::Probe { json } => {
+            let k = redirector::datapath::kernel();
+            if json {
+                println!("{}", serde_json::to_string_pretty(k)?);
+            } else {
+                println!("{}", k.line());
+            }
         }
         Cmd::Check { config } => {
             let c = redirector::config::Config::load(&config)?;

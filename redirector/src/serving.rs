@@ -292,7 +292,7 @@ impl Serving {
         let mut counts: HashMap<&str, usize> = HashMap::new();
         let walked = crate::datapath::batch::for_each(&prog.maps().conntrack, |_, v| {
             if v.flags & (CT_REPLY | CT_CLOSING | CT_PROXIED) != 0
-                || now.saturating_sub(v.last_seen) > 2_500_000_000
+                || now.saturating_sub(redirector_common::ct_time(v.last_seen)) > 2_500_000_000
             {
                 return;
             }

@@ -41,6 +41,9 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
     pub counters: std::collections::BTreeMap<&'static str, u64>,
+    /// What the running kernel offers the datapath (probed by this command).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::datapath::features::KernelFeatures>,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -122,6 +125,7 @@ pub fn collect(maps: &Maps) -> Status {
         agent: None,
         conntrack_entries: maps.conntrack_len(),
         capacity: None,
+        kernel: None,
         counters: COUNTER_NAMES
             .iter()
             .map(|(i, n)| (*n, g[*i as usize]))
@@ -171,6 +175,7 @@ fn read_live(pin_path: &Path) -> Option<serde_json::Value> {
 pub fn read(pin_path: &Path) -> Result<Status, MapsError> {
     let mut s = collect(&Maps::open_pinned(pin_path)?);
     s.agent = read_live(pin_path);
+    s.kernel = Some(crate::datapath::kernel().clone());
     let cap = |name: &str| crate::datapath::migrate::pinned_shape(&pin_path.join(name));
     if let (Some(svc), Some(be), Some(ct)) = (cap("SERVICES"), cap("BACKENDS"), cap("CONNTRACK")) {
         s.capacity = Some(Capacity {
@@ -186,6 +191,9 @@ pub fn read(pin_path: &Path) -> Result<Status, MapsError> {
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    if let Some(k) = &s.kernel {
+        let _ = writeln!(out, "{}", k.line());
+    }
     let _ = writeln!(
         out,
         "{:<24} {:<28} {:<6} {:<34} {:>10} {:>12} {:>8} {:>8}",

@@ -99,6 +99,32 @@ pub fn image_tools(musl_target: &str) -> Result<()> {
     run(Command::new("rustup").args(["target", "add", musl_target]))
 }
 
+/// Installs the Debian packages of `list` that are missing (for tasks beyond the common set).
+pub fn packages(what: &str, list: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = list
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step(format_args!(
+            "{what} packages ({}): present",
+            list.join(" ")
+        ));
+        return Ok(());
+    }
+    step(format_args!(
+        "{what} packages: installing {}…",
+        missing.join(" ")
+    ));
+    need_root("installing apt packages")?;
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q"])
+        .args(&missing))
+}
+
 /// Fails with a clear message when a step has work to do but we are not root.
 fn need_root(what: &str) -> Result<()> {
     if !is_root() {

@@ -2,6 +2,7 @@
 mod bootstrap;
 mod demo;
 mod image;
+mod kernels;
 mod perf;
 mod test;
 mod util;
@@ -40,7 +41,14 @@ enum Task {
         /// Only run tests whose name contains this string.
         #[arg(long)]
         filter: Option<String>,
+        /// Kernel series to run the VM suites on afterwards (repeatable or comma-separated;
+        /// default: 6.1 and 6.12). `--kernel none` skips the VMs.
+        #[arg(long = "kernel", value_delimiter = ',')]
+        kernels: Vec<String>,
     },
+    /// The kernel matrix: boots Debian's kernels under qemu and runs the BPF_PROG_TEST_RUN
+    /// suite, the agent's kernel tests, and the netns datapath and checksum tests in each.
+    Kernels(kernels::KernelArgs),
     /// Bootstrap, build, then run the demo (as root): cold start, warm traffic, scale to
     /// zero, a burst during a cold start, and a summary.
     Demo {
@@ -78,7 +86,8 @@ fn run_task(task: Task) -> Result<()> {
             }
             run(&mut cargo(&args))
         }
-        Task::Test { filter } => test::run_all(filter.as_deref()),
+        Task::Test { filter, kernels } => test::run_all(filter.as_deref(), &kernels),
+        Task::Kernels(args) => kernels::run_all(&args),
         Task::Demo { pause } => {
             require_root("demo")?;
             bootstrap::run_all()?;

@@ -11,7 +11,7 @@ use crate::{
 /// little parallelism is safe, and more would oversubscribe small CI machines.
 pub const TEST_THREADS: u32 = 2;
 
-pub fn run_all(filter: Option<&str>) -> Result<()> {
+pub fn run_all(filter: Option<&str>, kernels: &[String]) -> Result<()> {
     require_root("test")?;
     bootstrap::run_all().context("step `bootstrap` failed")?;
 
@@ -52,6 +52,25 @@ pub fn run_all(filter: Option<&str>) -> Result<()> {
         cmd.env("REDIRECTOR_IMAGE_TEST", "1");
     }
     run(&mut cmd).context("step `test` failed")?;
+    // The same suites on the kernels users run, each in a VM (see `cargo xtask kernels`).
+    let kernels: Vec<String> = if kernels.is_empty() {
+        crate::kernels::DEFAULT
+            .iter()
+            .map(|k| k.to_string())
+            .collect()
+    } else {
+        kernels.iter().filter(|k| *k != "none").cloned().collect()
+    };
+    if !kernels.is_empty() && filter.is_none() {
+        println!("[test] kernels {}", kernels.join(", "));
+        crate::kernels::run_all(&crate::kernels::KernelArgs {
+            kernels,
+            lockdown: vec!["6.12".to_owned()],
+            budget_secs: 1200,
+            list: false,
+        })
+        .context("step `kernels` failed")?;
+    }
     println!("[test] all steps passed");
     Ok(())
 }

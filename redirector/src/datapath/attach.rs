@@ -63,6 +63,76 @@ pub fn link_pin_path(pin_path: &std::path::Path, ifname: &str, hook: Hook) -> Pa
     pin_path.join("links").join(pin_name(ifname, hook))
 }
 
+/// Priority of redirector's clsact filters (kernels without tcx): fixed, so that a
+/// restarted agent replaces its predecessor's filter instead of adding one, and uninstall
+/// removes it. ("RD"; CNIs use the low priorities, the kernel's default starts at 49152.)
+pub const CLSACT_PRIORITY: u16 = 0x5244;
+/// Handle of those filters.
+pub const CLSACT_HANDLE: u16 = 1;
+
+/// Attaches `prog` as the clsact filter of `ty` on `ifname` at [`CLSACT_PRIORITY`]: replaces
+/// the program of our filter there if one exists, else removes filters of the same program
+/// name that an older agent added at another priority, then adds ours.
+fn attach_clsact(
+    prog: &mut aya::programs::SchedClassifier,
+    ifname: &str,
+    ty: TcAttachType,
+) -> Result<&'static str, String> {
+    use aya::programs::tc::{NlOptions, TcHandle};
+    let handle = TcHandle::new(0, CLSACT_HANDLE);
+    // Ours, left by the previous agent: replace its program in place.
+    if let Ok(existing) = SchedClassifierLink::attached(ifname, ty, CLSACT_PRIORITY, handle, None) {
+        if let Ok(id) = prog.attach_to_link(existing) {
+            let link = prog.take_link(id).map_err(|e| e.to_string())?;
+            std::mem::forget(link);
+            return Ok("clsact (replaced)");
+        }
+    }
+    let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+    // Filters of an agent that did not use the fixed priority.
+    let name = prog_name(ty);
+    if aya::programs::tc::qdisc_detach_program(ifname, ty, name).is_ok() {
+        tracing::info!(ifname, %name, "removed older clsact filters");
+    }
+    let id = prog
+        .attach_with_options(
+            ifname,
+            ty,
+            TcAttachOptions::Netlink(NlOptions {
+                priority: CLSACT_PRIORITY,
+                handle,
+                ..NlOptions::default()
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    // Dropping the link would detach the filter; it must outlive the agent.
+    std::mem::forget(link);
+    Ok("clsact")
+}
+
+fn prog_name(ty: TcAttachType) -> &'static str {
+    if ty == TcAttachType::Ingress {
+        PROG_TC_INGRESS
+    } else {
+        PROG_TC_EGRESS
+    }
+}
+
+/// Removes redirector's clsact filters (kernels without tcx) from every interface of this
+/// network namespace. Returns how many hooks had one.
+pub fn detach_clsact_everywhere() -> usize {
+    let mut n = 0;
+    for link in crate::netlink::links().unwrap_or_default() {
+        for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if aya::programs::tc::qdisc_detach_program(&link.name, ty, prog_name(ty)).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// What an attach did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachReport {
@@ -145,21 +215,13 @@ impl Datapath {
                         (fd, "tcx")
                     }
                     Err(tcx_err) => {
-                        // Kernels before 6.6: a clsact filter. It stays attached when the
-                        // agent exits (netlink filters outlive the process) but can't be
-                        // pinned; the next agent adds its own and the old one is harmless
-                        // (same maps).
-                        let _ = aya::programs::tc::qdisc_add_clsact(ifname);
-                        let id = prog
-                            .attach_with_options(
-                                ifname,
-                                ty,
-                                TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
-                            )
+                        // Kernels before 6.6: a clsact filter, which can't be pinned but
+                        // outlives the agent. It sits at a fixed priority and handle, so the
+                        // next agent replaces its program in place (no moment without one)
+                        // and `uninstall` finds it.
+                        let mode = attach_clsact(prog, ifname, ty)
                             .map_err(|e| err(format!("tcx: {tcx_err}; clsact: {e}")))?;
-                        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-                        std::mem::forget(link);
-                        return Ok(AttachReport::Attached { mode: "clsact" });
+                        return Ok(AttachReport::Attached { mode });
                     }
                 }
             }

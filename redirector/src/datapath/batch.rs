@@ -183,3 +183,57 @@ pub fn delete<K: Pod, V: Pod>(
     }
     Ok(removed)
 }
+
+/// Whether the kernel has batched lookups on hash maps: one on a throw-away empty hash map
+/// answers ENOENT (nothing to return) where they exist and EINVAL where they don't.
+pub fn probe() -> bool {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    #[repr(C)]
+    #[derive(Default)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let mut create = CreateAttr {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    // SAFETY: CreateAttr is the prefix of bpf_attr that BPF_MAP_CREATE reads.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &mut create as *mut CreateAttr,
+            std::mem::size_of::<CreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    let mut keys = [0u32; 1];
+    let mut values = [0u32; 1];
+    let mut out = 0u32;
+    let mut attr = BatchAttr {
+        out_batch: &mut out as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: 1,
+        map_fd: fd as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: the buffers hold `count` keys and values of the map's sizes.
+    let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+    // SAFETY: fd is the map created above, closed once.
+    unsafe { libc::close(fd as i32) };
+    match r {
+        Ok(()) => true,
+        Err(e) => e.raw_os_error() == Some(libc::ENOENT),
+    }
+}

@@ -4,6 +4,7 @@
 mod attach;
 pub mod batch;
 mod bpffs;
+pub mod features;
 pub mod maps;
 pub mod migrate;
 pub mod skb_layout;
@@ -19,7 +20,9 @@ use aya::{
 };
 use redirector_common::{HOOKED_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES};
 
-pub use attach::{link_pin_path, pinned_links as pinned_links_at, AttachReport, Hook};
+pub use attach::{
+    detach_clsact_everywhere, link_pin_path, pinned_links as pinned_links_at, AttachReport, Hook,
+};
 pub use maps::{Maps, MapsError};
 
 /// The eBPF object, built by build.rs and embedded: no path to a build folder at run time.
@@ -175,6 +178,8 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let ip_summed = ip_summed_global();
         loader.override_global("SKB_IP_SUMMED", &ip_summed, true);
+        let coarse = coarse_clock() as u32;
+        loader.override_global("CLOCK_COARSE", &coarse, true);
         let host_routing = host_routing as u32;
         loader.override_global("HOST_ROUTING_BPF", &host_routing, true);
         for (name, path) in &paths {
@@ -220,8 +225,10 @@ impl Datapath {
             L4Checksum::InPlace => ip_summed_global(),
             L4Checksum::Helpers => 0,
         };
+        let coarse = coarse_clock() as u32;
         let mut ebpf = EbpfLoader::new()
             .override_global("SKB_IP_SUMMED", &ip_summed, true)
+            .override_global("CLOCK_COARSE", &coarse, true)
             .load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         Ok(Self {
@@ -357,6 +364,18 @@ fn write_slots(
     Ok(left_out)
 }
 
+/// The running kernel's features, probed once per process (`features::KernelFeatures`).
+pub fn kernel() -> &'static features::KernelFeatures {
+    static FEATURES: std::sync::OnceLock<features::KernelFeatures> = std::sync::OnceLock::new();
+    FEATURES.get_or_init(features::KernelFeatures::probe)
+}
+
+/// Whether the programs read CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`, 5.11+) or,
+/// without that helper, CLOCK_MONOTONIC; the agent's side of the clock follows.
+pub fn coarse_clock() -> bool {
+    kernel().coarse_clock
+}
+
 /// A program of the object, as its concrete type.
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
 where
@@ -384,11 +403,15 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
 /// The programs' `SKB_IP_SUMMED`: where the kernel keeps `sk_buff::ip_summed` (from its
 /// BTF), or 0, with which the tc programs update every L4 checksum through the helper.
 fn ip_summed_global() -> u32 {
-    // Kernel lockdown in confidentiality mode takes bpf_probe_read_kernel away; with the
-    // global at 0 the verifier never reaches that call (it prunes the branch).
-    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
-    if lockdown.contains("[confidentiality]") {
-        tracing::warn!("kernel lockdown: tc programs update L4 checksums through the helper");
+    // Kernel lockdown in confidentiality mode takes bpf_probe_read_kernel away (probed by
+    // loading a program that calls it, not read from securityfs, which a DaemonSet need not
+    // mount); with the global at 0 the verifier never reaches that call (it prunes the
+    // branch).
+    if !kernel().probe_read_kernel {
+        tracing::warn!(
+            "no bpf_probe_read_kernel (kernel lockdown?): tc programs update L4 checksums \
+             through the helper"
+        );
         return 0;
     }
     match skb_layout::ip_summed() {

@@ -66,7 +66,7 @@ impl DatapathView {
             .filter(|(_, v)| {
                 v.flags & (CT_REPLY | CT_CLOSING) == 0
                     && targets.contains(&v.nat_daddr)
-                    && now.saturating_sub(v.last_seen) < 1_500_000_000
+                    && now.saturating_sub(redirector_common::ct_time(v.last_seen)) < 1_500_000_000
             })
             .count()
     }
