@@ -999,12 +999,14 @@ fn uninstall_manifests() {
         );
         let sc = c.security_context.as_ref().expect("securityContext");
         assert_ne!(sc.privileged, Some(true), "{kind}");
-        assert!(
+        // NET_ADMIN only: clsact filters (kernels without tcx) are removed over netlink.
+        assert_eq!(
             sc.capabilities
                 .as_ref()
-                .and_then(|c| c.add.as_ref())
-                .is_none_or(|a| a.is_empty()),
-            "{kind}: no added capabilities"
+                .and_then(|c| c.add.clone())
+                .unwrap_or_default(),
+            vec!["NET_ADMIN".to_owned()],
+            "{kind}: the one added capability"
         );
         let m = c
             .volume_mounts
