@@ -60,12 +60,32 @@ struct Suite {
     args: &'static str,
 }
 
-const SUITES: &[Suite] = &[Suite {
-    name: "test_run",
-    package: "redirector",
-    test: "test_run",
-    args: "--test-threads=1",
-}];
+const SUITES: &[Suite] = &[
+    Suite {
+        name: "test_run",
+        package: "redirector",
+        test: "test_run",
+        args: "--test-threads=1",
+    },
+    Suite {
+        name: "kernel",
+        package: "redirector-tests",
+        test: "kernel",
+        args: "--test-threads=1",
+    },
+    Suite {
+        name: "datapath",
+        package: "redirector-tests",
+        test: "datapath",
+        args: "--test-threads=1",
+    },
+    Suite {
+        name: "checksums",
+        package: "redirector-tests",
+        test: "checksums",
+        args: "--test-threads=1",
+    },
+];
 
 /// Suites that run in the lockdown VM (no netns topology: only loading and the datapath).
 const LOCKDOWN_SUITES: &[&str] = &["test_run", "kernel"];
