@@ -77,6 +77,19 @@ pub enum DatapathError {
         name: &'static str,
         source: ProgramError,
     },
+    /// The verifier refused a program: the kernel lacks something it uses. The full
+    /// verifier log is at debug level; this says which program, on which kernel, and the
+    /// log's last lines (its verdict).
+    #[error(
+        "the kernel ({features}) refused program {name}: {reason}; the verifier's last \
+         words: {tail} (the full log with RUST_LOG=redirector=debug)"
+    )]
+    Refused {
+        name: &'static str,
+        features: String,
+        reason: std::io::Error,
+        tail: String,
+    },
     #[error("program {0} missing from the object")]
     MissingProgram(&'static str),
     #[error("{0}")]
@@ -388,7 +401,25 @@ where
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    let err = |name| move |source| DatapathError::Program { name, source };
+    let err = |name| {
+        move |source| match source {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => {
+                let log = verifier_log.to_string();
+                tracing::debug!(program = name, "verifier log:\n{log}");
+                let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+                DatapathError::Refused {
+                    name,
+                    features: kernel().line(),
+                    reason: io_error,
+                    tail: lines[lines.len().saturating_sub(3)..].join(" / "),
+                }
+            }
+            source => DatapathError::Program { name, source },
+        }
+    };
     for name in [PROG_XDP, PROG_XDP_EMPTY] {
         program::<Xdp>(ebpf, name)?.load().map_err(err(name))?;
     }
