@@ -68,28 +68,7 @@ pub const IMAGE_PACKAGES: &[&str] = &["buildah", "musl-tools"];
 /// What `cargo xtask image` needs beyond [`run_all`]: [`IMAGE_PACKAGES`] and the rustup
 /// target of the static binary (`<arch>-unknown-linux-musl`).
 pub fn image_tools(musl_target: &str) -> Result<()> {
-    let missing: Vec<&str> = IMAGE_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing.is_empty() {
-        step(format_args!(
-            "image packages ({}): present",
-            IMAGE_PACKAGES.join(" ")
-        ));
-    } else {
-        step(format_args!(
-            "image packages: installing {}…",
-            missing.join(" ")
-        ));
-        need_root("installing apt packages")?;
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q"])
-            .args(&missing))?;
-    }
+    packages("image", IMAGE_PACKAGES)?;
     let installed = probe("rustup", &["target", "list", "--installed"]).unwrap_or_default();
     if installed.lines().any(|l| l.trim() == musl_target) {
         step(format_args!("rust target {musl_target}: present"));
