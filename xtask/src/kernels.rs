@@ -135,6 +135,10 @@ pub fn run_all(args: &KernelArgs) -> Result<()> {
     for l in &lines {
         println!("  {l}");
     }
+    // Kept beside the runs, for the README's table and for CI's artifacts.
+    let summary = target_dir().join("kernels").join("summary.txt");
+    std::fs::write(&summary, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", summary.display()))?;
     if failed {
         bail!("a kernel of the matrix failed (logs under target/kernels/<series>/run*)");
     }
