@@ -267,7 +267,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut cfg = load(&opts)?;
     let pin_path = cfg.node.pin_path.clone();
     let host_routing = cfg.node.host_routing == HostRouting::Bpf;
-    tracing::info!("{}", crate::datapath::kernel().line());
+    crate::datapath::kernel().log();
     let mut dp = Datapath::open(&pin_path, &cfg.maps, host_routing)?;
     tracing::info!(
         pin_path = %pin_path.display(),

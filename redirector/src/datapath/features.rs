@@ -60,6 +60,23 @@ impl KernelFeatures {
         self.probe_read_kernel && self.ip_summed != 0
     }
 
+    /// Logs the line at start, and a warning on a kernel older than the oldest the kernel
+    /// matrix proves ([`OLDEST_PROVEN`]).
+    pub fn log(&self) {
+        tracing::info!("{}", self.line());
+        if let Some(v) = version(&self.release) {
+            if v < OLDEST_PROVEN {
+                tracing::warn!(
+                    release = %self.release,
+                    "kernel older than {}.{}, the oldest that `cargo xtask kernels` proves; \
+                     programs the verifier refuses are reported with its reason",
+                    OLDEST_PROVEN.0,
+                    OLDEST_PROVEN.1
+                );
+            }
+        }
+    }
+
     /// One line for the log and `redirector probe`.
     pub fn line(&self) -> String {
         let yn = |b: bool| if b { "yes" } else { "no" };
@@ -87,6 +104,17 @@ impl KernelFeatures {
     }
 }
 
+/// The oldest kernel series the kernel matrix boots and passes (README "Kernels").
+pub const OLDEST_PROVEN: (u32, u32) = (5, 10);
+
+/// `major.minor` of a release string like `6.1.0-57-amd64`.
+pub fn version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(['.', '-']);
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 fn release() -> String {
     // SAFETY: utsname is plain data; uname fills it.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
@@ -105,4 +133,19 @@ fn batch_ops() -> bool {
         return false;
     }
     super::batch::probe()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_of_release_strings() {
+        assert_eq!(version("6.1.0-57-amd64"), Some((6, 1)));
+        assert_eq!(version("5.10.0-46-amd64"), Some((5, 10)));
+        assert_eq!(version("6.18.2"), Some((6, 18)));
+        assert_eq!(version("unknown"), None);
+        assert!(version("5.4.0-1").is_some_and(|v| v < OLDEST_PROVEN));
+        assert!(version("5.10.262").is_some_and(|v| v >= OLDEST_PROVEN));
+    }
 }
