@@ -133,8 +133,13 @@ struct Ids {
 }
 
 impl Ids {
+    /// `used`: ids below `max` (`adopt` checks them).
     fn new(max: u32, used: &BTreeSet<u32>) -> Self {
-        let next = used.iter().next_back().map(|m| m + 1).unwrap_or(0);
+        let next = used
+            .iter()
+            .next_back()
+            .map(|m| m.saturating_add(1).min(max))
+            .unwrap_or(0);
         let free = (0..next).filter(|i| !used.contains(i)).collect();
         Self {
             next,
@@ -163,6 +168,10 @@ impl Ids {
     fn release(&mut self, id: u32) {
         self.cooling.push((Instant::now(), id));
     }
+    /// Whether some released id is still in its grace period.
+    fn cooling(&self) -> bool {
+        !self.cooling.is_empty()
+    }
 }
 
 /// What one `apply` changed.
@@ -174,6 +183,16 @@ pub struct ApplyReport {
     pub unchanged: usize,
     /// Entries that did not fit (out of ids).
     pub skipped: usize,
+}
+
+impl ApplyReport {
+    fn count(&mut self, change: Change) {
+        match change {
+            Change::Added => self.added += 1,
+            Change::Updated => self.updated += 1,
+            Change::Unchanged => self.unchanged += 1,
+        }
+    }
 }
 
 /// What `upsert` did to one entry.
@@ -191,20 +210,51 @@ pub struct Programmer {
     backend_ids: HashMap<Endpoint, (u32, usize)>,
     svc_ids: Ids,
     be_ids: Ids,
+    /// Pinned entries `adopt` found invalid and removed.
+    repaired: usize,
 }
 
 impl Programmer {
     /// Adopts the services found in the maps (left by a previous agent, or none); ids are
     /// allocated below the maps' capacities.
-    pub fn adopt(maps: Maps, sizes: &MapSizes) -> Self {
+    ///
+    /// Entries that can't be this agent's (a service id outside the capacity or used twice:
+    /// corrupt or foreign state) are removed with a warning; the next `apply` programs
+    /// those services again.
+    pub fn adopt(mut maps: Maps, sizes: &MapSizes) -> Self {
         let mut services = HashMap::new();
         let mut backend_ids: HashMap<Endpoint, (u32, usize)> = HashMap::new();
         let mut used_svc = BTreeSet::new();
         let mut used_be = BTreeSet::new();
         let entries: Vec<(ServiceKey, ServiceValue)> =
             maps.services.iter().filter_map(Result::ok).collect();
+        let mut repaired = 0;
         for (key, value) in entries {
-            used_svc.insert(value.id);
+            if value.id >= sizes.services || !used_svc.insert(value.id) {
+                if repaired == 0 {
+                    tracing::warn!(
+                        id = value.id,
+                        capacity = sizes.services,
+                        "pinned SERVICES entry with an id outside the map's capacity or used \
+                         twice (corrupt or foreign state): removing such entries; the config \
+                         programs their services again"
+                    );
+                }
+                repaired += 1;
+                let _ = maps.services.remove(&key);
+                if value.id >= sizes.services {
+                    for set in [SET_SERVE, SET_PROXY] {
+                        let key = MaglevKey {
+                            svc_id: value.id,
+                            set,
+                        };
+                        let _ = maps.maglev.remove(&key);
+                        let _ = maps.maglev_small.remove(&key);
+                    }
+                    let _ = maps.meta.remove(&value.id);
+                }
+                continue;
+            }
             let mut sets = [BTreeSet::new(), BTreeSet::new()];
             for (set, out) in [SET_SERVE, SET_PROXY].into_iter().zip(sets.iter_mut()) {
                 let count = if set == SET_SERVE {
@@ -219,6 +269,9 @@ impl Programmer {
                     continue;
                 };
                 for id in ids {
+                    if id >= sizes.backends {
+                        continue;
+                    }
                     let Ok(ep) = maps.backends.get(&id, 0) else {
                         continue;
                     };
@@ -254,7 +307,13 @@ impl Programmer {
             backend_ids,
             svc_ids: Ids::new(sizes.services, &used_svc),
             be_ids: Ids::new(sizes.backends, &used_be),
+            repaired,
         }
+    }
+
+    /// How many invalid pinned entries `adopt` removed.
+    pub fn repaired(&self) -> usize {
+        self.repaired
     }
 
     pub fn maps(&self) -> &Maps {
@@ -263,6 +322,11 @@ impl Programmer {
 
     pub fn maps_mut(&mut self) -> &mut Maps {
         &mut self.maps
+    }
+
+    /// Gives the maps back (for another `adopt`, as a restarted agent does).
+    pub fn into_maps(self) -> Maps {
+        self.maps
     }
 
     /// Writes the conntrack timeouts.
@@ -374,8 +438,8 @@ impl Programmer {
     }
 
     /// Makes the maps hold exactly `desired`. Idempotent; only changed entries are written.
-    /// Entries that don't fit (out of service or backend ids) are skipped and counted; the
-    /// rest is programmed.
+    /// Maps that are full make room first (`make_room`); entries that still don't fit (out of
+    /// service or backend ids) are skipped and counted; the rest is programmed.
     pub fn apply(&mut self, desired: &[DesiredService]) -> Result<ApplyReport, ControlError> {
         let mut report = ApplyReport::default();
         let keep: std::collections::HashSet<ServiceKey> = desired.iter().map(|d| d.key).collect();
@@ -389,11 +453,20 @@ impl Programmer {
             self.remove(&key)?;
             report.removed += 1;
         }
+        let mut short = Vec::new();
         for d in desired {
             match self.upsert(d) {
-                Ok(Change::Added) => report.added += 1,
-                Ok(Change::Updated) => report.updated += 1,
-                Ok(Change::Unchanged) => report.unchanged += 1,
+                Ok(change) => report.count(change),
+                Err(ControlError::Exhausted(_)) => short.push(d),
+                Err(e) => return Err(e),
+            }
+        }
+        if !short.is_empty() {
+            self.make_room(desired)?;
+        }
+        for d in short {
+            match self.upsert(d) {
+                Ok(change) => report.count(change),
                 Err(ControlError::Exhausted(what)) => {
                     if report.skipped == 0 {
                         tracing::error!(service = %d.name, "out of {what} ids: skipping services that don't fit");
@@ -404,6 +477,34 @@ impl Programmer {
             }
         }
         Ok(report)
+    }
+
+    /// Full maps: an entry changing its backends needs ids for the new ones while the old
+    /// ones are still referenced, and released ids wait out `ID_GRACE`. So entries first drop
+    /// the members they lose (a write that needs no new id), then the released ids' grace
+    /// period is waited out (blocking, at most `ID_GRACE`): a config that fills the maps
+    /// exactly still converges, at the cost of a short window with fewer backends.
+    fn make_room(&mut self, desired: &[DesiredService]) -> Result<(), ControlError> {
+        for d in desired {
+            let Some(old) = self.services.get(&d.key) else {
+                continue;
+            };
+            let mid = DesiredService {
+                serve: old.desired.serve.intersection(&d.serve).copied().collect(),
+                proxy: old.desired.proxy.intersection(&d.proxy).copied().collect(),
+                ..old.desired.clone()
+            };
+            if mid != old.desired {
+                self.upsert(&mid)?;
+            }
+        }
+        if self.svc_ids.cooling() || self.be_ids.cooling() {
+            tracing::warn!(
+                "maps full: waiting {ID_GRACE:?} for released ids before programming the rest"
+            );
+            std::thread::sleep(ID_GRACE);
+        }
+        Ok(())
     }
 
     /// Programs one entry (backends, then the table, then the service entry).
