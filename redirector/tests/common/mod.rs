@@ -54,7 +54,9 @@ pub fn is_root() -> bool {
 macro_rules! require_root {
     () => {
         if !$crate::common::is_root() {
-            panic!("needs root: BPF_PROG_TEST_RUN and pinned maps take CAP_SYS_ADMIN (run as root)");
+            panic!(
+                "needs root: BPF_PROG_TEST_RUN and pinned maps take CAP_SYS_ADMIN (run as root)"
+            );
         }
     };
 }
