@@ -93,3 +93,56 @@ fn instance_never_ready_is_replaced_after_its_startup_deadline() {
     assert!(env.log().contains("startup deadline"), "{}", env.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn reload_refuses_what_check_refuses_and_keeps_serving() {
+    require_root!();
+    let svc = Svc::new("kept", "10.96.0.43", Scale::hello(&[]));
+    let cfg = Config::one(svc.clone());
+    let env = Env::start("rl", &cfg).unwrap();
+    assert_eq!(env.get(svc.addr(), "/", LONG).unwrap().status, 200);
+    let good = cfg.to_toml(&env.pin_path);
+    let service = |name: &str, vip: &str, port: u16| {
+        format!("\n[[service]]\nname = \"{name}\"\nnamespace = \"rt\"\nvip = \"{vip}\"\nport = {port}\nbackends = [\"10.244.2.1:80\"]\n")
+    };
+    for (bad, field) in [
+        (
+            format!("{good}{}", service("kept", "10.96.0.44", 80)),
+            "(kept).name: rt/kept is also service[0]",
+        ),
+        (
+            format!("{good}{}", service("zero", "10.96.0.44", 0)),
+            "(zero).port: must not be 0",
+        ),
+        (
+            format!("{good}{}", service("loop", "10.96.0.44", 80))
+                .replace("10.244.2.1:80", "10.96.0.44:80"),
+            "(loop).backends: 10.96.0.44:80 is one of the service's own VIPs",
+        ),
+    ] {
+        env.write_config(&bad).unwrap();
+        let log = redirector_tests::coldstart::wait_for(
+            &format!("reload refusing {field}"),
+            LONG,
+            || {
+                let log = env.log();
+                log.lines()
+                    .any(|l| l.contains("bad config") && l.contains(field))
+                    .then_some(log)
+            },
+        )
+        .unwrap();
+        assert!(log.contains("agent.toml:"), "{log}");
+        let out = Command::new(redirector_bin())
+            .args(["check", "--config"])
+            .arg(&env.config_path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(field), "{err}");
+        assert!(!err.contains(":1:1:"), "{err}");
+        // The running state is what it was.
+        assert_eq!(env.get(svc.addr(), "/", LONG).unwrap().status, 200);
+    }
+}
