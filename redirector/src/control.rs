@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::maps::MapError;
@@ -17,11 +17,16 @@ use redirector_common::{
 };
 
 use crate::{
-    addr::{endpoint, endpoint_addr, ip_words, port_wire},
+    addr::{endpoint, ip_words, port_wire},
     config::{Config, ConntrackConfig, Mode},
-    datapath::{MapSizes, Maps},
+    datapath::Maps,
     maglev,
 };
+
+mod adopt;
+mod ids;
+
+use ids::Ids;
 
 /// How long a released id stays unused (packets in flight may still hold it).
 const ID_GRACE: Duration = Duration::from_secs(2);
@@ -123,57 +128,6 @@ struct Installed {
     desired: DesiredService,
 }
 
-/// Dense id allocator with a grace period before reuse.
-#[derive(Debug)]
-struct Ids {
-    next: u32,
-    max: u32,
-    free: Vec<u32>,
-    cooling: Vec<(Instant, u32)>,
-}
-
-impl Ids {
-    /// `used`: ids below `max` (`adopt` checks them).
-    fn new(max: u32, used: &BTreeSet<u32>) -> Self {
-        let next = used
-            .iter()
-            .next_back()
-            .map(|m| m.saturating_add(1).min(max))
-            .unwrap_or(0);
-        let free = (0..next).filter(|i| !used.contains(i)).collect();
-        Self {
-            next,
-            max,
-            free,
-            cooling: Vec::new(),
-        }
-    }
-    fn alloc(&mut self, what: &'static str) -> Result<u32, ControlError> {
-        let now = Instant::now();
-        let (ready, cooling): (Vec<_>, Vec<_>) = self
-            .cooling
-            .drain(..)
-            .partition(|(t, _)| now.duration_since(*t) >= ID_GRACE);
-        self.cooling = cooling;
-        self.free.extend(ready.into_iter().map(|(_, i)| i));
-        if let Some(i) = self.free.pop() {
-            return Ok(i);
-        }
-        if self.next >= self.max {
-            return Err(ControlError::Exhausted(what));
-        }
-        self.next += 1;
-        Ok(self.next - 1)
-    }
-    fn release(&mut self, id: u32) {
-        self.cooling.push((Instant::now(), id));
-    }
-    /// Whether some released id is still in its grace period.
-    fn cooling(&self) -> bool {
-        !self.cooling.is_empty()
-    }
-}
-
 /// What one `apply` changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -215,107 +169,6 @@ pub struct Programmer {
 }
 
 impl Programmer {
-    /// Adopts the services found in the maps (left by a previous agent, or none); ids are
-    /// allocated below the maps' capacities.
-    ///
-    /// Entries that can't be this agent's (a service id outside the capacity or used twice:
-    /// corrupt or foreign state) are removed with a warning; the next `apply` programs
-    /// those services again.
-    pub fn adopt(mut maps: Maps, sizes: &MapSizes) -> Self {
-        let mut services = HashMap::new();
-        let mut backend_ids: HashMap<Endpoint, (u32, usize)> = HashMap::new();
-        let mut used_svc = BTreeSet::new();
-        let mut used_be = BTreeSet::new();
-        let entries: Vec<(ServiceKey, ServiceValue)> =
-            maps.services.iter().filter_map(Result::ok).collect();
-        let mut repaired = 0;
-        for (key, value) in entries {
-            if value.id >= sizes.services || !used_svc.insert(value.id) {
-                if repaired == 0 {
-                    tracing::warn!(
-                        id = value.id,
-                        capacity = sizes.services,
-                        "pinned SERVICES entry with an id outside the map's capacity or used \
-                         twice (corrupt or foreign state): removing such entries; the config \
-                         programs their services again"
-                    );
-                }
-                repaired += 1;
-                let _ = maps.services.remove(&key);
-                if value.id >= sizes.services {
-                    for set in [SET_SERVE, SET_PROXY] {
-                        let key = MaglevKey {
-                            svc_id: value.id,
-                            set,
-                        };
-                        let _ = maps.maglev.remove(&key);
-                        let _ = maps.maglev_small.remove(&key);
-                    }
-                    let _ = maps.meta.remove(&value.id);
-                }
-                continue;
-            }
-            let mut sets = [BTreeSet::new(), BTreeSet::new()];
-            for (set, out) in [SET_SERVE, SET_PROXY].into_iter().zip(sets.iter_mut()) {
-                let count = if set == SET_SERVE {
-                    value.backend_count
-                } else {
-                    value.proxy_count
-                };
-                if count == 0 {
-                    continue;
-                }
-                let Some(ids) = table_members(&maps, value.id, set, value.flags) else {
-                    continue;
-                };
-                for id in ids {
-                    if id >= sizes.backends {
-                        continue;
-                    }
-                    let Ok(ep) = maps.backends.get(&id, 0) else {
-                        continue;
-                    };
-                    let Some(sa) = endpoint_addr(&ep) else {
-                        continue;
-                    };
-                    used_be.insert(id);
-                    backend_ids.entry(ep).or_insert((id, 0)).1 += 1;
-                    out.insert(sa);
-                }
-            }
-            let [serve, proxy] = sets;
-            let desired = DesiredService {
-                key,
-                name: maps.service_name(value.id).unwrap_or_default(),
-                mode: value.mode,
-                serve,
-                proxy,
-                activator: endpoint_addr(&value.activator),
-            };
-            services.insert(key, Installed { value, desired });
-        }
-        if !services.is_empty() {
-            tracing::info!(
-                services = services.len(),
-                backends = backend_ids.len(),
-                "adopted pinned state"
-            );
-        }
-        Self {
-            maps,
-            services,
-            backend_ids,
-            svc_ids: Ids::new(sizes.services, &used_svc),
-            be_ids: Ids::new(sizes.backends, &used_be),
-            repaired,
-        }
-    }
-
-    /// How many invalid pinned entries `adopt` removed.
-    pub fn repaired(&self) -> usize {
-        self.repaired
-    }
-
     pub fn maps(&self) -> &Maps {
         &self.maps
     }
