@@ -208,6 +208,18 @@ fn uninstall_leaves_a_non_bpffs_path_alone() {
     let missing = PathBuf::from(format!("/sys/fs/bpf/rdnothing{}", std::process::id()));
     let done = redirector::agent::uninstall(&missing).unwrap();
     assert_eq!(done.maps, 0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_redirector"))
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("nothing to remove") && !said.contains("removed"),
+        "{said}"
+    );
 }
 
 /// `BPF_MAP_CREATE` + `BPF_OBJ_PIN` of a hash map with the given sizes.
