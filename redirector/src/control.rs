@@ -126,6 +126,8 @@ pub fn desired_from_config(cfg: &Config) -> Vec<DesiredService> {
 struct Installed {
     value: ServiceValue,
     desired: DesiredService,
+    /// Adopted tables that don't match the entry: both sets are rewritten by the next write.
+    stale: bool,
 }
 
 /// What one `apply` changed.
@@ -364,7 +366,7 @@ impl Programmer {
     pub fn upsert(&mut self, d: &DesiredService) -> Result<Change, ControlError> {
         let old = self.services.get(&d.key).cloned();
         if let Some(old) = &old {
-            if old.desired == *d {
+            if old.desired == *d && !old.stale {
                 return Ok(Change::Unchanged);
             }
         }
@@ -400,8 +402,8 @@ impl Programmer {
                 .map_err(werr("SERVICE_META"))?;
         }
         // 1. backends and tables (only the sets that changed).
-        let serve_changed = old.is_none_or(|o| o.desired.serve != d.serve);
-        let proxy_changed = old.is_none_or(|o| o.desired.proxy != d.proxy);
+        let serve_changed = old.is_none_or(|o| o.stale || o.desired.serve != d.serve);
+        let proxy_changed = old.is_none_or(|o| o.stale || o.desired.proxy != d.proxy);
         let old_flags = old.map(|o| o.value.flags).unwrap_or(0);
         let (backend_count, serve_small) = match old {
             Some(o) if !serve_changed => (o.value.backend_count, old_flags & SVC_SERVE_SMALL != 0),
@@ -468,6 +470,7 @@ impl Programmer {
             Installed {
                 value,
                 desired: d.clone(),
+                stale: false,
             },
         );
         Ok(change)

@@ -130,17 +130,26 @@ fn adopt_repairs_service_ids_outside_the_maps() {
         v.id = id;
         maps.services.insert(d.key, v, 0).unwrap();
     }
+    // And a table slot naming a backend id outside BACKENDS.
+    let cv = maps.services.get(&c.key, 0).unwrap();
+    let small = MaglevKey {
+        svc_id: cv.id,
+        set: SET_SERVE,
+    };
+    let mut t = maps.maglev_small.get(&small, 0).unwrap();
+    t.slots[7] = 0xffff_fff0;
+    maps.maglev_small.insert(small, t, 0).unwrap();
     let maps = prog.into_maps();
     // Before: "attempt to add with overflow" (id u32::MAX) or a 30M-entry free list.
     let mut prog = Programmer::adopt(maps, &SMALL);
-    assert_eq!(prog.repaired(), 2);
+    assert_eq!(prog.repaired(), 3);
     assert!(
         prog.maps().services.get(&a.key, 0).is_err(),
         "bad entry removed"
     );
     let report = prog.apply(&[a.clone(), b.clone(), c.clone()]).unwrap();
     assert_eq!((report.added, report.skipped), (2, 0), "{report:?}");
-    assert_eq!(report.unchanged, 1, "the valid entry is adopted as it was");
+    assert_eq!(report.updated, 1, "the table with a bad slot is rewritten");
     assert_whole(prog.maps(), &[a, b, c], &SMALL);
 }
 

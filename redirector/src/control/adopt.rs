@@ -51,6 +51,9 @@ impl Programmer {
                 }
                 continue;
             }
+            // A table that is missing, names ids outside BACKENDS or unwritten slots, or has
+            // another member count than the entry says: rewritten by the next `apply`.
+            let mut stale = false;
             let mut sets = [BTreeSet::new(), BTreeSet::new()];
             for (set, out) in [SET_SERVE, SET_PROXY].into_iter().zip(sets.iter_mut()) {
                 let count = if set == SET_SERVE {
@@ -62,16 +65,16 @@ impl Programmer {
                     continue;
                 }
                 let Some(ids) = table_members(&maps, value.id, set, value.flags) else {
+                    stale = true;
                     continue;
                 };
+                stale |= ids.len() != count as usize;
                 for id in ids {
-                    if id >= sizes.backends {
-                        continue;
-                    }
-                    let Ok(ep) = maps.backends.get(&id, 0) else {
-                        continue;
-                    };
-                    let Some(sa) = endpoint_addr(&ep) else {
+                    let ep = (id < sizes.backends)
+                        .then(|| maps.backends.get(&id, 0).ok())
+                        .flatten();
+                    let Some((ep, sa)) = ep.and_then(|ep| Some((ep, endpoint_addr(&ep)?))) else {
+                        stale = true;
                         continue;
                     };
                     used_be.insert(id);
@@ -88,7 +91,18 @@ impl Programmer {
                 proxy,
                 activator: endpoint_addr(&value.activator),
             };
-            services.insert(key, Installed { value, desired });
+            if stale {
+                tracing::warn!(service = %desired.name, id = value.id, "pinned Maglev table doesn't match its service entry: rewriting it");
+                repaired += 1;
+            }
+            services.insert(
+                key,
+                Installed {
+                    value,
+                    desired,
+                    stale,
+                },
+            );
         }
         if !services.is_empty() {
             tracing::info!(
