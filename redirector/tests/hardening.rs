@@ -154,6 +154,28 @@ fn adopt_repairs_service_ids_outside_the_maps() {
 }
 
 #[test]
+fn adopting_healthy_state_rewrites_nothing() {
+    require_root!();
+    let _g = common::serial();
+    let (_dp, mut prog) = small_datapath();
+    let all: Vec<SocketAddr> = (0..14).map(backend).collect();
+    let mut proxied = serve("p", "10.96.0.3", &all[..3]);
+    proxied.proxy = all[12..].iter().copied().collect();
+    let desired = vec![
+        serve("large", "10.96.0.1", &all[..10]),
+        serve("small", "10.96.0.2", &all[8..12]),
+        proxied,
+        serve("empty", "10.96.0.4", &[]),
+    ];
+    assert_eq!(prog.apply(&desired).unwrap().added, 4);
+    let mut prog = Programmer::adopt(prog.into_maps(), &SMALL);
+    assert_eq!(prog.repaired(), 0);
+    let r = prog.apply(&desired).unwrap();
+    assert_eq!((r.unchanged, r.updated, r.added), (4, 0, 0), "{r:?}");
+    assert_whole(prog.maps(), &desired, &SMALL);
+}
+
+#[test]
 fn full_maps_converge_on_a_backend_change() {
     require_root!();
     let _g = common::serial();
