@@ -459,9 +459,16 @@ impl At<'_> {
 fn node(at: &At<'_>, raw: RawNode) -> Result<NodeConfig, ConfigError> {
     let mut activator = Vec::new();
     for (span, a) in raw.activator.map(spanned_items).unwrap_or_default() {
-        activator.push(
-            parse_sockaddr(&a).map_err(|m| at.err(Some(span), format!("node.activator: {m}")))?,
-        );
+        let sa = parse_sockaddr(&a)
+            .map_err(|m| at.err(Some(span.clone()), format!("node.activator: {m}")))?;
+        // Service entries carry it as a datapath endpoint, which keeps no zone.
+        if a.contains('%') {
+            return Err(at.err(
+                Some(span),
+                format!("node.activator: {a:?} has an IPv6 zone: the datapath keeps no zone"),
+            ));
+        }
+        activator.push(sa);
     }
     let metrics = match raw.metrics {
         Some(m) => Some(

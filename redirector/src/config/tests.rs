@@ -261,6 +261,12 @@ fn ipv6_zone_refused() {
         6,
         "service[0] (a).backends: \"[fe80::2%2]:80\" has an IPv6 zone",
     );
+    let e = refused("[node]\nactivator = [\"10.0.0.1:8012\", \"[fe80::1%3]:8012\"]\n");
+    at(
+        &e,
+        2,
+        "node.activator: \"[fe80::1%3]:8012\" has an IPv6 zone",
+    );
 }
 
 #[test]
