@@ -317,7 +317,7 @@ impl Programmer {
             }
         }
         if !short.is_empty() {
-            self.make_room(desired)?;
+            self.make_room(desired, &short)?;
         }
         for d in short {
             match self.upsert(d) {
@@ -337,9 +337,14 @@ impl Programmer {
     /// Full maps: an entry changing its backends needs ids for the new ones while the old
     /// ones are still referenced, and released ids wait out `ID_GRACE`. So entries first drop
     /// the members they lose (a write that needs no new id), then the released ids' grace
-    /// period is waited out (blocking, at most `ID_GRACE`): a config that fills the maps
-    /// exactly still converges, at the cost of a short window with fewer backends.
-    fn make_room(&mut self, desired: &[DesiredService]) -> Result<(), ControlError> {
+    /// period is waited out (blocking, at most `ID_GRACE`, and only when the ids that come
+    /// free are enough for the `short` entries): a config that fills the maps exactly still
+    /// converges, at the cost of a short window with fewer backends.
+    fn make_room(
+        &mut self,
+        desired: &[DesiredService],
+        short: &[&DesiredService],
+    ) -> Result<(), ControlError> {
         for d in desired {
             let Some(old) = self.services.get(&d.key) else {
                 continue;
@@ -353,7 +358,19 @@ impl Programmer {
                 self.upsert(&mid)?;
             }
         }
-        if self.svc_ids.cooling() || self.be_ids.cooling() {
+        let new_services = short
+            .iter()
+            .filter(|d| !self.services.contains_key(&d.key))
+            .count();
+        let new_backends: std::collections::HashSet<Endpoint> = short
+            .iter()
+            .flat_map(|d| d.serve.iter().chain(&d.proxy))
+            .map(|a| endpoint(*a))
+            .filter(|e| !self.backend_ids.contains_key(e))
+            .collect();
+        let enough =
+            new_services <= self.svc_ids.left() && new_backends.len() <= self.be_ids.left();
+        if enough && (self.svc_ids.cooling() || self.be_ids.cooling()) {
             tracing::warn!(
                 "maps full: waiting {ID_GRACE:?} for released ids before programming the rest"
             );

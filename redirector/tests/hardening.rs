@@ -204,6 +204,13 @@ fn full_maps_converge_on_a_backend_change() {
     let r = prog.apply(&third).unwrap();
     assert_eq!(r.skipped, 0, "{r:?}");
     assert_whole(prog.maps(), &third, &SMALL);
+    // More than the maps hold (what `check` refuses, e.g. from the cluster): the rest is
+    // programmed, the one that doesn't fit is counted.
+    let mut over = third.clone();
+    over.push(serve("s16", "10.96.1.16", &[backend(0)]));
+    let r = prog.apply(&over).unwrap();
+    assert_eq!((r.unchanged, r.skipped), (16, 1), "{r:?}");
+    assert_whole(prog.maps(), &third, &SMALL);
 }
 
 #[test]

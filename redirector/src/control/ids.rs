@@ -49,6 +49,10 @@ impl Ids {
     pub(super) fn release(&mut self, id: u32) {
         self.cooling.push((Instant::now(), id));
     }
+    /// Ids that are free or will be once their grace period ends.
+    pub(super) fn left(&self) -> usize {
+        self.free.len() + self.cooling.len() + (self.max - self.next) as usize
+    }
     /// Whether some released id is still in its grace period.
     pub(super) fn cooling(&self) -> bool {
         !self.cooling.is_empty()
