@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     activator::{origdst::OrigDst, Activator},
-    config::{Config, ConfigError, HostRouting, NodeConfig, DEFAULT_CONFIG},
+    config::{Config, ConfigError, HostRouting, MapSizes, NodeConfig, DEFAULT_CONFIG},
     control::{ControlError, DesiredService, Programmer},
     datapath::{AttachReport, Datapath, DatapathError, Hook},
     k8s::{
@@ -61,10 +61,12 @@ pub struct AgentOptions {
     pub kubernetes: Option<KubeOptions>,
 }
 
-fn load(opts: &AgentOptions) -> Result<Config, ConfigError> {
+/// Reads the config; `running`: the sizes of the maps in use (a reload), which the services
+/// must fit.
+fn load(opts: &AgentOptions, running: Option<&MapSizes>) -> Result<Config, ConfigError> {
     let mut cfg = match &opts.config {
-        Some(p) => Config::load(p)?,
-        None => Config::parse(DEFAULT_CONFIG, Path::new("<embedded default>"))?,
+        Some(p) => Config::load_for(p, running)?,
+        None => Config::parse_for(DEFAULT_CONFIG, Path::new("<embedded default>"), running)?,
     };
     if let Some(p) = &opts.pin_path {
         cfg.node.pin_path = p.clone();
@@ -264,9 +266,11 @@ fn apply(
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     raise_nofile_limit();
-    let mut cfg = load(&opts)?;
+    let mut cfg = load(&opts, None)?;
     let pin_path = cfg.node.pin_path.clone();
     let host_routing = cfg.node.host_routing == HostRouting::Bpf;
+    // Before anything is touched: a second agent on this pin path stops here.
+    let _lock = crate::datapath::bpffs::lock(&pin_path)?;
     crate::datapath::kernel().log();
     let mut dp = Datapath::open(&pin_path, &cfg.maps, host_routing)?;
     tracing::info!(
@@ -460,12 +464,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             _ = int.recv() => break,
         };
         if reload {
-            match load(&opts) {
-                Ok(new) => {
+            match load(&opts, Some(&cfg.maps)) {
+                Ok(mut new) => {
                     if new.maps != cfg.maps {
                         tracing::warn!(
                             "[maps] changes take effect at the next agent start (the maps are resized and their entries copied)"
                         );
+                        // The services were checked against the maps in use; later reloads too.
+                        new.maps = cfg.maps;
                     }
                     if new.node.host_routing != cfg.node.host_routing {
                         tracing::warn!(
@@ -546,21 +552,48 @@ fn raise_nofile_limit() {
     }
 }
 
-/// Uninstalls: detaches every pinned link and removes the pinned maps.
-pub fn uninstall(pin_path: &Path) -> Result<usize, AgentError> {
+/// What `uninstall` found and removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Uninstalled {
+    /// Links detached (pinned links plus clsact filters).
+    pub links: usize,
+    /// Pinned maps removed.
+    pub maps: usize,
+}
+
+/// Uninstalls: detaches every pinned link and removes the pinned maps. Removes nothing from
+/// a pin path that is not on a bpffs (there, files are ordinary files: not ours).
+pub fn uninstall(pin_path: &Path) -> Result<Uninstalled, AgentError> {
     // clsact filters (kernels without tcx) are not pinned: found by name and priority.
-    let mut n = crate::datapath::detach_clsact_everywhere();
+    let mut done = Uninstalled {
+        links: crate::datapath::detach_clsact_everywhere(),
+        maps: 0,
+    };
+    let _ = std::fs::remove_file(crate::status::live_path(pin_path));
+    if !pin_path.exists() {
+        return Ok(done);
+    }
+    if !crate::datapath::bpffs::is_bpffs(pin_path) {
+        return Err(DatapathError::Bpffs {
+            path: pin_path.to_owned(),
+            message: "not a bpffs: nothing of the agent's can be there, so uninstall removes \
+                      nothing (is the pin path right?)"
+                .into(),
+        }
+        .into());
+    }
     for (ifname, hook) in crate::datapath::pinned_links_at(pin_path) {
         let p = crate::datapath::link_pin_path(pin_path, &ifname, hook);
         if std::fs::remove_file(&p).is_ok() {
-            n += 1;
+            done.links += 1;
         }
     }
     let _ = std::fs::remove_dir(pin_path.join("links"));
     for name in crate::datapath::MAP_NAMES {
-        let _ = std::fs::remove_file(pin_path.join(name));
+        if std::fs::remove_file(pin_path.join(name)).is_ok() {
+            done.maps += 1;
+        }
     }
     let _ = std::fs::remove_dir(pin_path);
-    let _ = std::fs::remove_file(crate::status::live_path(pin_path));
-    Ok(n)
+    Ok(done)
 }

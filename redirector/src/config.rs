@@ -1,5 +1,12 @@
 //! The local config source: the TOML file `redirector agent --config` reads (and the embedded
 //! default), parsed into typed desired state. Every error names the file, line and field.
+//! What it accepts the agent programs whole: `service` checks each `[[service]]`, `check`
+//! what spans services (names, VIPs, map capacity).
+mod check;
+mod service;
+#[cfg(test)]
+mod tests;
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -73,6 +80,8 @@ pub struct ScaleConfig {
     pub target_burst_capacity: f64,
     pub idle_timeout: Duration,
     pub stable_window: Duration,
+    /// An instance not ready this long after it started is killed and replaced.
+    pub startup_timeout: Duration,
     pub readiness: Readiness,
     pub env: Vec<(String, String)>,
 }
@@ -180,21 +189,23 @@ struct RawScale {
     command: String,
     #[serde(default)]
     args: Vec<String>,
-    port: u16,
+    port: Spanned<u16>,
     #[serde(default)]
     min_scale: u32,
     #[serde(default = "default_max_scale")]
     max_scale: u32,
     #[serde(default)]
     container_concurrency: u32,
-    #[serde(default = "default_target")]
-    target_concurrency: f64,
     #[serde(default)]
-    target_burst_capacity: f64,
-    #[serde(default = "default_idle")]
-    idle_timeout_secs: f64,
-    #[serde(default = "default_stable")]
-    stable_window_secs: f64,
+    target_concurrency: Option<Spanned<f64>>,
+    #[serde(default)]
+    target_burst_capacity: Option<Spanned<f64>>,
+    #[serde(default)]
+    idle_timeout_secs: Option<Spanned<f64>>,
+    #[serde(default)]
+    stable_window_secs: Option<Spanned<f64>>,
+    #[serde(default)]
+    startup_timeout_secs: Option<Spanned<f64>>,
     #[serde(default)]
     readiness: Option<Spanned<String>>,
     #[serde(default)]
@@ -204,23 +215,17 @@ struct RawScale {
 fn default_max_scale() -> u32 {
     10
 }
-fn default_target() -> f64 {
-    100.0
-}
-fn default_idle() -> f64 {
-    30.0
-}
-fn default_stable() -> f64 {
-    10.0
-}
+
+/// `scale.startup_timeout_secs` when not given.
+pub const DEFAULT_STARTUP_TIMEOUT_SECS: f64 = 120.0;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
     #[serde(default)]
-    uplink: Vec<String>,
+    uplink: Vec<Spanned<String>>,
     #[serde(default)]
-    pod_interfaces: Vec<String>,
+    pod_interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     pin_path: Option<PathBuf>,
     #[serde(default)]
@@ -240,9 +245,9 @@ struct RawNode {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConntrack {
-    tcp_timeout_secs: Option<u64>,
-    udp_timeout_secs: Option<u64>,
-    closing_timeout_secs: Option<u64>,
+    tcp_timeout_secs: Option<Spanned<u64>>,
+    udp_timeout_secs: Option<Spanned<u64>>,
+    closing_timeout_secs: Option<Spanned<u64>>,
 }
 
 /// Map capacities; a change takes effect at the next agent start (the maps are resized
@@ -262,7 +267,7 @@ struct RawService {
     #[serde(default)]
     namespace: Option<String>,
     vip: Spanned<OneOrMany>,
-    port: u16,
+    port: Spanned<u16>,
     #[serde(default = "default_proto")]
     protocol: Protocol,
     #[serde(default = "default_mode")]
@@ -274,7 +279,7 @@ struct RawService {
     activators: Vec<Spanned<String>>,
     /// Request timeout through the activator (queue time counts).
     #[serde(default)]
-    timeout_secs: Option<f64>,
+    timeout_secs: Option<Spanned<f64>>,
     #[serde(default)]
     scale: Option<Spanned<RawScale>>,
 }
@@ -347,268 +352,46 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/redirector";
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_for(path, None)
+    }
+
+    /// `load`, checking capacity against the `running` maps (see `parse_for`).
+    pub fn load_for(path: &Path, running: Option<&MapSizes>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        Self::parse_for(&text, path, running)
     }
 
     /// Parses `text`; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let err = |span: Option<std::ops::Range<usize>>, message: String| {
-            let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Invalid {
-                path: path.to_owned(),
-                line,
-                column,
-                message,
-            }
-        };
+        Self::parse_for(text, path, None)
+    }
+
+    /// `parse`, checking that the services fit in maps of `running` sizes instead of the
+    /// file's `[maps]` (a reload: a `[maps]` change waits for the next start).
+    pub fn parse_for(
+        text: &str,
+        path: &Path,
+        running: Option<&MapSizes>,
+    ) -> Result<Self, ConfigError> {
+        let at = At { text, path };
         let raw: RawFile =
-            toml::from_str(text).map_err(|e| err(e.span(), e.message().to_owned()))?;
-
-        let mut activator = Vec::new();
-        for (span, a) in raw.node.activator.map(spanned_items).unwrap_or_default() {
-            activator.push(
-                parse_sockaddr(&a).map_err(|m| err(Some(span), format!("node.activator: {m}")))?,
-            );
-        }
-        let metrics = match raw.node.metrics {
-            Some(m) => Some(
-                parse_sockaddr(m.get_ref())
-                    .map_err(|e| err(Some(m.span()), format!("node.metrics: {e}")))?,
-            ),
-            None => None,
-        };
-        for pattern in raw.node.uplink.iter().chain(&raw.node.pod_interfaces) {
-            glob::Pattern::new(pattern)
-                .map_err(|e| err(None, format!("node: interface pattern {pattern:?}: {e}")))?;
-        }
-        let cidr = |v: Option<Spanned<String>>,
-                    f: &str,
-                    v6: bool|
-         -> Result<Option<(IpAddr, u8)>, ConfigError> {
-            let Some(v) = v else { return Ok(None) };
-            let parsed = v.get_ref().split_once('/').and_then(|(a, l)| {
-                let a: IpAddr = a.parse().ok()?;
-                let l: u8 = l.parse().ok()?;
-                (a.is_ipv6() == v6 && l <= if v6 { 128 } else { 32 }).then_some((a, l))
-            });
-            parsed.map(Some).ok_or_else(|| {
-                err(
-                    Some(v.span()),
-                    format!(
-                        "node.{f}: {:?} is not an IPv{} CIDR",
-                        v.get_ref(),
-                        if v6 { 6 } else { 4 }
-                    ),
-                )
-            })
-        };
-        let instance_cidr = cidr(raw.node.instance_cidr, "instance_cidr", false)?;
-        let instance_cidr6 = cidr(raw.node.instance_cidr6, "instance_cidr6", true)?;
-        let node = NodeConfig {
-            instance_cidr,
-            instance_cidr6,
-            uplink: raw.node.uplink,
-            pod_interfaces: raw.node.pod_interfaces,
-            pin_path: raw.node.pin_path.unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
-            activator,
-            xdp_mode: raw.node.xdp_mode,
-            host_routing: raw.node.host_routing,
-            metrics,
-        };
-        let ct = raw.conntrack.unwrap_or(RawConntrack {
-            tcp_timeout_secs: None,
-            udp_timeout_secs: None,
-            closing_timeout_secs: None,
-        });
-        // The datapath checks expiry only on flows idle for more than a second.
-        for (field, v) in [
-            ("conntrack.tcp_timeout_secs", ct.tcp_timeout_secs),
-            ("conntrack.udp_timeout_secs", ct.udp_timeout_secs),
-            ("conntrack.closing_timeout_secs", ct.closing_timeout_secs),
-        ] {
-            if v == Some(0) {
-                return Err(err(None, format!("{field}: at least 1")));
-            }
-        }
-        let conntrack = ConntrackConfig {
-            tcp_timeout: Duration::from_secs(ct.tcp_timeout_secs.unwrap_or(6 * 3600)),
-            udp_timeout: Duration::from_secs(ct.udp_timeout_secs.unwrap_or(60)),
-            closing_timeout: Duration::from_secs(ct.closing_timeout_secs.unwrap_or(10)),
-        };
-        let mut maps = MapSizes::default();
-        if let Some(m) = raw.maps {
-            for (field, value, range, out) in [
-                (
-                    "services",
-                    m.services,
-                    MapSizes::SERVICES,
-                    &mut maps.services,
-                ),
-                (
-                    "backends",
-                    m.backends,
-                    MapSizes::BACKENDS,
-                    &mut maps.backends,
-                ),
-                (
-                    "conntrack",
-                    m.conntrack,
-                    MapSizes::CONNTRACK,
-                    &mut maps.conntrack,
-                ),
-            ] {
-                let Some(v) = value else { continue };
-                if !range.contains(v.get_ref()) {
-                    return Err(err(
-                        Some(v.span()),
-                        format!(
-                            "maps.{field}: {} is outside {}..={}",
-                            v.get_ref(),
-                            range.start(),
-                            range.end()
-                        ),
-                    ));
-                }
-                *out = *v.get_ref();
-            }
-        }
-
+            toml::from_str(text).map_err(|e| at.err(e.span(), e.message().to_owned()))?;
+        let node = node(&at, raw.node)?;
+        let conntrack = conntrack(&at, raw.conntrack)?;
+        let maps = maps(&at, raw.maps)?;
         let mut services = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut spans = Vec::new();
+        let mut seen = service::Seen::new();
         for (i, s) in raw.services.into_iter().enumerate() {
-            let field = |f: &str| format!("service[{i}] ({}).{f}", s.name.get_ref());
-            let mut vips = Vec::new();
-            for (span, v) in spanned_items(s.vip) {
-                let ip: IpAddr = v.parse().map_err(|_| {
-                    err(
-                        Some(span.clone()),
-                        format!("{}: {v:?} is not an IP address", field("vip")),
-                    )
-                })?;
-                if !seen.insert((ip, s.port, s.protocol)) {
-                    return Err(err(
-                        Some(span),
-                        format!(
-                            "{}: {ip} port {} is used by another service",
-                            field("vip"),
-                            s.port
-                        ),
-                    ));
-                }
-                vips.push(ip);
-            }
-            if vips.is_empty() {
-                return Err(err(
-                    Some(s.name.span()),
-                    format!("{}: at least one VIP", field("vip")),
-                ));
-            }
-            let list =
-                |items: Vec<Spanned<String>>, f: &str| -> Result<Vec<SocketAddr>, ConfigError> {
-                    items
-                        .into_iter()
-                        .map(|b| {
-                            parse_sockaddr(b.get_ref())
-                                .map_err(|m| err(Some(b.span()), format!("{}: {m}", field(f))))
-                        })
-                        .collect()
-                };
-            let backends = list(s.backends, "backends")?;
-            let scale = match s.scale {
-                None => None,
-                Some(sc) => {
-                    let span = sc.span();
-                    let sc = sc.into_inner();
-                    let readiness = match sc.readiness {
-                        None => Readiness::Tcp,
-                        Some(r) => match r.get_ref().as_str() {
-                            "tcp" => Readiness::Tcp,
-                            p if p.starts_with('/') => Readiness::Http(p.to_owned()),
-                            other => {
-                                return Err(err(
-                                    Some(r.span()),
-                                    format!("{}: {other:?} is neither \"tcp\" nor an HTTP path like \"/healthz\"", field("scale.readiness")),
-                                ))
-                            }
-                        },
-                    };
-                    if sc.max_scale == 0 || sc.min_scale > sc.max_scale {
-                        return Err(err(
-                            Some(span),
-                            format!(
-                                "{}: need 0 <= min_scale <= max_scale, max_scale >= 1",
-                                field("scale")
-                            ),
-                        ));
-                    }
-                    if sc.target_concurrency <= 0.0 {
-                        return Err(err(
-                            Some(span),
-                            format!("{}: must be > 0", field("scale.target_concurrency")),
-                        ));
-                    }
-                    if s.protocol.is_udp() {
-                        return Err(err(
-                            Some(span),
-                            format!(
-                                "{}: UDP services can't scale to zero (nothing to hold)",
-                                field("scale")
-                            ),
-                        ));
-                    }
-                    let secs = |v: f64, f: &str| -> Result<Duration, ConfigError> {
-                        Duration::try_from_secs_f64(v).map_err(|_| {
-                            err(
-                                Some(span.clone()),
-                                format!("{}: bad duration {v}", field(f)),
-                            )
-                        })
-                    };
-                    Some(ScaleConfig {
-                        command: sc.command,
-                        args: sc.args,
-                        port: sc.port,
-                        min_scale: sc.min_scale,
-                        max_scale: sc.max_scale,
-                        container_concurrency: sc.container_concurrency,
-                        target_concurrency: sc.target_concurrency,
-                        target_burst_capacity: sc.target_burst_capacity,
-                        idle_timeout: secs(sc.idle_timeout_secs, "scale.idle_timeout_secs")?,
-                        stable_window: secs(sc.stable_window_secs, "scale.stable_window_secs")?,
-                        readiness,
-                        env: sc.env.into_iter().collect(),
-                    })
-                }
-            };
-            let timeout =
-                Duration::try_from_secs_f64(s.timeout_secs.unwrap_or(30.0)).map_err(|_| {
-                    err(
-                        Some(s.name.span()),
-                        format!("{}: bad duration", field("timeout_secs")),
-                    )
-                })?;
-            let activators = list(s.activators, "activators")?;
-            let name = s.name.into_inner();
-            if name.is_empty() {
-                return Err(err(None, format!("service[{i}].name: must not be empty")));
-            }
-            services.push(ServiceConfig {
-                name,
-                namespace: s.namespace,
-                vips,
-                port: s.port,
-                protocol: s.protocol,
-                mode: s.mode,
-                backends,
-                activators,
-                timeout,
-                scale,
-            });
+            let (s, sp) = service::parse(&at, i, s, &mut seen)?;
+            services.push(s);
+            spans.push(sp);
         }
+        check::services(&at, &services, &spans, running.unwrap_or(&maps))?;
+
         let a = raw.activator.unwrap_or(RawActivator {
             max_held_per_service: None,
             max_held_total: None,
@@ -654,105 +437,162 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Where errors point: the file's text and its name.
+pub(crate) struct At<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
 
-    fn parse(s: &str) -> Result<Config, ConfigError> {
-        Config::parse(s, Path::new("test.toml"))
+impl At<'_> {
+    /// An error at `span` (`None` only for what has no place in the file).
+    fn err(&self, span: Option<std::ops::Range<usize>>, message: String) -> ConfigError {
+        let (line, column) = span.map(|s| line_col(self.text, s.start)).unwrap_or((1, 1));
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            column,
+            message,
+        }
     }
+}
 
-    /// The error message of a config that must be refused.
-    fn refused(s: &str) -> String {
-        parse(s).unwrap_err().to_string()
+fn node(at: &At<'_>, raw: RawNode) -> Result<NodeConfig, ConfigError> {
+    let mut activator = Vec::new();
+    for (span, a) in raw.activator.map(spanned_items).unwrap_or_default() {
+        let sa = parse_sockaddr(&a)
+            .map_err(|m| at.err(Some(span.clone()), format!("node.activator: {m}")))?;
+        // Service entries carry it as a datapath endpoint, which keeps no zone.
+        if a.contains('%') {
+            return Err(at.err(
+                Some(span),
+                format!("node.activator: {a:?} has an IPv6 zone: the datapath keeps no zone"),
+            ));
+        }
+        activator.push(sa);
     }
+    let metrics = match raw.metrics {
+        Some(m) => Some(
+            parse_sockaddr(m.get_ref())
+                .map_err(|e| at.err(Some(m.span()), format!("node.metrics: {e}")))?,
+        ),
+        None => None,
+    };
+    for (f, list) in [
+        ("uplink", &raw.uplink),
+        ("pod_interfaces", &raw.pod_interfaces),
+    ] {
+        for p in list {
+            glob::Pattern::new(p.get_ref()).map_err(|e| {
+                at.err(
+                    Some(p.span()),
+                    format!("node.{f}: interface pattern {:?}: {e}", p.get_ref()),
+                )
+            })?;
+        }
+    }
+    let cidr = |v: Option<Spanned<String>>,
+                f: &str,
+                v6: bool|
+     -> Result<Option<(IpAddr, u8)>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let parsed = v.get_ref().split_once('/').and_then(|(a, l)| {
+            let a: IpAddr = a.parse().ok()?;
+            let l: u8 = l.parse().ok()?;
+            (a.is_ipv6() == v6 && l <= if v6 { 128 } else { 32 }).then_some((a, l))
+        });
+        parsed.map(Some).ok_or_else(|| {
+            at.err(
+                Some(v.span()),
+                format!(
+                    "node.{f}: {:?} is not an IPv{} CIDR",
+                    v.get_ref(),
+                    if v6 { 6 } else { 4 }
+                ),
+            )
+        })
+    };
+    Ok(NodeConfig {
+        instance_cidr: cidr(raw.instance_cidr, "instance_cidr", false)?,
+        instance_cidr6: cidr(raw.instance_cidr6, "instance_cidr6", true)?,
+        uplink: raw.uplink.into_iter().map(Spanned::into_inner).collect(),
+        pod_interfaces: raw
+            .pod_interfaces
+            .into_iter()
+            .map(Spanned::into_inner)
+            .collect(),
+        pin_path: raw.pin_path.unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
+        activator,
+        xdp_mode: raw.xdp_mode,
+        host_routing: raw.host_routing,
+        metrics,
+    })
+}
 
-    #[test]
-    fn default_config_parses() {
-        let c = parse(DEFAULT_CONFIG).expect("embedded default");
-        assert!(!c.services.is_empty());
-    }
+fn conntrack(at: &At<'_>, raw: Option<RawConntrack>) -> Result<ConntrackConfig, ConfigError> {
+    let ct = raw.unwrap_or(RawConntrack {
+        tcp_timeout_secs: None,
+        udp_timeout_secs: None,
+        closing_timeout_secs: None,
+    });
+    // At least 1: the datapath checks expiry only on flows idle for more than a second; at
+    // most `MAX_TIMEOUT_SECS`: the nanoseconds must fit the datapath's u64 clock.
+    let secs = |field: &str, v: Option<Spanned<u64>>, default: u64| match v {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) if (1..=service::MAX_TIMEOUT_SECS).contains(v.get_ref()) => {
+            Ok(Duration::from_secs(*v.get_ref()))
+        }
+        Some(v) => Err(at.err(
+            Some(v.span()),
+            format!(
+                "conntrack.{field}: {} is outside 1..={}",
+                v.get_ref(),
+                service::MAX_TIMEOUT_SECS
+            ),
+        )),
+    };
+    Ok(ConntrackConfig {
+        tcp_timeout: secs("tcp_timeout_secs", ct.tcp_timeout_secs, 6 * 3600)?,
+        udp_timeout: secs("udp_timeout_secs", ct.udp_timeout_secs, 60)?,
+        closing_timeout: secs("closing_timeout_secs", ct.closing_timeout_secs, 10)?,
+    })
+}
 
-    #[test]
-    fn full_example() {
-        let c = parse(
-            r#"
-[node]
-uplink = ["eth0"]
-pod_interfaces = ["veth*"]
-activator = ["10.0.0.1:8012", "[fd00::1]:8012"]
-[[service]]
-name = "hello"
-namespace = "default"
-vip = ["10.96.0.10", "fd00:96::10"]
-port = 80
-mode = "proxy"
-backends = ["10.1.0.2:8080", "[fd00:1::2]:8080"]
-"#,
-        )
-        .unwrap();
-        let s = &c.services[0];
-        assert_eq!(s.full_name(), "default/hello");
-        assert_eq!(s.vips.len(), 2);
-        assert_eq!(s.mode, Mode::Proxy);
-        assert_eq!(s.protocol, Protocol::Http);
-        assert_eq!(c.node.activator.len(), 2);
-        assert_eq!(c.node.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
+fn maps(at: &At<'_>, raw: Option<RawMaps>) -> Result<MapSizes, ConfigError> {
+    let mut maps = MapSizes::default();
+    let Some(m) = raw else { return Ok(maps) };
+    for (field, value, range, out) in [
+        (
+            "services",
+            m.services,
+            MapSizes::SERVICES,
+            &mut maps.services,
+        ),
+        (
+            "backends",
+            m.backends,
+            MapSizes::BACKENDS,
+            &mut maps.backends,
+        ),
+        (
+            "conntrack",
+            m.conntrack,
+            MapSizes::CONNTRACK,
+            &mut maps.conntrack,
+        ),
+    ] {
+        let Some(v) = value else { continue };
+        if !range.contains(v.get_ref()) {
+            return Err(at.err(
+                Some(v.span()),
+                format!(
+                    "maps.{field}: {} is outside {}..={}",
+                    v.get_ref(),
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+        *out = *v.get_ref();
     }
-
-    #[test]
-    fn bad_backend_names_line_and_field() {
-        let e = refused(
-            "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\nbackends = [\"10.1.0.1:80\", \"nope\"]\n",
-        );
-        assert!(e.starts_with("test.toml:6:"), "{e}");
-        assert!(e.contains("service[0] (a).backends"), "{e}");
-        assert!(e.contains("\"nope\""), "{e}");
-    }
-
-    #[test]
-    fn bad_mode_names_line() {
-        let e = refused(
-            "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\nmode = \"fast\"\n",
-        );
-        assert!(e.starts_with("test.toml:6:"), "{e}");
-        assert!(e.contains("fast"), "{e}");
-    }
-
-    #[test]
-    fn unknown_field_rejected() {
-        let e = refused("[node]\nuplinks = [\"eth0\"]\n");
-        assert!(e.starts_with("test.toml:2:"), "{e}");
-        assert!(e.contains("uplinks"), "{e}");
-    }
-
-    #[test]
-    fn duplicate_vip_rejected() {
-        let e = refused(
-            "[node]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\n[[service]]\nname = \"b\"\nvip = \"10.96.0.1\"\nport = 80\n",
-        );
-        assert!(e.starts_with("test.toml:8:"), "{e}");
-    }
-
-    #[test]
-    fn zero_conntrack_timeout_rejected() {
-        let e = refused("[node]\n[conntrack]\nudp_timeout_secs = 0\n");
-        assert!(e.contains("conntrack.udp_timeout_secs: at least 1"), "{e}");
-        let c = parse("[node]\n[conntrack]\nclosing_timeout_secs = 1\n").unwrap();
-        assert_eq!(c.conntrack.closing_timeout, Duration::from_secs(1));
-    }
-
-    #[test]
-    fn map_sizes() {
-        let c = parse("[node]\n[maps]\nservices = 131072\nconntrack = 1048576\n").unwrap();
-        assert_eq!(c.maps.services, 131_072);
-        assert_eq!(c.maps.conntrack, 1_048_576);
-        assert_eq!(c.maps.backends, MapSizes::default().backends);
-        assert_eq!(parse("[node]\n").unwrap().maps, MapSizes::default());
-        let e = refused("[node]\n[maps]\nservices = 8\n");
-        assert!(
-            e.contains(":3:") && e.contains("maps.services: 8 is outside"),
-            "{e}"
-        );
-    }
+    Ok(maps)
 }

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::maps::MapError;
@@ -17,11 +17,16 @@ use redirector_common::{
 };
 
 use crate::{
-    addr::{endpoint, endpoint_addr, ip_words, port_wire},
+    addr::{endpoint, ip_words, port_wire},
     config::{Config, ConntrackConfig, Mode},
-    datapath::{MapSizes, Maps},
+    datapath::Maps,
     maglev,
 };
+
+mod adopt;
+mod ids;
+
+use ids::Ids;
 
 /// How long a released id stays unused (packets in flight may still hold it).
 const ID_GRACE: Duration = Duration::from_secs(2);
@@ -121,48 +126,8 @@ pub fn desired_from_config(cfg: &Config) -> Vec<DesiredService> {
 struct Installed {
     value: ServiceValue,
     desired: DesiredService,
-}
-
-/// Dense id allocator with a grace period before reuse.
-#[derive(Debug)]
-struct Ids {
-    next: u32,
-    max: u32,
-    free: Vec<u32>,
-    cooling: Vec<(Instant, u32)>,
-}
-
-impl Ids {
-    fn new(max: u32, used: &BTreeSet<u32>) -> Self {
-        let next = used.iter().next_back().map(|m| m + 1).unwrap_or(0);
-        let free = (0..next).filter(|i| !used.contains(i)).collect();
-        Self {
-            next,
-            max,
-            free,
-            cooling: Vec::new(),
-        }
-    }
-    fn alloc(&mut self, what: &'static str) -> Result<u32, ControlError> {
-        let now = Instant::now();
-        let (ready, cooling): (Vec<_>, Vec<_>) = self
-            .cooling
-            .drain(..)
-            .partition(|(t, _)| now.duration_since(*t) >= ID_GRACE);
-        self.cooling = cooling;
-        self.free.extend(ready.into_iter().map(|(_, i)| i));
-        if let Some(i) = self.free.pop() {
-            return Ok(i);
-        }
-        if self.next >= self.max {
-            return Err(ControlError::Exhausted(what));
-        }
-        self.next += 1;
-        Ok(self.next - 1)
-    }
-    fn release(&mut self, id: u32) {
-        self.cooling.push((Instant::now(), id));
-    }
+    /// Adopted tables that don't match the entry: both sets are rewritten by the next write.
+    stale: bool,
 }
 
 /// What one `apply` changed.
@@ -174,6 +139,16 @@ pub struct ApplyReport {
     pub unchanged: usize,
     /// Entries that did not fit (out of ids).
     pub skipped: usize,
+}
+
+impl ApplyReport {
+    fn count(&mut self, change: Change) {
+        match change {
+            Change::Added => self.added += 1,
+            Change::Updated => self.updated += 1,
+            Change::Unchanged => self.unchanged += 1,
+        }
+    }
 }
 
 /// What `upsert` did to one entry.
@@ -191,78 +166,22 @@ pub struct Programmer {
     backend_ids: HashMap<Endpoint, (u32, usize)>,
     svc_ids: Ids,
     be_ids: Ids,
+    /// Pinned entries `adopt` found invalid and removed.
+    repaired: usize,
 }
 
 impl Programmer {
-    /// Adopts the services found in the maps (left by a previous agent, or none); ids are
-    /// allocated below the maps' capacities.
-    pub fn adopt(maps: Maps, sizes: &MapSizes) -> Self {
-        let mut services = HashMap::new();
-        let mut backend_ids: HashMap<Endpoint, (u32, usize)> = HashMap::new();
-        let mut used_svc = BTreeSet::new();
-        let mut used_be = BTreeSet::new();
-        let entries: Vec<(ServiceKey, ServiceValue)> =
-            maps.services.iter().filter_map(Result::ok).collect();
-        for (key, value) in entries {
-            used_svc.insert(value.id);
-            let mut sets = [BTreeSet::new(), BTreeSet::new()];
-            for (set, out) in [SET_SERVE, SET_PROXY].into_iter().zip(sets.iter_mut()) {
-                let count = if set == SET_SERVE {
-                    value.backend_count
-                } else {
-                    value.proxy_count
-                };
-                if count == 0 {
-                    continue;
-                }
-                let Some(ids) = table_members(&maps, value.id, set, value.flags) else {
-                    continue;
-                };
-                for id in ids {
-                    let Ok(ep) = maps.backends.get(&id, 0) else {
-                        continue;
-                    };
-                    let Some(sa) = endpoint_addr(&ep) else {
-                        continue;
-                    };
-                    used_be.insert(id);
-                    backend_ids.entry(ep).or_insert((id, 0)).1 += 1;
-                    out.insert(sa);
-                }
-            }
-            let [serve, proxy] = sets;
-            let desired = DesiredService {
-                key,
-                name: maps.service_name(value.id).unwrap_or_default(),
-                mode: value.mode,
-                serve,
-                proxy,
-                activator: endpoint_addr(&value.activator),
-            };
-            services.insert(key, Installed { value, desired });
-        }
-        if !services.is_empty() {
-            tracing::info!(
-                services = services.len(),
-                backends = backend_ids.len(),
-                "adopted pinned state"
-            );
-        }
-        Self {
-            maps,
-            services,
-            backend_ids,
-            svc_ids: Ids::new(sizes.services, &used_svc),
-            be_ids: Ids::new(sizes.backends, &used_be),
-        }
-    }
-
     pub fn maps(&self) -> &Maps {
         &self.maps
     }
 
     pub fn maps_mut(&mut self) -> &mut Maps {
         &mut self.maps
+    }
+
+    /// Gives the maps back (for another `adopt`, as a restarted agent does).
+    pub fn into_maps(self) -> Maps {
+        self.maps
     }
 
     /// Writes the conntrack timeouts.
@@ -374,8 +293,8 @@ impl Programmer {
     }
 
     /// Makes the maps hold exactly `desired`. Idempotent; only changed entries are written.
-    /// Entries that don't fit (out of service or backend ids) are skipped and counted; the
-    /// rest is programmed.
+    /// Maps that are full make room first (`make_room`); entries that still don't fit (out of
+    /// service or backend ids) are skipped and counted; the rest is programmed.
     pub fn apply(&mut self, desired: &[DesiredService]) -> Result<ApplyReport, ControlError> {
         let mut report = ApplyReport::default();
         let keep: std::collections::HashSet<ServiceKey> = desired.iter().map(|d| d.key).collect();
@@ -389,11 +308,20 @@ impl Programmer {
             self.remove(&key)?;
             report.removed += 1;
         }
+        let mut short = Vec::new();
         for d in desired {
             match self.upsert(d) {
-                Ok(Change::Added) => report.added += 1,
-                Ok(Change::Updated) => report.updated += 1,
-                Ok(Change::Unchanged) => report.unchanged += 1,
+                Ok(change) => report.count(change),
+                Err(ControlError::Exhausted(_)) => short.push(d),
+                Err(e) => return Err(e),
+            }
+        }
+        if !short.is_empty() {
+            self.make_room(desired, &short)?;
+        }
+        for d in short {
+            match self.upsert(d) {
+                Ok(change) => report.count(change),
                 Err(ControlError::Exhausted(what)) => {
                     if report.skipped == 0 {
                         tracing::error!(service = %d.name, "out of {what} ids: skipping services that don't fit");
@@ -406,11 +334,56 @@ impl Programmer {
         Ok(report)
     }
 
+    /// Full maps: an entry changing its backends needs ids for the new ones while the old
+    /// ones are still referenced, and released ids wait out `ID_GRACE`. So entries first drop
+    /// the members they lose (a write that needs no new id), then the released ids' grace
+    /// period is waited out (blocking, at most `ID_GRACE`, and only when the ids that come
+    /// free are enough for the `short` entries): a config that fills the maps exactly still
+    /// converges, at the cost of a short window with fewer backends.
+    fn make_room(
+        &mut self,
+        desired: &[DesiredService],
+        short: &[&DesiredService],
+    ) -> Result<(), ControlError> {
+        for d in desired {
+            let Some(old) = self.services.get(&d.key) else {
+                continue;
+            };
+            let mid = DesiredService {
+                serve: old.desired.serve.intersection(&d.serve).copied().collect(),
+                proxy: old.desired.proxy.intersection(&d.proxy).copied().collect(),
+                ..old.desired.clone()
+            };
+            if mid != old.desired {
+                self.upsert(&mid)?;
+            }
+        }
+        let new_services = short
+            .iter()
+            .filter(|d| !self.services.contains_key(&d.key))
+            .count();
+        let new_backends: std::collections::HashSet<Endpoint> = short
+            .iter()
+            .flat_map(|d| d.serve.iter().chain(&d.proxy))
+            .map(|a| endpoint(*a))
+            .filter(|e| !self.backend_ids.contains_key(e))
+            .collect();
+        let enough =
+            new_services <= self.svc_ids.left() && new_backends.len() <= self.be_ids.left();
+        if enough && (self.svc_ids.cooling() || self.be_ids.cooling()) {
+            tracing::warn!(
+                "maps full: waiting {ID_GRACE:?} for released ids before programming the rest"
+            );
+            std::thread::sleep(ID_GRACE);
+        }
+        Ok(())
+    }
+
     /// Programs one entry (backends, then the table, then the service entry).
     pub fn upsert(&mut self, d: &DesiredService) -> Result<Change, ControlError> {
         let old = self.services.get(&d.key).cloned();
         if let Some(old) = &old {
-            if old.desired == *d {
+            if old.desired == *d && !old.stale {
                 return Ok(Change::Unchanged);
             }
         }
@@ -446,8 +419,8 @@ impl Programmer {
                 .map_err(werr("SERVICE_META"))?;
         }
         // 1. backends and tables (only the sets that changed).
-        let serve_changed = old.is_none_or(|o| o.desired.serve != d.serve);
-        let proxy_changed = old.is_none_or(|o| o.desired.proxy != d.proxy);
+        let serve_changed = old.is_none_or(|o| o.stale || o.desired.serve != d.serve);
+        let proxy_changed = old.is_none_or(|o| o.stale || o.desired.proxy != d.proxy);
         let old_flags = old.map(|o| o.value.flags).unwrap_or(0);
         let (backend_count, serve_small) = match old {
             Some(o) if !serve_changed => (o.value.backend_count, old_flags & SVC_SERVE_SMALL != 0),
@@ -514,6 +487,7 @@ impl Programmer {
             Installed {
                 value,
                 desired: d.clone(),
+                stale: false,
             },
         );
         Ok(change)

@@ -131,11 +131,20 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Uninstall { pin_path } => {
-            let n = agent::uninstall(&pin_path)?;
-            println!(
-                "detached {n} links, removed maps under {}",
-                pin_path.display()
-            );
+            let done = agent::uninstall(&pin_path)?;
+            if done == agent::Uninstalled::default() {
+                println!(
+                    "nothing to remove: no links, no maps under {}",
+                    pin_path.display()
+                );
+            } else {
+                println!(
+                    "detached {} links, removed {} maps under {}",
+                    done.links,
+                    done.maps,
+                    pin_path.display()
+                );
+            }
         }
         Cmd::Probe { json } => {
             let k = redirector::datapath::kernel();

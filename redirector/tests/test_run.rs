@@ -1,4 +1,4 @@
-//! BPF_PROG_TEST_RUN tests of the datapath (needs root; prints "skipped: not root"
+//! BPF_PROG_TEST_RUN tests of the datapath (needs root; fails with "needs root: ..."
 //! otherwise). Every path — new Serve and Proxy flows, established flows across a mode flip,
 //! reverse NAT, hairpin, non-VIP and malformed packets — through XDP and tc, IPv4 and IPv6,
 //! TCP and UDP. Outputs are compared whole against packets built independently by

@@ -2,7 +2,7 @@
 //! ([`netns`], [`topo`]), the agent under test ([`agent`]), test servers and clients
 //! ([`traffic`]) and the standard two-node cluster ([`cluster`]).
 //!
-//! Every test needs root; without it tests print "skipped: not root" and pass.
+//! Every test needs root; without it tests fail with "needs root: ...".
 pub mod agent;
 pub mod cluster;
 pub mod coldstart;

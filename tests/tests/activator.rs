@@ -4,7 +4,7 @@
 //! in flight, unknown services (404) and bad configs.
 //!
 //! Each test builds its own node + client namespaces (see `redirector_tests::coldstart`) and
-//! needs root; without it, it prints "skipped: not root" and passes.
+//! needs root; without it, it fails with "needs root: ...".
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::SocketAddr,
@@ -21,8 +21,7 @@ use serde_json::Value;
 macro_rules! require_root {
     () => {
         if !is_root() {
-            eprintln!("skipped: not root");
-            return;
+            panic!("needs root: node and client namespaces and the agent (run as root)");
         }
     };
 }

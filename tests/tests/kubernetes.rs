@@ -5,7 +5,7 @@
 //!   (no root needed): list + watch, label selectors, bookmarks, a restart with 410 Gone and
 //!   the re-list that follows, the raw wire format of watch events.
 //! - `agent_*`: the agent in a node namespace reading SKS, Services and EndpointSlices from
-//!   the test API server (root; without it they print "skipped: not root" and pass).
+//!   the test API server (root; without it they fail with "needs root: ...").
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader, Write},

@@ -1,11 +1,12 @@
-//! Makes sure the pin path lives on a bpffs: mounts one when none is mounted there.
-use std::{ffi::CString, path::Path};
+//! Makes sure the pin path lives on a bpffs (mounts one when none is mounted there), and
+//! locks it: one agent per pin path.
+use std::{ffi::CString, os::fd::AsRawFd, path::Path};
 
 use super::DatapathError;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-fn is_bpffs(path: &Path) -> bool {
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
@@ -63,4 +64,38 @@ pub fn ensure(pin_path: &Path) -> Result<(), DatapathError> {
     }
     tracing::info!(path = %target.display(), "mounted bpffs");
     Ok(())
+}
+
+/// An exclusive `flock` on the pin directory, held while the agent runs (released when the
+/// process exits, however it exits).
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// Takes the pin path's lock (creating the directory, on a bpffs, first). A second agent on
+/// one pin path would adopt the pins, swap the programs, share the activator's port and
+/// remove the first one's instances: it is refused instead.
+pub fn lock(pin_path: &Path) -> Result<PinLock, DatapathError> {
+    ensure(pin_path)?;
+    let io = |op| {
+        move |source| DatapathError::Io {
+            op,
+            path: pin_path.to_owned(),
+            source,
+        }
+    };
+    std::fs::create_dir_all(pin_path).map_err(io("creating"))?;
+    let dir = std::fs::File::open(pin_path).map_err(io("opening"))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(DatapathError::Locked {
+                path: pin_path.to_owned(),
+            });
+        }
+        return Err(io("locking")(e));
+    }
+    Ok(PinLock { _dir: dir })
 }

@@ -21,6 +21,17 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+    /// A pinned map of another layout (another version's, or not ours).
+    #[error(
+        "map {name}: the pinned map's {what} size is {pinned} bytes, this agent's is {ours} \
+         (pinned by another version?)"
+    )]
+    Shape {
+        name: &'static str,
+        what: &'static str,
+        pinned: usize,
+        ours: usize,
+    },
 }
 
 pub struct Maps {
@@ -36,7 +47,27 @@ pub struct Maps {
 }
 
 fn conv<T: TryFrom<Map, Error = MapError>>(name: &'static str, m: Map) -> Result<T, MapsError> {
-    T::try_from(m).map_err(|source| MapsError::Map { name, source })
+    T::try_from(m).map_err(|source| shape_error(name, source))
+}
+
+/// aya's size errors name our type's size "size" and the map's "expected": said the right
+/// way round here.
+fn shape_error(name: &'static str, source: MapError) -> MapsError {
+    match source {
+        MapError::InvalidKeySize { size, expected } => MapsError::Shape {
+            name,
+            what: "key",
+            pinned: expected,
+            ours: size,
+        },
+        MapError::InvalidValueSize { size, expected } => MapsError::Shape {
+            name,
+            what: "value",
+            pinned: expected,
+            ours: size,
+        },
+        source => MapsError::Map { name, source },
+    }
 }
 
 impl Maps {

@@ -3,7 +3,7 @@
 //! programs to interfaces, and gives typed access to the maps (`maps`).
 mod attach;
 pub mod batch;
-mod bpffs;
+pub mod bpffs;
 pub mod features;
 pub mod maps;
 pub mod migrate;
@@ -70,6 +70,12 @@ pub const MAP_NAMES: [&str; 9] = [
 pub enum DatapathError {
     #[error("bpffs at {path}: {message}")]
     Bpffs { path: PathBuf, message: String },
+    #[error(
+        "another agent is running on pin path {path} (it holds the path's lock): two agents on \
+         one pin path break each other; stop it first, or give this one another \
+         node.pin_path / --pin-path"
+    )]
+    Locked { path: PathBuf },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] EbpfError),
     #[error("program {name}: {source}")]
@@ -234,15 +240,22 @@ impl Datapath {
 
     /// `open_unpinned`, choosing how the tc programs update L4 checksums.
     pub fn open_unpinned_with(l4: L4Checksum) -> Result<Self, DatapathError> {
+        Self::open_unpinned_sized(l4, &MapSizes::default())
+    }
+
+    /// `open_unpinned_with`, with maps of `sizes` (tests of full maps).
+    pub fn open_unpinned_sized(l4: L4Checksum, sizes: &MapSizes) -> Result<Self, DatapathError> {
         let ip_summed = match l4 {
             L4Checksum::InPlace => ip_summed_global(),
             L4Checksum::Helpers => 0,
         };
         let coarse = coarse_clock() as u32;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("SKB_IP_SUMMED", &ip_summed, true)
-            .override_global("CLOCK_COARSE", &coarse, true)
-            .load(EBPF_OBJECT)?;
+            .override_global("CLOCK_COARSE", &coarse, true);
+        sizes.apply(&mut loader);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         Ok(Self {
             ebpf,

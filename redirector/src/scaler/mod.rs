@@ -132,6 +132,27 @@ impl Addresses {
     }
 }
 
+/// Kills instances not ready `deadline` after they started: their exit is handled as any
+/// other (`Exited`: replaced while instances are wanted).
+fn kill_overdue(insts: &mut BTreeMap<u64, Inst>, deadline: Duration, now: Instant, name: &str) {
+    for i in insts.values_mut() {
+        if i.ready || i.stopping || i.timed_out || now.duration_since(i.started) < deadline {
+            continue;
+        }
+        i.timed_out = true;
+        tracing::warn!(
+            service = %name,
+            instance = %i.placement.netns,
+            deadline_secs = deadline.as_secs_f64(),
+            "instance not ready by its startup deadline; killing and replacing it"
+        );
+        if let Some(pid) = i.pid {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 enum Event {
     Ready(u64),
     Exited(u64),
@@ -146,6 +167,9 @@ struct Inst {
     pid: Option<u32>,
     ready: bool,
     stopping: bool,
+    started: Instant,
+    /// Killed for missing its startup deadline (its exit is a restart).
+    timed_out: bool,
 }
 
 /// Everything the scaler of one service needs.
@@ -282,8 +306,9 @@ impl Scaler {
                 },
                 _ = stop.changed() => break,
             }
-            let conc = self.act.concurrency() + self.flows.load(Ordering::Relaxed);
             let now = Instant::now();
+            kill_overdue(&mut insts, sc.startup_timeout, now, &name);
+            let conc = self.act.concurrency() + self.flows.load(Ordering::Relaxed);
             let packets = self.view.as_ref().map(|v| v.packets()).unwrap_or(0);
             let forwarded = self.act.forwarded.load(Ordering::Relaxed);
             if conc > 0 || packets != last_packets || forwarded != last_forwarded {
@@ -373,6 +398,8 @@ impl Scaler {
                                     pid,
                                     ready: false,
                                     stopping: false,
+                                    started: Instant::now(),
+                                    timed_out: false,
                                 },
                             );
                         }

@@ -48,13 +48,15 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Returns from the test with "skipped: not root" when not running as root.
+/// Fails the test with "needs root: ..." when not running as root (a run without root is
+/// never green).
 #[macro_export]
 macro_rules! require_root {
     () => {
         if !$crate::common::is_root() {
-            println!("skipped: not root");
-            return;
+            panic!(
+                "needs root: BPF_PROG_TEST_RUN and pinned maps take CAP_SYS_ADMIN (run as root)"
+            );
         }
     };
 }

@@ -129,6 +129,8 @@ pub struct Scale {
     pub stable_window_secs: f64,
     pub readiness: String,
     pub env: Vec<(String, String)>,
+    /// `startup_timeout_secs` (the agent's default when `None`).
+    pub startup_timeout_secs: Option<f64>,
 }
 
 impl Scale {
@@ -150,6 +152,7 @@ impl Scale {
             idle_timeout_secs: 30.0,
             stable_window_secs: 10.0,
             readiness: "tcp".into(),
+            startup_timeout_secs: None,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -241,6 +244,9 @@ impl Config {
                 "idle_timeout_secs = {:?}\nstable_window_secs = {:?}\nreadiness = {:?}",
                 sc.idle_timeout_secs, sc.stable_window_secs, sc.readiness
             );
+            if let Some(t) = sc.startup_timeout_secs {
+                let _ = writeln!(s, "startup_timeout_secs = {t:?}");
+            }
             let env: Vec<String> = sc.env.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
             let _ = writeln!(s, "env = {{ {} }}", env.join(", "));
         }
