@@ -42,6 +42,8 @@ pub const TOOL_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "util-linux",
+    // promtool: the /metrics test checks the real output with Prometheus's own parser
+    "prometheus",
 ];
 /// Where bpffs must be mounted (the agent pins its maps below it).
 pub const BPFFS: &str = "/sys/fs/bpf";

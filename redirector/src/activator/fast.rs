@@ -50,10 +50,16 @@ pub fn spawn(
     stream: TcpStream,
     peer: SocketAddr,
     watcher: Watcher,
-    tracker: Arc<()>,
+    tracker: impl Send + 'static,
 ) {
     let stop = act.shutdown.subscribe();
+    let limits = act.limits();
     let mut conn = Fast {
+        limits: Limits {
+            header: limits.header_read_timeout,
+            idle: limits.idle_timeout,
+            write: limits.write_timeout,
+        },
         act,
         svc,
         peer,
@@ -93,10 +99,10 @@ pub fn spawn(
 pin_project_lite::pin_project! {
     /// A connection's task: the fast path's future, then (in its place, not beside it: an
     /// `async` block awaiting one after the other would keep room for both) hyper's.
-    struct ConnTask<F, H> {
+    struct ConnTask<F, H, T> {
         #[pin]
         phase: Phase<F, H>,
-        _tracker: Arc<()>,
+        _tracker: T,
     }
 }
 
@@ -110,7 +116,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, H> std::future::Future for ConnTask<F, H>
+impl<F, H, T> std::future::Future for ConnTask<F, H, T>
 where
     F: std::future::Future<Output = Option<H>>,
     H: std::future::Future<Output = ()>,
@@ -199,7 +205,19 @@ struct Upstream {
     last: std::time::Instant,
 }
 
+/// The client-side timeouts of `ActivatorConfig` the fast path applies.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// From a connection's accept (or a request's first byte) to its whole request.
+    header: Duration,
+    /// Between two requests of a connection.
+    idle: Duration,
+    /// For each write to the client.
+    write: Duration,
+}
+
 struct Fast {
+    limits: Limits,
     act: Arc<Activator>,
     svc: Option<Arc<ServiceState>>,
     peer: SocketAddr,
@@ -236,6 +254,27 @@ async fn fill(io: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> 
     io.read_buf(buf).await
 }
 
+/// Writes all of `buf` to the client, failing when it takes nothing for `limit`.
+async fn write_client(io: &mut TcpStream, buf: &[u8], limit: Duration) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, io.write_all(buf)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "client did not read for the write timeout",
+        )),
+    }
+}
+
+/// `read` unless `deadline` passes first (then an error, as for a broken connection).
+async fn by<F: std::future::Future<Output = std::io::Result<usize>>>(
+    deadline: tokio::time::Instant,
+    read: F,
+) -> std::io::Result<usize> {
+    tokio::time::timeout_at(deadline, read)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 /// One of the activator's own short responses.
 fn text(out: &mut Vec<u8>, status: &str, msg: &str, head: bool, close: bool) {
     use std::io::Write as _;
@@ -256,17 +295,18 @@ impl Fast {
     /// Reads and parses the connection's first request (at its exact size, see `spawn`)
     /// and decides who serves it.
     async fn first(&mut self) -> First {
+        let deadline = tokio::time::Instant::now() + self.limits.header;
         let req = loop {
             let r = if self.buf.is_empty() {
                 if *self.stop.borrow() {
                     return First::Done;
                 }
                 tokio::select! {
-                    r = read_exact_size(&self.client, &mut self.buf) => r,
+                    r = by(deadline, read_exact_size(&self.client, &mut self.buf)) => r,
                     _ = self.stop.changed() => return First::Done,
                 }
             } else {
-                read_exact_size(&self.client, &mut self.buf).await
+                by(deadline, read_exact_size(&self.client, &mut self.buf)).await
             };
             if !matches!(r, Ok(n) if n > 0) {
                 return First::Done;
@@ -281,7 +321,8 @@ impl Fast {
             return First::Hyper;
         };
         while self.buf.len() < req.head_len + req.body_len {
-            if !matches!(read_exact_size(&self.client, &mut self.buf).await, Ok(n) if n > 0) {
+            let r = by(deadline, read_exact_size(&self.client, &mut self.buf)).await;
+            if !matches!(r, Ok(n) if n > 0) {
                 return First::Done;
             }
         }
@@ -306,7 +347,7 @@ impl Fast {
                     Err(next) => return next,
                 },
             };
-            match self.forward(&svc, &slot.instance, &req).await {
+            match self.forward(&svc, slot, &req).await {
                 Ok(true) => {}
                 Ok(false) => return Next::Done,
                 Err(e) => {
@@ -319,6 +360,14 @@ impl Fast {
 
     /// The next request of a connection the fast path serves, read into its full buffer.
     async fn next(&mut self) -> Result<Take, Next> {
+        let now = tokio::time::Instant::now();
+        let mut started = !self.buf.is_empty();
+        let mut deadline = now
+            + if started {
+                self.limits.header
+            } else {
+                self.limits.idle
+            };
         let parsed = loop {
             if !self.buf.is_empty() {
                 match wire::request(&self.buf, &mut self.out) {
@@ -331,14 +380,19 @@ impl Fast {
                     return Err(Next::Done);
                 }
                 tokio::select! {
-                    r = fill(&mut self.client, &mut self.buf) => r,
+                    r = by(deadline, fill(&mut self.client, &mut self.buf)) => r,
                     _ = self.stop.changed() => return Err(Next::Done),
                 }
             } else {
-                fill(&mut self.client, &mut self.buf).await
+                by(deadline, fill(&mut self.client, &mut self.buf)).await
             };
             if !matches!(r, Ok(n) if n > 0) {
                 return Err(Next::Done);
+            }
+            if !started {
+                // The request's first byte: from here its head has the header timeout.
+                started = true;
+                deadline = tokio::time::Instant::now() + self.limits.header;
             }
         };
         let Parsed::Take(req) = parsed else {
@@ -348,7 +402,8 @@ impl Fast {
             return Err(Next::Hyper);
         };
         while self.buf.len() < req.head_len + req.body_len {
-            if !matches!(fill(&mut self.client, &mut self.buf).await, Ok(n) if n > 0) {
+            let r = by(deadline, fill(&mut self.client, &mut self.buf)).await;
+            if !matches!(r, Ok(n) if n > 0) {
                 return Err(Next::Done);
             }
         }
@@ -371,9 +426,11 @@ impl Fast {
     async fn forward(
         &mut self,
         svc: &ServiceState,
-        inst: &Instance,
+        slot: Slot,
         req: &Req,
     ) -> std::io::Result<bool> {
+        let inst = slot.instance.clone();
+        let inst = &*inst;
         let deadline = tokio::time::Instant::now() + svc.timeout;
         let host = if req.has_host {
             String::new()
@@ -408,14 +465,15 @@ impl Fast {
             Err((status, msg)) => {
                 self.up = None; // mid-message: never reused
                 self.rbuf.clear();
+                drop(slot);
                 text(&mut self.hout, status, msg, req.head_method, close);
-                self.client.write_all(&self.hout).await?;
+                write_client(&mut self.client, &self.hout, self.limits.write).await?;
                 self.hout.clear();
                 return Ok(!close);
             }
         };
         svc.forwarded.fetch_add(1, Ordering::Relaxed);
-        let done = self.relay(&resp, close).await?;
+        let done = self.relay(&resp, close, slot).await?;
         match self.up.as_mut() {
             Some(u) if resp.reusable && done && self.rbuf.is_empty() => {
                 u.last = std::time::Instant::now();
@@ -493,8 +551,10 @@ impl Fast {
     }
 
     /// Sends the response head in `hout` and its body to the client; whether the body
-    /// ended where its framing says (false: the instance closed early).
-    async fn relay(&mut self, resp: &Resp, close: bool) -> std::io::Result<bool> {
+    /// ended where its framing says (false: the instance closed early). The instance slot
+    /// is given back as soon as the instance has sent the whole response.
+    async fn relay(&mut self, resp: &Resp, close: bool, slot: Slot) -> std::io::Result<bool> {
+        let mut slot = Some(slot);
         if close {
             self.hout.extend_from_slice(b"connection: close\r\n");
         }
@@ -533,8 +593,11 @@ impl Fast {
                     }
                 }
             }
+            if done {
+                slot = None;
+            }
             if !self.hout.is_empty() {
-                self.client.write_all(&self.hout).await?;
+                write_client(&mut self.client, &self.hout, self.limits.write).await?;
                 self.hout.clear();
             }
             if done {
@@ -545,7 +608,8 @@ impl Fast {
             };
             if fill(&mut up.io, &mut self.rbuf).await? == 0 {
                 if resp.framing == Framing::Close {
-                    self.client.write_all(b"0\r\n\r\n").await?;
+                    drop(slot.take());
+                    write_client(&mut self.client, b"0\r\n\r\n", self.limits.write).await?;
                     return Ok(false);
                 }
                 return Err(std::io::ErrorKind::UnexpectedEof.into());

@@ -100,6 +100,11 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     if method == "CONNECT" || !(path.starts_with('/') || path == "*") {
         return Parsed::Hyper;
     }
+    // The URI as hyper reads it (`http::Uri`): one grammar for both paths (a character it
+    // refuses gets hyper's 400, a fragment is dropped).
+    let Some(path) = origin_form(path) else {
+        return Parsed::Hyper;
+    };
     let mut req = Req {
         head_len,
         body_len: 0,
@@ -117,15 +122,13 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(path.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in r.headers.iter() {
         let (n, v) = (h.name, h.value);
         if is(n, "content-length") {
-            let Some(len) = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
+            // hyper's server grammar: 1*DIGIT per field line (no sign, list or space).
+            let Some(len) = digits(v) else {
                 return Parsed::Hyper;
             };
             if content_length.is_some_and(|l| l != len) {
@@ -165,6 +168,97 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
         None => {}
     }
     Parsed::Take(req)
+}
+
+/// A request target in origin form (or `*`) as hyper parses it, or None.
+fn origin_form(path: &str) -> Option<hyper::http::uri::PathAndQuery> {
+    let uri = hyper::http::Uri::try_from(path).ok()?;
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return None;
+    }
+    uri.into_parts().path_and_query
+}
+
+/// A field value of ASCII digits only (hyper's `from_digits`), or None.
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut n = 0u64;
+    for b in v {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(n)
+}
+
+/// Longest body length hyper's decoder accepts.
+const MAX_LENGTH: u64 = u64::MAX - 2;
+
+/// A response's Content-Length line as hyper's client reads it: a comma-separated list of
+/// digit runs (spaces around them allowed), all equal to each other and to `prev`.
+fn response_length(v: &[u8], mut prev: Option<u64>) -> Result<u64, Error> {
+    if !v.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t') {
+        return Err(Error::Unsupported("bad content-length"));
+    }
+    for part in v.split(|b| *b == b',') {
+        let n = digits(part.trim_ascii())
+            .filter(|n| *n <= MAX_LENGTH)
+            .ok_or(Error::Unsupported("bad content-length"))?;
+        if prev.is_some_and(|p| p != n) {
+            return Err(Error::Unsupported("conflicting content-length"));
+        }
+        prev = Some(n);
+    }
+    prev.ok_or(Error::Unsupported("bad content-length"))
+}
+
+/// True when a Transfer-Encoding value's final coding is `chunked`.
+fn final_chunked(v: &[u8]) -> bool {
+    let last = v.rsplit(|b| *b == b',').next().unwrap_or_default();
+    last.trim_ascii().eq_ignore_ascii_case(b"chunked")
+}
+
+/// The checks `response` makes on framing, for the hyper path to make the same on a
+/// response hyper accepted: no Content-Length beside Transfer-Encoding (RFC 9112 §6.3), a
+/// final coding of `chunked`, no Transfer-Encoding in HTTP/1.0, no 101 unasked, and
+/// Content-Length values as `response` reads them.
+pub fn check_response(
+    version: hyper::Version,
+    status: u16,
+    upgrade: bool,
+    headers: &hyper::HeaderMap,
+) -> Result<(), Error> {
+    if status == 101 && !upgrade {
+        return Err(Error::Unsupported("101 without an upgrade"));
+    }
+    check_response_lengths(headers)?;
+    let te = headers.get_all(hyper::header::TRANSFER_ENCODING);
+    if te.iter().next().is_none() {
+        return Ok(());
+    }
+    if version == hyper::Version::HTTP_10 {
+        return Err(Error::Unsupported("transfer-encoding in HTTP/1.0"));
+    }
+    if !te.iter().all(|v| final_chunked(v.as_bytes())) {
+        return Err(Error::Unsupported("transfer-encoding other than chunked"));
+    }
+    if headers.contains_key(hyper::header::CONTENT_LENGTH) {
+        return Err(Error::Unsupported("content-length with transfer-encoding"));
+    }
+    Ok(())
+}
+
+/// The Content-Length grammar of `response`, which hyper does not check where a response
+/// has no body (HEAD, 204, 304).
+fn check_response_lengths(headers: &hyper::HeaderMap) -> Result<(), Error> {
+    let mut len = None;
+    for v in headers.get_all(hyper::header::CONTENT_LENGTH) {
+        len = Some(response_length(v.as_bytes(), len)?);
+    }
+    Ok(())
 }
 
 /// Finishes a request head in `out`: Host when the client sent none, the activator's
@@ -216,6 +310,18 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
     if status == 101 {
         return Err(Error::Unsupported("101 without an upgrade"));
     }
+    if status < 100 {
+        return Err(Error::Unsupported("status code below 100"));
+    }
+    if status < 200 {
+        // Skipped unread, as hyper does.
+        return Ok(Some(Resp {
+            head_len,
+            status,
+            framing: Framing::None,
+            reusable: true,
+        }));
+    }
     let mut reusable = r.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -226,19 +332,19 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
     for h in r.headers.iter() {
         let (n, v) = (h.name, h.value);
         if is(n, "content-length") {
-            let len = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or(Error::Unsupported("bad content-length"))?;
-            if length.is_some_and(|l| l != len) {
-                return Err(Error::Unsupported("conflicting content-length"));
+            let first = length.is_none();
+            let len = response_length(v, length)?;
+            length = Some(len);
+            if first {
+                // Once, as digits ("+5" or "5, 5" are not passed on).
+                let _ = write!(out, "{n}: {len}\r\n");
             }
-            if length.replace(len).is_some() {
-                continue;
-            }
+            continue;
         } else if is(n, "transfer-encoding") {
-            let last = v.rsplit(|b| *b == b',').next().unwrap_or_default();
-            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            if r.version == Some(0) {
+                return Err(Error::Unsupported("transfer-encoding in HTTP/1.0"));
+            }
+            if !final_chunked(v) {
                 return Err(Error::Unsupported("transfer-encoding other than chunked"));
             }
             chunked = true;
@@ -249,6 +355,10 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
             continue;
         }
         put_header(out, n, v);
+    }
+    if chunked && length.is_some() {
+        // RFC 9112 §6.3: a smuggling attempt; hyper's path refuses it too.
+        return Err(Error::Unsupported("content-length with transfer-encoding"));
     }
     let framing = if status < 200 || status == 204 || status == 304 || head_req {
         Framing::None

@@ -1,10 +1,9 @@
 //! Prometheus text on `/metrics`, liveness on `/healthz`, and the agent's live state as JSON
 //! on `/status` (instances, held requests), served on `node.metrics` (loopback by default).
+//! The endpoint (`endpoint.rs`) keeps answering its probes under abuse.
 use std::{
     collections::BTreeMap,
-    convert::Infallible,
     fmt::Write as _,
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -12,12 +11,10 @@ use std::{
     },
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-
 use crate::activator::Activator;
+
+mod endpoint;
+pub use endpoint::serve;
 
 /// Histogram buckets, seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -70,51 +67,49 @@ impl Histogram {
     }
 }
 
+/// The `# HELP` text of a metric family.
+fn help(name: &str) -> &'static str {
+    match name {
+        "redirector_activator_connections" => "Client connections open on the activator.",
+        "redirector_activator_connections_overflow_total" => {
+            "Client connections closed as accepted: the activator was at max_connections."
+        }
+        "redirector_activator_forwarded_total" => "Requests answered through the activator.",
+        "redirector_activator_held_bytes" => "Declared request body bytes held.",
+        "redirector_activator_held_requests" => "Requests held waiting for an instance.",
+        "redirector_activator_node_held_bytes" => "Declared request body bytes held, all services.",
+        "redirector_activator_node_held_requests" => "Requests held, all services.",
+        "redirector_activator_in_flight" => "Requests in flight on instances.",
+        "redirector_activator_rejected_full_total" => "Requests refused because the hold was full.",
+        "redirector_activator_timeouts_total" => "Requests answered 504.",
+        "redirector_cold_start_ttfb_seconds" => "Time to first byte of cold-start requests.",
+        "redirector_cold_starts_total" => "Instances started from zero.",
+        "redirector_conntrack_entries" => "Datapath conntrack entries.",
+        "redirector_desired_instances" => "Instances the scaler wants.",
+        "redirector_flips_total" => "Serve/Proxy mode changes.",
+        "redirector_instance_restarts_total" => "Instances replaced after dying.",
+        "redirector_instances" => "Instances running.",
+        "redirector_map_update_seconds" => "Time to write a service's datapath entry.",
+        "redirector_ready_instances" => "Instances ready.",
+        "redirector_service_bytes_total" => "Bytes through the datapath, both directions.",
+        "redirector_service_new_flows_total" => "New flows seen by the datapath.",
+        "redirector_service_packets_total" => "Packets through the datapath, both directions.",
+        "redirector_service_proxied_flows_total" => "Flows sent to the activator.",
+        _ => "redirector metric.",
+    }
+}
+
+/// A label value in the text format's escaping.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// What the HTTP endpoint needs from the agent.
 pub trait Source: Send + Sync + 'static {
     fn metrics(&self) -> String;
     fn status_json(&self) -> String;
-}
-
-/// Serves the endpoints until the process ends.
-pub async fn serve(addr: SocketAddr, source: Arc<dyn Source>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics on /metrics, /status, /healthz");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let source = source.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let source = source.clone();
-                async move {
-                    let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => (
-                            StatusCode::OK,
-                            "text/plain; version=0.0.4",
-                            source.metrics(),
-                        ),
-                        "/status" => (StatusCode::OK, "application/json", source.status_json()),
-                        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-                        _ => (
-                            StatusCode::NOT_FOUND,
-                            "text/plain",
-                            "not found\n".to_owned(),
-                        ),
-                    };
-                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                    *r.status_mut() = status;
-                    r.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(ctype),
-                    );
-                    Ok::<_, Infallible>(r)
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
 }
 
 /// The agent's /metrics and /status.
@@ -132,7 +127,7 @@ impl Source for AgentMetrics {
         let reg = self.activator.registry();
         let mut gauges: Vec<(&str, &str, String, f64)> = Vec::new();
         for svc in reg.services() {
-            let l = format!("service=\"{}\"", svc.name);
+            let l = format!("service=\"{}\"", esc(&svc.name));
             gauges.push((
                 "redirector_activator_held_requests",
                 "gauge",
@@ -171,13 +166,13 @@ impl Source for AgentMetrics {
             ));
         }
         gauges.push((
-            "redirector_activator_held_requests_total",
+            "redirector_activator_node_held_requests",
             "gauge",
             String::new(),
             self.activator.global.held.load(Ordering::Relaxed) as f64,
         ));
         gauges.push((
-            "redirector_activator_held_bytes_total",
+            "redirector_activator_node_held_bytes",
             "gauge",
             String::new(),
             self.activator.global.held_bytes.load(Ordering::Relaxed) as f64,
@@ -185,7 +180,7 @@ impl Source for AgentMetrics {
         if let Ok(st) = self.statuses.lock() {
             for (name, s) in st.iter() {
                 let Ok(s) = s.lock() else { continue };
-                let l = format!("service=\"{name}\"");
+                let l = format!("service=\"{}\"", esc(name));
                 gauges.push((
                     "redirector_instances",
                     "gauge",
@@ -228,7 +223,9 @@ impl Source for AgentMetrics {
             for s in &st.services {
                 let l = format!(
                     "service=\"{}\",vip=\"{}\",port=\"{}\"",
-                    s.name, s.vip, s.port
+                    esc(&s.name),
+                    s.vip,
+                    s.port
                 );
                 gauges.push((
                     "redirector_service_packets_total",
@@ -262,22 +259,47 @@ impl Source for AgentMetrics {
                 st.conntrack_entries as f64,
             ));
         }
+        gauges.push((
+            "redirector_activator_connections",
+            "gauge",
+            String::new(),
+            self.activator.connections.now() as f64,
+        ));
+        gauges.push((
+            "redirector_activator_connections_overflow_total",
+            "counter",
+            String::new(),
+            self.activator.connections.overflowed() as f64,
+        ));
+        // One `# TYPE` per family, its series together (strict parsers refuse repeats).
+        gauges.sort_by(|a, b| a.0.cmp(b.0));
         let mut last = "";
         for (name, kind, labels, v) in &gauges {
             if *name != last {
+                let _ = writeln!(out, "# HELP {name} {}", help(name));
                 let _ = writeln!(out, "# TYPE {name} {kind}");
                 last = name;
             }
             let _ = writeln!(out, "{name}{{{labels}}} {v}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP redirector_cold_start_ttfb_seconds {}",
+            help("redirector_cold_start_ttfb_seconds")
+        );
         let _ = writeln!(out, "# TYPE redirector_cold_start_ttfb_seconds histogram");
         for svc in reg.services().filter(|s| s.cold_ttfb.count() > 0) {
             svc.cold_ttfb.render(
                 &mut out,
                 "redirector_cold_start_ttfb_seconds",
-                &format!("service=\"{}\"", svc.name),
+                &format!("service=\"{}\"", esc(&svc.name)),
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP redirector_map_update_seconds {}",
+            help("redirector_map_update_seconds")
+        );
         let _ = writeln!(out, "# TYPE redirector_map_update_seconds histogram");
         self.map_update
             .render(&mut out, "redirector_map_update_seconds", "");
@@ -334,18 +356,4 @@ impl AgentMetrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_renders_cumulative_buckets() {
-        let h = Histogram::default();
-        h.observe(std::time::Duration::from_millis(3));
-        h.observe(std::time::Duration::from_millis(30));
-        let mut s = String::new();
-        h.render(&mut s, "x", "service=\"a\"");
-        assert!(s.contains("x_bucket{service=\"a\",le=\"0.005\"} 1"), "{s}");
-        assert!(s.contains("x_bucket{service=\"a\",le=\"0.05\"} 2"), "{s}");
-        assert!(s.contains("x_count{service=\"a\"} 2"), "{s}");
-    }
-}
+mod tests;
