@@ -318,3 +318,39 @@ fn fast_path_grammar_is_hypers() {
     assert_eq!(r.framing, wire::Framing::Length(5));
     assert!(String::from_utf8_lossy(&out).contains("Content-Length: 5\r\n"));
 }
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_and_big_heads_refused() {
+    let cfg = ActivatorConfig {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let act = Activator::new(cfg, None);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(act.clone().serve(l));
+    let a = TcpStream::connect(addr).await.unwrap();
+    let _b = TcpStream::connect(addr).await.unwrap();
+    wait_until("two connections are counted", || act.connections.now() == 2).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed(&mut c, Duration::from_secs(5)).await,
+        "over the cap, kept"
+    );
+    assert_eq!(act.connections.overflowed(), 1);
+    drop(a);
+    wait_until("the closed one is uncounted", || act.connections.now() == 1).await;
+    let mut d = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        !closed(&mut d, Duration::from_millis(300)).await,
+        "under the cap, closed"
+    );
+    // A request head over 64 KiB: 431 (hyper's answer; its buffer stays bounded).
+    let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    d.write_all(&head).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), d.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+}

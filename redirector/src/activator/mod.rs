@@ -6,6 +6,8 @@
 mod bench;
 pub mod conns;
 pub(crate) mod deadline;
+#[doc(hidden)]
+pub mod differential;
 mod fast;
 #[cfg(test)]
 mod fast_tests;
