@@ -145,9 +145,9 @@ fn fast_reads_response(data: &[u8], head_req: bool) -> Result<FastResp, String> 
         },
         Framing::Close => rest.to_vec(),
         Framing::Chunked => {
-            let mut c = Chunks::Size;
+            let mut c = Chunks::default();
             let n = c.scan(rest).map_err(|e| e.to_string())?;
-            if c != Chunks::Done {
+            if !c.done() {
                 return Ok(None);
             }
             dechunk(&rest[..n]).ok_or("chunk scanner and decoder disagree")?
@@ -160,10 +160,10 @@ fn fast_reads_response(data: &[u8], head_req: bool) -> Result<FastResp, String> 
 fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let httparse::Status::Complete((n, size)) = httparse::parse_chunk_size(b).ok()? else {
-            return None;
-        };
-        b = &b[n..];
+        let digits = b.iter().take_while(|c| c.is_ascii_hexdigit()).count();
+        let size = u64::from_str_radix(std::str::from_utf8(&b[..digits]).ok()?, 16).ok()?;
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        b = &b[eol + 2..];
         if size == 0 {
             return Some(out);
         }
@@ -297,7 +297,7 @@ fn message_len(data: &[u8], head_req: bool) -> Option<usize> {
                 Framing::Length(n) => usize::try_from(n).ok()?,
                 Framing::Close => data.len() - start,
                 Framing::Chunked => {
-                    let mut c = Chunks::Size;
+                    let mut c = Chunks::default();
                     c.scan(&data[start..]).ok()?
                 }
             },

@@ -564,7 +564,7 @@ impl Fast {
             Framing::Length(n) => n,
             _ => 0,
         };
-        let mut chunks = Chunks::Size;
+        let mut chunks = Chunks::default();
         let mut done = false;
         loop {
             // Forward what the buffer holds of the body.
@@ -581,7 +581,7 @@ impl Fast {
                     let n = chunks.scan(&self.rbuf).map_err(std::io::Error::other)?;
                     self.hout.extend_from_slice(&self.rbuf[..n]);
                     self.rbuf.advance(n);
-                    done = chunks == Chunks::Done;
+                    done = chunks.done();
                 }
                 Framing::Close => {
                     if !self.rbuf.is_empty() {

@@ -308,6 +308,21 @@ fn fast_path_grammar_is_hypers() {
             String::from_utf8_lossy(r)
         );
     }
+    // Chunk size lines and trailers as hyper's decoder reads them.
+    for bad in [
+        &b"\r\n0\r\n\r\n"[..],
+        b";x\r\n0\r\n\r\n",
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+        b"0\r\nbad trailer\r\n\r\n",
+    ] {
+        let r = wire::Chunks::default().scan(bad);
+        assert!(r.is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+    let mut c = wire::Chunks::default();
+    c.scan(b"000000000000000005 ;x\r\nhello\r\n0\r\nT: v\r\n\r\n")
+        .unwrap();
+    assert!(c.done());
     let r = wire::response(
         b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
         false,
