@@ -16,13 +16,10 @@ use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc, time::Duration};
 
 use bytes::{Buf, BytesMut};
 use hyper_util::server::graceful::Watcher;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    sync::watch,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 
 use super::{
+    fast_io::{by, fill, read_exact_size, write_client, ConnTask, Phase},
     http,
     queue::Slot,
     upstream::{connect_raw, idle_ok, put_raw, take_raw},
@@ -33,8 +30,6 @@ use crate::config::Protocol;
 
 /// An instance connection idle longer than this is checked before it is written to.
 const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
-/// Read size for both sides (buffers stay around this size).
-const READ: usize = 16 * 1024;
 
 /// Serves `stream` (accepted from `peer`) on its own task: the fast path, then hyper if a
 /// request needs it. `tracker` and `watcher` keep a drain waiting for it.
@@ -89,68 +84,8 @@ pub fn spawn(
             Next::Hyper => Some(conn.into_hyper(watcher)),
         }
     };
-    let task = ConnTask {
-        phase: Phase::Fast { fut: fast },
-        _tracker: tracker,
-    };
+    let task = ConnTask::new(Phase::Fast { fut: fast }, tracker);
     tokio::spawn(task);
-}
-
-pin_project_lite::pin_project! {
-    /// A connection's task: the fast path's future, then (in its place, not beside it: an
-    /// `async` block awaiting one after the other would keep room for both) hyper's.
-    struct ConnTask<F, H, T> {
-        #[pin]
-        phase: Phase<F, H>,
-        _tracker: T,
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = PhaseProj]
-    #[project_replace = PhaseReplace]
-    enum Phase<F, H> {
-        Fast { #[pin] fut: F },
-        Hyper { #[pin] fut: H },
-        Done,
-    }
-}
-
-impl<F, H, T> std::future::Future for ConnTask<F, H, T>
-where
-    F: std::future::Future<Output = Option<H>>,
-    H: std::future::Future<Output = ()>,
-{
-    type Output = ();
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        use std::task::Poll;
-        let mut phase = self.project().phase;
-        loop {
-            match phase.as_mut().project() {
-                PhaseProj::Fast { fut } => match fut.poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(h)) => {
-                        phase.as_mut().project_replace(Phase::Hyper { fut: h });
-                    }
-                    Poll::Ready(None) => {
-                        phase.as_mut().project_replace(Phase::Done);
-                        return Poll::Ready(());
-                    }
-                },
-                PhaseProj::Hyper { fut } => {
-                    if fut.poll(cx).is_ready() {
-                        phase.as_mut().project_replace(Phase::Done);
-                        return Poll::Ready(());
-                    }
-                    return Poll::Pending;
-                }
-                PhaseProj::Done => return Poll::Ready(()),
-            }
-        }
-    }
 }
 
 /// A request the fast path takes: its service, the instance slot and the parsed head (the
@@ -173,30 +108,6 @@ enum Next {
     Cut,
     /// Hyper serves it from here on.
     Hyper,
-}
-
-thread_local! {
-    /// Where first requests are read (copied out at their exact size): a connection that
-    /// is handed to hyper never has a read buffer of its own.
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; READ].into_boxed_slice());
-}
-
-/// Reads what `io` has into `buf`, growing it by exactly the bytes read; 0 at end of stream.
-async fn read_exact_size(io: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    loop {
-        io.readable().await?;
-        let r: std::io::Result<usize> = SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let n = io.try_read(&mut s)?;
-            buf.extend_from_slice(&s[..n]);
-            Ok(n)
-        });
-        match r {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => return r,
-        }
-    }
 }
 
 struct Upstream {
@@ -244,35 +155,6 @@ enum UpError {
     Closed,
     #[error(transparent)]
     Wire(#[from] wire::Error),
-}
-
-/// Reads into `buf` (at least `READ` bytes of room); 0 at end of stream.
-async fn fill(io: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < READ / 2 {
-        buf.reserve(READ);
-    }
-    io.read_buf(buf).await
-}
-
-/// Writes all of `buf` to the client, failing when it takes nothing for `limit`.
-async fn write_client(io: &mut TcpStream, buf: &[u8], limit: Duration) -> std::io::Result<()> {
-    match tokio::time::timeout(limit, io.write_all(buf)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "client did not read for the write timeout",
-        )),
-    }
-}
-
-/// `read` unless `deadline` passes first (then an error, as for a broken connection).
-async fn by<F: std::future::Future<Output = std::io::Result<usize>>>(
-    deadline: tokio::time::Instant,
-    read: F,
-) -> std::io::Result<usize> {
-    tokio::time::timeout_at(deadline, read)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// One of the activator's own short responses.

@@ -4,11 +4,13 @@
 //! upgrades, or raw TCP for L4 services). Drains on shutdown.
 #[cfg(test)]
 mod bench;
+mod chunks;
 pub mod conns;
 pub(crate) mod deadline;
 #[doc(hidden)]
 pub mod differential;
 mod fast;
+mod fast_io;
 #[cfg(test)]
 mod fast_tests;
 #[cfg(test)]
