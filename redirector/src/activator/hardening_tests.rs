@@ -369,3 +369,90 @@ async fn connections_over_the_cap_are_closed_and_big_heads_refused() {
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+const MEM_CHILD: &str = "REDIRECTOR_ACTIVATOR_MEM_CHILD";
+
+/// An activator in a child process takes 1,000 connections with 48 KiB unfinished request
+/// heads; once they close, its memory goes back near where it was.
+#[test]
+fn memory_is_given_back_when_slow_clients_go() {
+    if let Ok(addr) = std::env::var(MEM_CHILD) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = TcpListener::bind(&addr).await.unwrap();
+            Activator::new(ActivatorConfig::default(), None)
+                .serve(l)
+                .await;
+        });
+        return;
+    }
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "activator::hardening_tests::memory_is_given_back_when_slow_clients_go",
+            "--test-threads=1",
+        ])
+        .env(MEM_CHILD, addr.to_string())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
+    let pid = child.0.id();
+    let connect = || {
+        (0..100).find_map(|_| {
+            std::net::TcpStream::connect(addr).ok().or_else(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                None
+            })
+        })
+    };
+    drop(connect().expect("the activator never came up"));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss_kib(pid);
+    let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 48 * 1024));
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        let mut s = connect().unwrap();
+        std::io::Write::write_all(&mut s, &head).unwrap();
+        conns.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let peak = rss_kib(pid);
+    assert!(
+        peak > before + 30_000,
+        "flood did not show: {before} -> {peak} KiB"
+    );
+    drop(conns);
+    let mut after = 0;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        after = rss_kib(pid);
+        if after < before + (peak - before) / 4 {
+            return;
+        }
+    }
+    panic!("memory kept after the clients left: {before} -> {peak} -> {after} KiB");
+}
