@@ -41,10 +41,17 @@ fn is(name: &str, want: &str) -> bool {
     name.eq_ignore_ascii_case(want)
 }
 
+/// True when a value is text as hyper reads it (`HeaderValue::to_str`: visible ASCII, space,
+/// tab); hyper ignores the tokens of any other.
+fn is_text(v: &[u8]) -> bool {
+    v.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
+}
+
 /// True when a comma-separated header value lists `token`.
 fn has_token(v: &[u8], token: &str) -> bool {
-    v.split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    is_text(v)
+        && v.split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -200,7 +207,7 @@ const MAX_LENGTH: u64 = u64::MAX - 2;
 /// A response's Content-Length line as hyper's client reads it: a comma-separated list of
 /// digit runs (spaces around them allowed), all equal to each other and to `prev`.
 fn response_length(v: &[u8], mut prev: Option<u64>) -> Result<u64, Error> {
-    if !v.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t') {
+    if !is_text(v) {
         return Err(Error::Unsupported("bad content-length"));
     }
     for part in v.split(|b| *b == b',') {
@@ -217,6 +224,9 @@ fn response_length(v: &[u8], mut prev: Option<u64>) -> Result<u64, Error> {
 
 /// True when a Transfer-Encoding value's final coding is `chunked`.
 fn final_chunked(v: &[u8]) -> bool {
+    if !is_text(v) {
+        return false;
+    }
     let last = v.rsplit(|b| *b == b',').next().unwrap_or_default();
     last.trim_ascii().eq_ignore_ascii_case(b"chunked")
 }
