@@ -8,7 +8,7 @@ use std::sync::{
 };
 
 /// Connections at once before a drop to half of them trims the heap.
-const TRIM_PEAK: usize = 256;
+const TRIM_PEAK: usize = 64;
 
 /// A listener's open connections.
 #[derive(Debug, Default)]

@@ -198,7 +198,9 @@ async fn hyper_reads_response(
         let mut sink = Vec::new();
         let _ = server.read_to_end(&mut sink).await;
     });
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+    let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(super::http::MAX_HEAD)
+        .handshake(TokioIo::new(client))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);

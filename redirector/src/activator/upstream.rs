@@ -169,7 +169,11 @@ impl From<hyper::Error> for Error {
 async fn connect_h1(addr: SocketAddr) -> Result<http1::SendRequest<ClientBody>, Error> {
     let io = TcpStream::connect(addr).await.map_err(Error::Connect)?;
     let _ = io.set_nodelay(true);
-    let (tx, conn) = http1::handshake(TokioIo::new(io)).await?;
+    // Response heads up to the fast path's limit (hyper's default is 400 KiB).
+    let (tx, conn) = http1::Builder::new()
+        .max_buf_size(super::http::MAX_HEAD)
+        .handshake(TokioIo::new(io))
+        .await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended");

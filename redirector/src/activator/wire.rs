@@ -13,6 +13,8 @@ use std::{
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::http::MAX_HEAD;
+
 /// Most headers a message may have here (hyper's own limit is 100).
 const MAX_HEADERS: usize = 100;
 /// Request bodies up to this size are read whole and sent with the head; larger ones go
@@ -97,8 +99,9 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut headers);
     let head_len = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => return Parsed::Partial,
+        // A head near hyper's buffer limit is hyper's to judge (431 past it).
+        Ok(httparse::Status::Complete(n)) if n < MAX_HEAD / 2 => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD / 2 => return Parsed::Partial,
         _ => return Parsed::Hyper, // hyper answers the error
     };
     let (Some(method), Some(path), Some(1)) = (r.method, r.path, r.version) else {
@@ -312,9 +315,10 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut headers);
     let head_len = match r.parse(buf)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() < 64 * 1024 => return Ok(None),
-        httparse::Status::Partial => return Err(Error::Unsupported("head too large")),
+        // The hyper path's limit too (its client's buffer).
+        httparse::Status::Complete(n) if n < MAX_HEAD => n,
+        httparse::Status::Partial if buf.len() < MAX_HEAD => return Ok(None),
+        _ => return Err(Error::Unsupported("head too large")),
     };
     let status = r.code.unwrap_or(0);
     if status == 101 {
