@@ -96,6 +96,19 @@ pub struct ActivatorConfig {
     pub drain_timeout: Duration,
     /// Whether the agent listens on `node.activator` (off when something else serves it).
     pub listen: bool,
+    /// A client's request head must arrive within this (nginx `client_header_timeout`).
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request is closed after this (nginx
+    /// `keepalive_timeout`).
+    pub idle_timeout: Duration,
+    /// A request body with nothing received for this is abandoned (nginx
+    /// `client_body_timeout`).
+    pub body_timeout: Duration,
+    /// A client that reads nothing of a response for this is dropped (nginx `send_timeout`).
+    pub write_timeout: Duration,
+    /// Client connections open at once; more are closed as accepted (Envoy's listener
+    /// connection limit).
+    pub max_connections: usize,
 }
 
 impl Default for ActivatorConfig {
@@ -107,6 +120,11 @@ impl Default for ActivatorConfig {
             max_held_bytes_total: 256 << 20,
             drain_timeout: Duration::from_secs(30),
             listen: true,
+            header_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
+            body_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
+            max_connections: 50_000,
         }
     }
 }
@@ -172,7 +190,7 @@ struct RawFile {
     activator: Option<RawActivator>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawActivator {
     max_held_per_service: Option<usize>,
@@ -181,6 +199,11 @@ struct RawActivator {
     max_held_bytes_total: Option<u64>,
     drain_timeout_secs: Option<u64>,
     listen: Option<bool>,
+    header_read_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    body_timeout_secs: Option<u64>,
+    write_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -392,15 +415,9 @@ impl Config {
         }
         check::services(&at, &services, &spans, running.unwrap_or(&maps))?;
 
-        let a = raw.activator.unwrap_or(RawActivator {
-            max_held_per_service: None,
-            max_held_total: None,
-            max_held_bytes_per_service: None,
-            max_held_bytes_total: None,
-            drain_timeout_secs: None,
-            listen: None,
-        });
+        let a = raw.activator.unwrap_or_default();
         let d = ActivatorConfig::default();
+        let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
         let activator = ActivatorConfig {
             max_held_per_service: a.max_held_per_service.unwrap_or(d.max_held_per_service),
             max_held_total: a.max_held_total.unwrap_or(d.max_held_total),
@@ -413,6 +430,11 @@ impl Config {
                 .map(Duration::from_secs)
                 .unwrap_or(d.drain_timeout),
             listen: a.listen.unwrap_or(d.listen),
+            header_read_timeout: secs(a.header_read_timeout_secs, d.header_read_timeout),
+            idle_timeout: secs(a.idle_timeout_secs, d.idle_timeout),
+            body_timeout: secs(a.body_timeout_secs, d.body_timeout),
+            write_timeout: secs(a.write_timeout_secs, d.write_timeout),
+            max_connections: a.max_connections.unwrap_or(d.max_connections),
         };
         Ok(Config {
             node,

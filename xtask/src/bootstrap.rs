@@ -42,6 +42,8 @@ pub const TOOL_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "util-linux",
+    // promtool: the /metrics test checks the real output with Prometheus's own parser
+    "prometheus",
 ];
 /// Where bpffs must be mounted (the agent pins its maps below it).
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -56,6 +58,7 @@ pub fn run_all() -> Result<()> {
     nightly()?;
     rust_src()?;
     bpf_linker(linker_ok)?;
+    cargo_fuzz()?;
     bpffs()?;
     step("done");
     Ok(())
@@ -265,6 +268,16 @@ fn bpf_linker(ok: bool) -> Result<()> {
         Some(v) => bail!("bpf-linker on PATH is still {v}: is ~/.cargo/bin first on PATH?"),
         None => bail!("bpf-linker installed but not on PATH: add ~/.cargo/bin to PATH"),
     }
+}
+
+/// Step (c2): cargo-fuzz, for the fuzz step of `cargo xtask test` (fuzz/).
+fn cargo_fuzz() -> Result<()> {
+    if let Some(v) = probe("cargo", &["fuzz", "--version"]) {
+        step(format_args!("{}: present", v.trim()));
+        return Ok(());
+    }
+    step("cargo-fuzz: installing…");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 /// Step (d): bpffs at /sys/fs/bpf.

@@ -52,6 +52,9 @@ pub fn run_all(filter: Option<&str>, kernels: &[String]) -> Result<()> {
         cmd.env("REDIRECTOR_IMAGE_TEST", "1");
     }
     run(&mut cmd).context("step `test` failed")?;
+    if filter.is_none() {
+        fuzz(FUZZ_SECS).context("step `fuzz` failed")?;
+    }
     // The same suites on the kernels users run, each in a VM (see `cargo xtask kernels`).
     let kernels: Vec<String> = if kernels.is_empty() {
         crate::kernels::DEFAULT
@@ -73,6 +76,32 @@ pub fn run_all(filter: Option<&str>, kernels: &[String]) -> Result<()> {
     }
     println!("[test] all steps passed");
     Ok(())
+}
+
+/// How long the fuzz step runs.
+pub const FUZZ_SECS: u32 = 60;
+
+/// The fast path's parser against hyper under libFuzzer (fuzz/, nightly) for `secs`,
+/// starting from the corpus kept in fuzz/corpus/wire; new inputs go to
+/// fuzz/target/corpus-new (merge them into the kept corpus with `cargo fuzz cmin`).
+fn fuzz(secs: u32) -> Result<()> {
+    println!("[test] fuzz ({secs} s)");
+    let dir = crate::util::workspace_root().join("fuzz");
+    let new = dir.join("target/corpus-new");
+    std::fs::create_dir_all(&new).with_context(|| format!("creating {}", new.display()))?;
+    let time = format!("-max_total_time={secs}");
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(&dir).args([
+        &format!("+{}", bootstrap::NIGHTLY),
+        "fuzz",
+        "run",
+        "wire",
+        new.to_str().context("non-UTF-8 path")?,
+        "corpus/wire",
+        "--",
+        time.as_str(),
+    ]);
+    run(&mut cmd)
 }
 
 fn step(name: &str, args: &[&str]) -> Result<()> {

@@ -16,13 +16,10 @@ use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc, time::Duration};
 
 use bytes::{Buf, BytesMut};
 use hyper_util::server::graceful::Watcher;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    sync::watch,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 
 use super::{
+    fast_io::{by, fill, read_exact_size, write_client, ConnTask, Phase},
     http,
     queue::Slot,
     upstream::{connect_raw, idle_ok, put_raw, take_raw},
@@ -33,8 +30,6 @@ use crate::config::Protocol;
 
 /// An instance connection idle longer than this is checked before it is written to.
 const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
-/// Read size for both sides (buffers stay around this size).
-const READ: usize = 16 * 1024;
 
 /// Serves `stream` (accepted from `peer`) on its own task: the fast path, then hyper if a
 /// request needs it. `tracker` and `watcher` keep a drain waiting for it.
@@ -50,10 +45,16 @@ pub fn spawn(
     stream: TcpStream,
     peer: SocketAddr,
     watcher: Watcher,
-    tracker: Arc<()>,
+    tracker: impl Send + 'static,
 ) {
     let stop = act.shutdown.subscribe();
+    let limits = act.limits();
     let mut conn = Fast {
+        limits: Limits {
+            header: limits.header_read_timeout,
+            idle: limits.idle_timeout,
+            write: limits.write_timeout,
+        },
         act,
         svc,
         peer,
@@ -83,68 +84,8 @@ pub fn spawn(
             Next::Hyper => Some(conn.into_hyper(watcher)),
         }
     };
-    let task = ConnTask {
-        phase: Phase::Fast { fut: fast },
-        _tracker: tracker,
-    };
+    let task = ConnTask::new(Phase::Fast { fut: fast }, tracker);
     tokio::spawn(task);
-}
-
-pin_project_lite::pin_project! {
-    /// A connection's task: the fast path's future, then (in its place, not beside it: an
-    /// `async` block awaiting one after the other would keep room for both) hyper's.
-    struct ConnTask<F, H> {
-        #[pin]
-        phase: Phase<F, H>,
-        _tracker: Arc<()>,
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = PhaseProj]
-    #[project_replace = PhaseReplace]
-    enum Phase<F, H> {
-        Fast { #[pin] fut: F },
-        Hyper { #[pin] fut: H },
-        Done,
-    }
-}
-
-impl<F, H> std::future::Future for ConnTask<F, H>
-where
-    F: std::future::Future<Output = Option<H>>,
-    H: std::future::Future<Output = ()>,
-{
-    type Output = ();
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        use std::task::Poll;
-        let mut phase = self.project().phase;
-        loop {
-            match phase.as_mut().project() {
-                PhaseProj::Fast { fut } => match fut.poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(h)) => {
-                        phase.as_mut().project_replace(Phase::Hyper { fut: h });
-                    }
-                    Poll::Ready(None) => {
-                        phase.as_mut().project_replace(Phase::Done);
-                        return Poll::Ready(());
-                    }
-                },
-                PhaseProj::Hyper { fut } => {
-                    if fut.poll(cx).is_ready() {
-                        phase.as_mut().project_replace(Phase::Done);
-                        return Poll::Ready(());
-                    }
-                    return Poll::Pending;
-                }
-                PhaseProj::Done => return Poll::Ready(()),
-            }
-        }
-    }
 }
 
 /// A request the fast path takes: its service, the instance slot and the parsed head (the
@@ -169,37 +110,25 @@ enum Next {
     Hyper,
 }
 
-thread_local! {
-    /// Where first requests are read (copied out at their exact size): a connection that
-    /// is handed to hyper never has a read buffer of its own.
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; READ].into_boxed_slice());
-}
-
-/// Reads what `io` has into `buf`, growing it by exactly the bytes read; 0 at end of stream.
-async fn read_exact_size(io: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    loop {
-        io.readable().await?;
-        let r: std::io::Result<usize> = SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let n = io.try_read(&mut s)?;
-            buf.extend_from_slice(&s[..n]);
-            Ok(n)
-        });
-        match r {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            r => return r,
-        }
-    }
-}
-
 struct Upstream {
     io: TcpStream,
     id: u64,
     last: std::time::Instant,
 }
 
+/// The client-side timeouts of `ActivatorConfig` the fast path applies.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// From a connection's accept (or a request's first byte) to its whole request.
+    header: Duration,
+    /// Between two requests of a connection.
+    idle: Duration,
+    /// For each write to the client.
+    write: Duration,
+}
+
 struct Fast {
+    limits: Limits,
     act: Arc<Activator>,
     svc: Option<Arc<ServiceState>>,
     peer: SocketAddr,
@@ -228,14 +157,6 @@ enum UpError {
     Wire(#[from] wire::Error),
 }
 
-/// Reads into `buf` (at least `READ` bytes of room); 0 at end of stream.
-async fn fill(io: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < READ / 2 {
-        buf.reserve(READ);
-    }
-    io.read_buf(buf).await
-}
-
 /// One of the activator's own short responses.
 fn text(out: &mut Vec<u8>, status: &str, msg: &str, head: bool, close: bool) {
     use std::io::Write as _;
@@ -256,17 +177,18 @@ impl Fast {
     /// Reads and parses the connection's first request (at its exact size, see `spawn`)
     /// and decides who serves it.
     async fn first(&mut self) -> First {
+        let deadline = tokio::time::Instant::now() + self.limits.header;
         let req = loop {
             let r = if self.buf.is_empty() {
                 if *self.stop.borrow() {
                     return First::Done;
                 }
                 tokio::select! {
-                    r = read_exact_size(&self.client, &mut self.buf) => r,
+                    r = by(deadline, read_exact_size(&self.client, &mut self.buf)) => r,
                     _ = self.stop.changed() => return First::Done,
                 }
             } else {
-                read_exact_size(&self.client, &mut self.buf).await
+                by(deadline, read_exact_size(&self.client, &mut self.buf)).await
             };
             if !matches!(r, Ok(n) if n > 0) {
                 return First::Done;
@@ -281,7 +203,8 @@ impl Fast {
             return First::Hyper;
         };
         while self.buf.len() < req.head_len + req.body_len {
-            if !matches!(read_exact_size(&self.client, &mut self.buf).await, Ok(n) if n > 0) {
+            let r = by(deadline, read_exact_size(&self.client, &mut self.buf)).await;
+            if !matches!(r, Ok(n) if n > 0) {
                 return First::Done;
             }
         }
@@ -306,7 +229,7 @@ impl Fast {
                     Err(next) => return next,
                 },
             };
-            match self.forward(&svc, &slot.instance, &req).await {
+            match self.forward(&svc, slot, &req).await {
                 Ok(true) => {}
                 Ok(false) => return Next::Done,
                 Err(e) => {
@@ -319,6 +242,14 @@ impl Fast {
 
     /// The next request of a connection the fast path serves, read into its full buffer.
     async fn next(&mut self) -> Result<Take, Next> {
+        let now = tokio::time::Instant::now();
+        let mut started = !self.buf.is_empty();
+        let mut deadline = now
+            + if started {
+                self.limits.header
+            } else {
+                self.limits.idle
+            };
         let parsed = loop {
             if !self.buf.is_empty() {
                 match wire::request(&self.buf, &mut self.out) {
@@ -331,14 +262,19 @@ impl Fast {
                     return Err(Next::Done);
                 }
                 tokio::select! {
-                    r = fill(&mut self.client, &mut self.buf) => r,
+                    r = by(deadline, fill(&mut self.client, &mut self.buf)) => r,
                     _ = self.stop.changed() => return Err(Next::Done),
                 }
             } else {
-                fill(&mut self.client, &mut self.buf).await
+                by(deadline, fill(&mut self.client, &mut self.buf)).await
             };
             if !matches!(r, Ok(n) if n > 0) {
                 return Err(Next::Done);
+            }
+            if !started {
+                // The request's first byte: from here its head has the header timeout.
+                started = true;
+                deadline = tokio::time::Instant::now() + self.limits.header;
             }
         };
         let Parsed::Take(req) = parsed else {
@@ -348,7 +284,8 @@ impl Fast {
             return Err(Next::Hyper);
         };
         while self.buf.len() < req.head_len + req.body_len {
-            if !matches!(fill(&mut self.client, &mut self.buf).await, Ok(n) if n > 0) {
+            let r = by(deadline, fill(&mut self.client, &mut self.buf)).await;
+            if !matches!(r, Ok(n) if n > 0) {
                 return Err(Next::Done);
             }
         }
@@ -371,9 +308,11 @@ impl Fast {
     async fn forward(
         &mut self,
         svc: &ServiceState,
-        inst: &Instance,
+        slot: Slot,
         req: &Req,
     ) -> std::io::Result<bool> {
+        let inst = slot.instance.clone();
+        let inst = &*inst;
         let deadline = tokio::time::Instant::now() + svc.timeout;
         let host = if req.has_host {
             String::new()
@@ -408,14 +347,15 @@ impl Fast {
             Err((status, msg)) => {
                 self.up = None; // mid-message: never reused
                 self.rbuf.clear();
+                drop(slot);
                 text(&mut self.hout, status, msg, req.head_method, close);
-                self.client.write_all(&self.hout).await?;
+                write_client(&mut self.client, &self.hout, self.limits.write).await?;
                 self.hout.clear();
                 return Ok(!close);
             }
         };
         svc.forwarded.fetch_add(1, Ordering::Relaxed);
-        let done = self.relay(&resp, close).await?;
+        let done = self.relay(&resp, close, slot).await?;
         match self.up.as_mut() {
             Some(u) if resp.reusable && done && self.rbuf.is_empty() => {
                 u.last = std::time::Instant::now();
@@ -493,8 +433,10 @@ impl Fast {
     }
 
     /// Sends the response head in `hout` and its body to the client; whether the body
-    /// ended where its framing says (false: the instance closed early).
-    async fn relay(&mut self, resp: &Resp, close: bool) -> std::io::Result<bool> {
+    /// ended where its framing says (false: the instance closed early). The instance slot
+    /// is given back as soon as the instance has sent the whole response.
+    async fn relay(&mut self, resp: &Resp, close: bool, slot: Slot) -> std::io::Result<bool> {
+        let mut slot = Some(slot);
         if close {
             self.hout.extend_from_slice(b"connection: close\r\n");
         }
@@ -504,7 +446,7 @@ impl Fast {
             Framing::Length(n) => n,
             _ => 0,
         };
-        let mut chunks = Chunks::Size;
+        let mut chunks = Chunks::default();
         let mut done = false;
         loop {
             // Forward what the buffer holds of the body.
@@ -521,7 +463,7 @@ impl Fast {
                     let n = chunks.scan(&self.rbuf).map_err(std::io::Error::other)?;
                     self.hout.extend_from_slice(&self.rbuf[..n]);
                     self.rbuf.advance(n);
-                    done = chunks == Chunks::Done;
+                    done = chunks.done();
                 }
                 Framing::Close => {
                     if !self.rbuf.is_empty() {
@@ -533,8 +475,11 @@ impl Fast {
                     }
                 }
             }
+            if done {
+                slot = None;
+            }
             if !self.hout.is_empty() {
-                self.client.write_all(&self.hout).await?;
+                write_client(&mut self.client, &self.hout, self.limits.write).await?;
                 self.hout.clear();
             }
             if done {
@@ -545,7 +490,8 @@ impl Fast {
             };
             if fill(&mut up.io, &mut self.rbuf).await? == 0 {
                 if resp.framing == Framing::Close {
-                    self.client.write_all(b"0\r\n\r\n").await?;
+                    drop(slot.take());
+                    write_client(&mut self.client, b"0\r\n\r\n", self.limits.write).await?;
                     return Ok(false);
                 }
                 return Err(std::io::ErrorKind::UnexpectedEof.into());

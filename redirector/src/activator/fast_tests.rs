@@ -278,13 +278,13 @@ async fn unknown_service_goes_to_hyper() {
 fn chunk_scanner_finds_the_end_across_reads() {
     let body = b"5;x=y\r\nhello\r\n0\r\nT: v\r\n\r\nNEXT";
     for split in 1..body.len() {
-        let mut c = wire::Chunks::Size;
+        let mut c = wire::Chunks::default();
         let n1 = c.scan(&body[..split]).unwrap();
         let n2 = c.scan(&body[n1..]).unwrap();
-        assert_eq!(c, wire::Chunks::Done, "split {split}");
+        assert!(c.done(), "split {split}");
         assert_eq!(n1 + n2, body.len() - 4, "split {split}");
     }
-    assert!(wire::Chunks::Size.scan(b"zz\r\n").is_err());
+    assert!(wire::Chunks::default().scan(b"zz\r\n").is_err());
 }
 
 #[test]

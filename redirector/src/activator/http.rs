@@ -19,12 +19,21 @@ use hyper::{
     Method, Request, Response, StatusCode, Uri, Version,
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::Watcher},
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{queue::Slot, upstream, Activator, ServiceState};
+use super::{
+    deadline::{BodyFault, ClientBody, WriteTimeout},
+    queue::Slot,
+    upstream, wire, Activator, ServiceState,
+};
+use crate::config::ActivatorConfig;
+
+/// Largest request head (and hyper's read buffer) per connection: the fast path's limit,
+/// about Envoy's 60 KiB default (nginx: 4 × 8 KiB). Larger heads get 431.
+pub const MAX_HEAD: usize = 64 * 1024;
 
 const K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
 const K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
@@ -71,12 +80,13 @@ where
         svc: conn_svc,
         xff: HeaderValue::from_str(&peer.ip().to_string()).ok(),
     });
+    let limits = conn.act.limits();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder
+    let stream = WriteTimeout::new(stream, limits.write_timeout);
+    let conn = builder(&limits)
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     let conn = watcher.watch(conn);
@@ -85,6 +95,22 @@ where
             tracing::debug!(error = %e, "activator connection ended");
         }
     }
+}
+
+/// hyper's server settings: the header read timeout (which also bounds a keep-alive
+/// connection's idle time on this path), the head size limit, h2 keep-alive pings.
+fn builder(limits: &ActivatorConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32)
+        .keep_alive_interval(limits.idle_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
+    b
 }
 
 /// The body of every response the activator sends: its own short text, an instance's
@@ -107,8 +133,8 @@ impl Body for RespBody {
             RespBody::Text(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Proxied(g) => {
                 let r = Pin::new(&mut g.inner).poll_frame(cx);
-                if matches!(r, Poll::Ready(None)) {
-                    g.done = true;
+                if matches!(r, Poll::Ready(None)) || g.inner.is_end_stream() {
+                    g.finish();
                 }
                 r
             }
@@ -131,22 +157,29 @@ impl Body for RespBody {
     }
 }
 
-/// An instance's response body: keeps the instance slot until the body is done, then
-/// gives the upstream connection back for the next request.
+/// An instance's response body: keeps the instance slot until the instance has sent the
+/// whole body (not until the client has read it: the rest waits in buffers, bounded by the
+/// write timeout), then gives the upstream connection back for the next request.
 pub struct Guarded {
     inner: Incoming,
-    done: bool,
     conn: Option<upstream::H1>,
-    _slot: Slot,
+    slot: Option<Slot>,
+}
+
+impl Guarded {
+    fn finish(&mut self) {
+        self.slot = None;
+        if let Some(c) = self.conn.take() {
+            c.release();
+        }
+    }
 }
 
 impl Drop for Guarded {
     fn drop(&mut self) {
         // A response not read to the end leaves the connection mid-message: not reusable.
-        if self.done || self.inner.is_end_stream() {
-            if let Some(c) = self.conn.take() {
-                c.release();
-            }
+        if self.inner.is_end_stream() {
+            self.finish();
         }
     }
 }
@@ -222,6 +255,12 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let h2 = req.version() == Version::HTTP_2 || svc.protocol == crate::config::Protocol::H2c;
     let addr = slot.instance.addr;
+    let limits = conn.act.limits();
+    let (req, fault) = {
+        let (parts, body) = req.into_parts();
+        let (body, fault) = ClientBody::new(body, limits.body_timeout);
+        (Request::from_parts(parts, body), fault)
+    };
     let out = match outgoing(req, addr, conn.xff.as_ref(), upgrade, h2) {
         Ok(r) => r,
         Err(e) => {
@@ -249,16 +288,25 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                 "redirector activator: instance did not answer in time",
             );
         }
-        Ok(Err(e)) => {
-            slot.instance.mark_failed();
-            tracing::debug!(service = %svc.name, instance = %addr, error = %e, "forwarding failed");
-            return text(
-                StatusCode::BAD_GATEWAY,
-                "redirector activator: the instance failed",
-            );
-        }
+        Ok(Err(e)) => return failed(&svc, &slot, &fault, h2, &e),
         Ok(Ok(r)) => r,
     };
+    if !h2 {
+        let check = wire::check_response(
+            resp.version(),
+            resp.status().as_u16(),
+            client_upgrade.is_some(),
+            resp.headers(),
+        );
+        if let Err(e) = check {
+            slot.instance.mark_failed();
+            tracing::debug!(service = %svc.name, instance = %addr, error = %e, "refused response");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "redirector activator: the instance sent a malformed response",
+            );
+        }
+    }
     svc.forwarded.fetch_add(1, Ordering::Relaxed);
     if cold {
         svc.cold_ttfb.observe(arrived.elapsed());
@@ -283,11 +331,50 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     resp.map(|inner| {
         RespBody::Proxied(Guarded {
             inner,
-            done: false,
             conn: upstream_conn,
-            _slot: slot,
+            slot: Some(slot),
         })
     })
+}
+
+/// The answer to a request that could not be forwarded. Only the instance's own failure
+/// marks it (skipped for a while by everyone): not a client's broken, aborted or stalled
+/// upload, nor h2c sent to a service whose instance speaks HTTP/1.1 only.
+fn failed(
+    svc: &ServiceState,
+    slot: &Slot,
+    fault: &super::deadline::Fault,
+    h2: bool,
+    e: &upstream::Error,
+) -> Response<RespBody> {
+    let addr = slot.instance.addr;
+    tracing::debug!(service = %svc.name, instance = %addr, error = %e, "forwarding failed");
+    match fault.get() {
+        BodyFault::Broken => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "redirector activator: the request body was malformed or cut off",
+            )
+        }
+        BodyFault::Stalled => {
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                "redirector activator: the request body stalled",
+            )
+        }
+        BodyFault::None => {}
+    }
+    if h2 && svc.protocol != crate::config::Protocol::H2c && !e.is_connect() {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "redirector activator: the instance does not speak h2c",
+        );
+    }
+    slot.instance.mark_failed();
+    text(
+        StatusCode::BAD_GATEWAY,
+        "redirector activator: the instance failed",
+    )
 }
 
 /// Holds a request (bounded) until an instance has a slot for it or its deadline passes;
@@ -336,12 +423,12 @@ async fn hold(
 /// client's Host (or h2 with an absolute URI), hop-by-hop headers removed (unless it is an
 /// upgrade), `K-Proxy-Request: activator` and the client in `X-Forwarded-For`.
 fn outgoing(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     addr: SocketAddr,
     xff: Option<&HeaderValue>,
     upgrade: bool,
     h2: bool,
-) -> Result<Request<Incoming>, String> {
+) -> Result<Request<ClientBody>, String> {
     let (mut parts, body) = req.into_parts();
     if !upgrade {
         strip_hop_by_hop(&mut parts.headers, h2);

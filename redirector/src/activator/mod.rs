@@ -4,9 +4,17 @@
 //! upgrades, or raw TCP for L4 services). Drains on shutdown.
 #[cfg(test)]
 mod bench;
+mod chunks;
+pub mod conns;
+pub(crate) mod deadline;
+#[doc(hidden)]
+pub mod differential;
 mod fast;
+mod fast_io;
 #[cfg(test)]
 mod fast_tests;
+#[cfg(test)]
+mod hardening_tests;
 mod http;
 mod l4;
 pub mod origdst;
@@ -56,6 +64,8 @@ pub struct Activator {
     pub registry: RwLock<Arc<Registry>>,
     pub global: Arc<Global>,
     pub limits: RwLock<ActivatorConfig>,
+    /// Client connections open now (all threads), against `max_connections`.
+    pub connections: Arc<conns::Count>,
     origdst: Option<origdst::OrigDst>,
     shutdown: watch::Sender<bool>,
 }
@@ -66,6 +76,7 @@ impl Activator {
             registry: RwLock::new(Arc::new(Registry::default())),
             global: Arc::new(Global::default()),
             limits: RwLock::new(limits),
+            connections: Arc::default(),
             origdst,
             shutdown: watch::channel(false).0,
         })
@@ -122,16 +133,20 @@ impl Activator {
                             continue;
                         }
                     };
+                    let Some(open) = self.connections.open(self.limits().max_connections) else {
+                        drop(stream); // over the cap: closed at once (Envoy's overflow)
+                        continue;
+                    };
+                    let guard = (conns.clone(), open);
                     let _ = stream.set_nodelay(true);
                     let local = match stream.local_addr() { Ok(a) => a, Err(_) => continue };
                     let svc = self.service_of_conn(local, peer);
                     match svc {
                         Some(svc) if svc.protocol == Protocol::Tcp => {
                             let me = self.clone();
-                            let guard = conns.clone();
                             tokio::spawn(async move { let _g = guard; l4::handle(me, svc, stream).await });
                         }
-                        svc => fast::spawn(self.clone(), svc, stream, peer, graceful.watcher(), conns.clone()),
+                        svc => fast::spawn(self.clone(), svc, stream, peer, graceful.watcher(), guard),
                     }
                 }
                 _ = stop.changed() => break,

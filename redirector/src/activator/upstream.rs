@@ -21,7 +21,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::Instance;
+use super::{deadline::ClientBody, Instance};
 
 /// Idle HTTP/1.1 connections older than this are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -64,14 +64,14 @@ impl Hasher for IdHasher {
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 struct Idle {
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<ClientBody>,
     since: Instant,
 }
 
 #[derive(Default)]
 struct Pool {
     h1: IdMap<Vec<Idle>>,
-    h2: IdMap<http2::SendRequest<Incoming>>,
+    h2: IdMap<http2::SendRequest<ClientBody>>,
     swept: Option<Instant>,
 }
 
@@ -92,7 +92,7 @@ thread_local! {
 
 /// An HTTP/1.1 connection in use; `release` it once its response is read to the end.
 pub struct H1 {
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<ClientBody>,
     id: u64,
 }
 
@@ -121,7 +121,7 @@ impl H1 {
     }
 }
 
-fn take_h1(id: u64) -> Option<http1::SendRequest<Incoming>> {
+fn take_h1(id: u64) -> Option<http1::SendRequest<ClientBody>> {
     POOL.try_with(|p| {
         let mut p = p.try_borrow_mut().ok()?;
         let idle = p.h1.get_mut(&id)?;
@@ -144,6 +144,13 @@ pub enum Error {
     Http(hyper::Error),
 }
 
+impl Error {
+    /// No connection to the instance could be made (it is gone, or not listening).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect(_))
+    }
+}
+
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -159,10 +166,14 @@ impl From<hyper::Error> for Error {
     }
 }
 
-async fn connect_h1(addr: SocketAddr) -> Result<http1::SendRequest<Incoming>, Error> {
+async fn connect_h1(addr: SocketAddr) -> Result<http1::SendRequest<ClientBody>, Error> {
     let io = TcpStream::connect(addr).await.map_err(Error::Connect)?;
     let _ = io.set_nodelay(true);
-    let (tx, conn) = http1::handshake(TokioIo::new(io)).await?;
+    // Response heads up to the fast path's limit (hyper's default is 400 KiB).
+    let (tx, conn) = http1::Builder::new()
+        .max_buf_size(super::http::MAX_HEAD)
+        .handshake(TokioIo::new(io))
+        .await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended");
@@ -171,7 +182,7 @@ async fn connect_h1(addr: SocketAddr) -> Result<http1::SendRequest<Incoming>, Er
     Ok(tx)
 }
 
-async fn connect_h2(addr: SocketAddr) -> Result<http2::SendRequest<Incoming>, Error> {
+async fn connect_h2(addr: SocketAddr) -> Result<http2::SendRequest<ClientBody>, Error> {
     let io = TcpStream::connect(addr).await.map_err(Error::Connect)?;
     let _ = io.set_nodelay(true);
     let (mut tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
@@ -188,7 +199,7 @@ async fn connect_h2(addr: SocketAddr) -> Result<http2::SendRequest<Incoming>, Er
 /// back with the response, to be released when the body is done.
 pub async fn send_h1(
     inst: &Instance,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<(Response<Incoming>, H1), Error> {
     loop {
         let (mut tx, reused) = match take_h1(inst.id) {
@@ -213,7 +224,7 @@ pub async fn send_h1(
 /// Sends an HTTP/2 request (absolute URI) to `inst` on its shared connection.
 pub async fn send_h2(
     inst: &Instance,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<Response<Incoming>, Error> {
     // A request that never started on a shared connection (it was going away) is retried
     // on a new one; the cap only guards against a connection that keeps refusing.

@@ -1,9 +1,9 @@
 //! HTTP/1.1 message heads for the fast path (`fast.rs`): which requests it may take (plain
 //! HTTP/1.1, origin form, no body or a small Content-Length one, no upgrade, expectation or
 //! probe) and their rewritten head for the instance; the instance's response head rewritten
-//! for the client and its body framing; a chunked-body scanner that finds where a message
-//! ends without changing its bytes; and `Rewind`, a connection with bytes already read put
-//! back in front, for handing a connection to hyper.
+//! for the client and its body framing (`chunks.rs` finds where a chunked body ends); and
+//! `Rewind`, a connection with bytes already read put back in front, for handing a
+//! connection to hyper.
 use std::{
     io::{self, Write as _},
     pin::Pin,
@@ -13,13 +13,15 @@ use std::{
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::http::MAX_HEAD;
+
 /// Most headers a message may have here (hyper's own limit is 100).
 const MAX_HEADERS: usize = 100;
 /// Request bodies up to this size are read whole and sent with the head; larger ones go
 /// through hyper (streamed).
 pub const MAX_BODY: u64 = 64 * 1024;
-/// Longest chunk-size or trailer line accepted.
-const MAX_LINE: usize = 8 * 1024;
+
+pub use super::chunks::Chunks;
 
 /// Why a message could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +43,17 @@ fn is(name: &str, want: &str) -> bool {
     name.eq_ignore_ascii_case(want)
 }
 
+/// True when a value is text as hyper reads it (`HeaderValue::to_str`: visible ASCII, space,
+/// tab); hyper ignores the tokens of any other.
+fn is_text(v: &[u8]) -> bool {
+    v.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
+}
+
 /// True when a comma-separated header value lists `token`.
 fn has_token(v: &[u8], token: &str) -> bool {
-    v.split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    is_text(v)
+        && v.split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -90,8 +99,9 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut headers);
     let head_len = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => return Parsed::Partial,
+        // A head near hyper's buffer limit is hyper's to judge (431 past it).
+        Ok(httparse::Status::Complete(n)) if n < MAX_HEAD / 2 => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD / 2 => return Parsed::Partial,
         _ => return Parsed::Hyper, // hyper answers the error
     };
     let (Some(method), Some(path), Some(1)) = (r.method, r.path, r.version) else {
@@ -100,6 +110,11 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     if method == "CONNECT" || !(path.starts_with('/') || path == "*") {
         return Parsed::Hyper;
     }
+    // The URI as hyper reads it (`http::Uri`): one grammar for both paths (a character it
+    // refuses gets hyper's 400, a fragment is dropped).
+    let Some(path) = origin_form(path) else {
+        return Parsed::Hyper;
+    };
     let mut req = Req {
         head_len,
         body_len: 0,
@@ -117,15 +132,13 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(path.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in r.headers.iter() {
         let (n, v) = (h.name, h.value);
         if is(n, "content-length") {
-            let Some(len) = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
+            // hyper's server grammar: 1*DIGIT per field line (no sign, list or space).
+            let Some(len) = digits(v) else {
                 return Parsed::Hyper;
             };
             if content_length.is_some_and(|l| l != len) {
@@ -165,6 +178,100 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
         None => {}
     }
     Parsed::Take(req)
+}
+
+/// A request target in origin form (or `*`) as hyper parses it, or None.
+fn origin_form(path: &str) -> Option<hyper::http::uri::PathAndQuery> {
+    let uri = hyper::http::Uri::try_from(path).ok()?;
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return None;
+    }
+    uri.into_parts().path_and_query
+}
+
+/// A field value of ASCII digits only (hyper's `from_digits`), or None.
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut n = 0u64;
+    for b in v {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(n)
+}
+
+/// Longest body length hyper's decoder accepts.
+const MAX_LENGTH: u64 = u64::MAX - 2;
+
+/// A response's Content-Length line as hyper's client reads it: a comma-separated list of
+/// digit runs (spaces around them allowed), all equal to each other and to `prev`.
+fn response_length(v: &[u8], mut prev: Option<u64>) -> Result<u64, Error> {
+    if !is_text(v) {
+        return Err(Error::Unsupported("bad content-length"));
+    }
+    for part in v.split(|b| *b == b',') {
+        let n = digits(part.trim_ascii())
+            .filter(|n| *n <= MAX_LENGTH)
+            .ok_or(Error::Unsupported("bad content-length"))?;
+        if prev.is_some_and(|p| p != n) {
+            return Err(Error::Unsupported("conflicting content-length"));
+        }
+        prev = Some(n);
+    }
+    prev.ok_or(Error::Unsupported("bad content-length"))
+}
+
+/// True when a Transfer-Encoding value's final coding is `chunked`.
+fn final_chunked(v: &[u8]) -> bool {
+    if !is_text(v) {
+        return false;
+    }
+    let last = v.rsplit(|b| *b == b',').next().unwrap_or_default();
+    last.trim_ascii().eq_ignore_ascii_case(b"chunked")
+}
+
+/// The checks `response` makes on framing, for the hyper path to make the same on a
+/// response hyper accepted: no Content-Length beside Transfer-Encoding (RFC 9112 §6.3), a
+/// final coding of `chunked`, no Transfer-Encoding in HTTP/1.0, no 101 unasked, and
+/// Content-Length values as `response` reads them.
+pub fn check_response(
+    version: hyper::Version,
+    status: u16,
+    upgrade: bool,
+    headers: &hyper::HeaderMap,
+) -> Result<(), Error> {
+    if status == 101 && !upgrade {
+        return Err(Error::Unsupported("101 without an upgrade"));
+    }
+    check_response_lengths(headers)?;
+    let te = headers.get_all(hyper::header::TRANSFER_ENCODING);
+    if te.iter().next().is_none() {
+        return Ok(());
+    }
+    if version == hyper::Version::HTTP_10 {
+        return Err(Error::Unsupported("transfer-encoding in HTTP/1.0"));
+    }
+    if !te.iter().all(|v| final_chunked(v.as_bytes())) {
+        return Err(Error::Unsupported("transfer-encoding other than chunked"));
+    }
+    if headers.contains_key(hyper::header::CONTENT_LENGTH) {
+        return Err(Error::Unsupported("content-length with transfer-encoding"));
+    }
+    Ok(())
+}
+
+/// The Content-Length grammar of `response`, which hyper does not check where a response
+/// has no body (HEAD, 204, 304).
+fn check_response_lengths(headers: &hyper::HeaderMap) -> Result<(), Error> {
+    let mut len = None;
+    for v in headers.get_all(hyper::header::CONTENT_LENGTH) {
+        len = Some(response_length(v.as_bytes(), len)?);
+    }
+    Ok(())
 }
 
 /// Finishes a request head in `out`: Host when the client sent none, the activator's
@@ -208,13 +315,26 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut headers);
     let head_len = match r.parse(buf)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() < 64 * 1024 => return Ok(None),
-        httparse::Status::Partial => return Err(Error::Unsupported("head too large")),
+        // The hyper path's limit too (its client's buffer).
+        httparse::Status::Complete(n) if n < MAX_HEAD => n,
+        httparse::Status::Partial if buf.len() < MAX_HEAD => return Ok(None),
+        _ => return Err(Error::Unsupported("head too large")),
     };
     let status = r.code.unwrap_or(0);
     if status == 101 {
         return Err(Error::Unsupported("101 without an upgrade"));
+    }
+    if status < 100 {
+        return Err(Error::Unsupported("status code below 100"));
+    }
+    if status < 200 {
+        // Skipped unread, as hyper does.
+        return Ok(Some(Resp {
+            head_len,
+            status,
+            framing: Framing::None,
+            reusable: true,
+        }));
     }
     let mut reusable = r.version == Some(1);
     let mut length: Option<u64> = None;
@@ -226,19 +346,19 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
     for h in r.headers.iter() {
         let (n, v) = (h.name, h.value);
         if is(n, "content-length") {
-            let len = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or(Error::Unsupported("bad content-length"))?;
-            if length.is_some_and(|l| l != len) {
-                return Err(Error::Unsupported("conflicting content-length"));
+            let first = length.is_none();
+            let len = response_length(v, length)?;
+            length = Some(len);
+            if first {
+                // Once, as digits ("+5" or "5, 5" are not passed on).
+                let _ = write!(out, "{n}: {len}\r\n");
             }
-            if length.replace(len).is_some() {
-                continue;
-            }
+            continue;
         } else if is(n, "transfer-encoding") {
-            let last = v.rsplit(|b| *b == b',').next().unwrap_or_default();
-            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            if r.version == Some(0) {
+                return Err(Error::Unsupported("transfer-encoding in HTTP/1.0"));
+            }
+            if !final_chunked(v) {
                 return Err(Error::Unsupported("transfer-encoding other than chunked"));
             }
             chunked = true;
@@ -249,6 +369,10 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
             continue;
         }
         put_header(out, n, v);
+    }
+    if chunked && length.is_some() {
+        // RFC 9112 §6.3: a smuggling attempt; hyper's path refuses it too.
+        return Err(Error::Unsupported("content-length with transfer-encoding"));
     }
     let framing = if status < 200 || status == 204 || status == 304 || head_req {
         Framing::None
@@ -267,74 +391,6 @@ pub fn response(buf: &[u8], head_req: bool, out: &mut Vec<u8>) -> Result<Option<
         framing,
         reusable,
     }))
-}
-
-/// Where a chunked body is: in a size line, in chunk data (bytes left, then its CRLF), or in
-/// the trailer section; `Done` after the final blank line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Chunks {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailer,
-    Done,
-}
-
-impl Chunks {
-    /// How many bytes at the front of `buf` belong to the body (forward them as they are);
-    /// stops where it needs more bytes, or at the end of the body (`Done`).
-    pub fn scan(&mut self, buf: &[u8]) -> Result<usize, Error> {
-        let mut at = 0;
-        loop {
-            let rest = &buf[at..];
-            match *self {
-                Chunks::Done => return Ok(at),
-                Chunks::Size => match httparse::parse_chunk_size(rest) {
-                    Ok(httparse::Status::Complete((n, size))) => {
-                        at += n;
-                        *self = if size == 0 {
-                            Chunks::Trailer
-                        } else {
-                            Chunks::Data(size)
-                        };
-                    }
-                    Ok(httparse::Status::Partial) if rest.len() < MAX_LINE => return Ok(at),
-                    _ => return Err(Error::Chunk),
-                },
-                Chunks::Data(left) => {
-                    if rest.is_empty() {
-                        return Ok(at);
-                    }
-                    let n = left.min(rest.len() as u64);
-                    at += n as usize;
-                    *self = if n == left {
-                        Chunks::DataEnd
-                    } else {
-                        Chunks::Data(left - n)
-                    };
-                }
-                Chunks::DataEnd => {
-                    if rest.len() < 2 {
-                        return Ok(at);
-                    }
-                    if &rest[..2] != b"\r\n" {
-                        return Err(Error::Chunk);
-                    }
-                    at += 2;
-                    *self = Chunks::Size;
-                }
-                Chunks::Trailer => match rest.windows(2).position(|w| w == b"\r\n") {
-                    Some(0) => {
-                        at += 2;
-                        *self = Chunks::Done;
-                    }
-                    Some(i) => at += i + 2,
-                    None if rest.len() < MAX_LINE => return Ok(at),
-                    None => return Err(Error::Chunk),
-                },
-            }
-        }
-    }
 }
 
 /// A connection with bytes already read from it in front.
