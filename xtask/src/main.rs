@@ -42,7 +42,7 @@ enum Task {
         #[arg(long)]
         filter: Option<String>,
         /// Kernel series to run the VM suites on afterwards (repeatable or comma-separated;
-        /// default: 6.1 and 6.12). `--kernel none` skips the VMs.
+        /// default: 5.10, 6.1 and 6.12). `--kernel none` skips the VMs.
         #[arg(long = "kernel", value_delimiter = ',')]
         kernels: Vec<String>,
     },
