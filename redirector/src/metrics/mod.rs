@@ -128,42 +128,40 @@ impl Source for AgentMetrics {
         let mut gauges: Vec<(&str, &str, String, f64)> = Vec::new();
         for svc in reg.services() {
             let l = format!("service=\"{}\"", esc(&svc.name));
-            gauges.push((
-                "redirector_activator_held_requests",
-                "gauge",
-                l.clone(),
-                svc.held.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_held_bytes",
-                "gauge",
-                l.clone(),
-                svc.held_bytes.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_in_flight",
-                "gauge",
-                l.clone(),
-                svc.in_flight.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_forwarded_total",
-                "counter",
-                l.clone(),
-                svc.forwarded.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_rejected_full_total",
-                "counter",
-                l.clone(),
-                svc.rejected_full.load(Ordering::Relaxed) as f64,
-            ));
-            gauges.push((
-                "redirector_activator_timeouts_total",
-                "counter",
-                l.clone(),
-                svc.timed_out.load(Ordering::Relaxed) as f64,
-            ));
+            for (name, kind, v) in [
+                (
+                    "redirector_activator_held_requests",
+                    "gauge",
+                    svc.held.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "redirector_activator_held_bytes",
+                    "gauge",
+                    svc.held_bytes.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "redirector_activator_in_flight",
+                    "gauge",
+                    svc.in_flight.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "redirector_activator_forwarded_total",
+                    "counter",
+                    svc.forwarded.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "redirector_activator_rejected_full_total",
+                    "counter",
+                    svc.rejected_full.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "redirector_activator_timeouts_total",
+                    "counter",
+                    svc.timed_out.load(Ordering::Relaxed) as f64,
+                ),
+            ] {
+                gauges.push((name, kind, l.clone(), v));
+            }
         }
         gauges.push((
             "redirector_activator_node_held_requests",
@@ -181,36 +179,23 @@ impl Source for AgentMetrics {
             for (name, s) in st.iter() {
                 let Ok(s) = s.lock() else { continue };
                 let l = format!("service=\"{}\"", esc(name));
-                gauges.push((
-                    "redirector_instances",
-                    "gauge",
-                    l.clone(),
-                    s.instances.len() as f64,
-                ));
-                gauges.push((
-                    "redirector_ready_instances",
-                    "gauge",
-                    l.clone(),
-                    s.ready.len() as f64,
-                ));
-                gauges.push((
-                    "redirector_desired_instances",
-                    "gauge",
-                    l.clone(),
-                    s.desired as f64,
-                ));
-                gauges.push((
-                    "redirector_cold_starts_total",
-                    "counter",
-                    l.clone(),
-                    s.cold_starts as f64,
-                ));
-                gauges.push((
-                    "redirector_instance_restarts_total",
-                    "counter",
-                    l,
-                    s.restarts as f64,
-                ));
+                for (name, kind, v) in [
+                    ("redirector_instances", "gauge", s.instances.len() as f64),
+                    ("redirector_ready_instances", "gauge", s.ready.len() as f64),
+                    ("redirector_desired_instances", "gauge", s.desired as f64),
+                    (
+                        "redirector_cold_starts_total",
+                        "counter",
+                        s.cold_starts as f64,
+                    ),
+                    (
+                        "redirector_instance_restarts_total",
+                        "counter",
+                        s.restarts as f64,
+                    ),
+                ] {
+                    gauges.push((name, kind, l.clone(), v));
+                }
             }
         }
         gauges.push((
@@ -227,30 +212,30 @@ impl Source for AgentMetrics {
                     s.vip,
                     s.port
                 );
-                gauges.push((
-                    "redirector_service_packets_total",
-                    "counter",
-                    l.clone(),
-                    (s.packets + s.reply_packets) as f64,
-                ));
-                gauges.push((
-                    "redirector_service_bytes_total",
-                    "counter",
-                    l.clone(),
-                    (s.bytes + s.reply_bytes) as f64,
-                ));
-                gauges.push((
-                    "redirector_service_new_flows_total",
-                    "counter",
-                    l.clone(),
-                    s.new_flows as f64,
-                ));
-                gauges.push((
-                    "redirector_service_proxied_flows_total",
-                    "counter",
-                    l,
-                    s.proxied_flows as f64,
-                ));
+                for (name, kind, v) in [
+                    (
+                        "redirector_service_packets_total",
+                        "counter",
+                        (s.packets + s.reply_packets) as f64,
+                    ),
+                    (
+                        "redirector_service_bytes_total",
+                        "counter",
+                        (s.bytes + s.reply_bytes) as f64,
+                    ),
+                    (
+                        "redirector_service_new_flows_total",
+                        "counter",
+                        s.new_flows as f64,
+                    ),
+                    (
+                        "redirector_service_proxied_flows_total",
+                        "counter",
+                        s.proxied_flows as f64,
+                    ),
+                ] {
+                    gauges.push((name, kind, l.clone(), v));
+                }
             }
             gauges.push((
                 "redirector_conntrack_entries",
