@@ -81,6 +81,10 @@ pub const G_NO_BACKEND: u32 = 6;
 pub const G_CT_FULL: u32 = 7;
 pub const G_HAIRPIN: u32 = 8;
 pub const G_REWRITE_FAILED: u32 = 9;
+/// Socket hooks: a `connect()` or `sendmsg()` to a VIP rewritten to its target.
+pub const G_SOCK_TRANSLATED: u32 = 14;
+/// Socket hooks: a `getpeername()` or `recvmsg()` answered with the VIP instead of the target.
+pub const G_SOCK_REVERSED: u32 = 15;
 pub const G_COUNT: u32 = 16;
 
 /// An L3 address plus L4 port: a backend, the activator, or a NAT rewrite target.
@@ -246,6 +250,8 @@ mod user {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for ServiceMeta {}
+    unsafe impl aya::Pod for SockFlow {}
+    unsafe impl aya::Pod for SockUdpKey {}
 }
 
 // Layouts are part of the pinned-map ABI: a change must be deliberate.
@@ -260,6 +266,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<ServiceStats>() == 48);
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
+    assert!(core::mem::size_of::<SockFlow>() == 48);
+    assert!(core::mem::size_of::<SockUdpKey>() == 32);
 };
 
 /// The datapath clock is CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`; on kernels
@@ -280,4 +288,44 @@ pub fn ct_time(last_seen: u64) -> u64 {
     } else {
         last_seen
     }
+}
+
+/// Default capacity of `SOCK_FLOWS` (sockets whose `connect()` was translated).
+pub const MAX_SOCK_FLOWS: u32 = 262_144;
+/// Default capacity of `SOCK_UDP` (unconnected UDP sockets' translated destinations).
+pub const MAX_SOCK_UDP: u32 = 65_536;
+
+/// `SockFlow::flags`: the socket was sent to an activator (Proxy).
+pub const SOCK_PROXIED: u8 = 1 << 0;
+
+/// What the socket hooks translated: the VIP:port the application named and the target it
+/// was given instead. Value of `SOCK_FLOWS` (key: the socket's cookie, for a `connect()`)
+/// and of `SOCK_UDP` (an unconnected UDP socket's `sendmsg()`). `getpeername()` and
+/// `recvmsg()` turn `target` back into `vip`, so the application only ever sees the VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockFlow {
+    pub vip: [u32; 4],
+    pub target: [u32; 4],
+    pub vip_port: u16,
+    pub target_port: u16,
+    pub svc_id: u32,
+    /// `FAMILY_V4` / `FAMILY_V6` of the VIP and the target (an IPv4 service named through
+    /// an IPv4-mapped IPv6 address is `FAMILY_V4`).
+    pub family: u8,
+    pub proto: u8,
+    /// `SOCK_PROXIED`.
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Key of `SOCK_UDP`: a socket (cookie) and one target it sent datagrams to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockUdpKey {
+    pub cookie: u64,
+    pub target: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
 }

@@ -1,5 +1,5 @@
 //! redirector's eBPF programs: XDP on uplinks, tc ingress/egress on pod-facing interfaces
-//! and egress on uplinks. All of them run the same NAT core (`nat`) over the same maps.
+//! and egress on uplinks, and socket hooks on a cgroup. All of them run the same NAT core (`nat`) over the same maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -13,6 +13,8 @@ mod nat;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod sock;
 #[cfg(target_arch = "bpf")]
 mod tc;
 #[cfg(target_arch = "bpf")]

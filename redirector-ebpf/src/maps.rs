@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
-    ServiceMeta, ServiceStats, ServiceValue, G_COUNT, HOOKED_SLOTS, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_SERVICES,
+    ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey, G_COUNT, HOOKED_SLOTS,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_FLOWS, MAX_SOCK_UDP,
 };
 
 /// VIP:port:proto → service (mode, backend count, activator).
@@ -89,6 +89,18 @@ pub static HOOKED: Array<u32, { HOOKED_SLOTS as usize }> = Array::new();
 /// own.
 #[btf_map]
 pub static PEERS: Array<u32, { HOOKED_SLOTS as usize }> = Array::new();
+
+/// Socket cookie → what `connect()` translated (socket hooks): read back by `getpeername()`
+/// and `recvmsg()`, counted by the agent as the service's live socket flows, removed when
+/// the socket is released.
+#[btf_map]
+pub static SOCK_FLOWS: LruHashMap<u64, SockFlow, { MAX_SOCK_FLOWS as usize }> = LruHashMap::new();
+
+/// (socket cookie, target) → what an unconnected UDP socket's `sendmsg()` translated, for
+/// `recvmsg()` to show the VIP as the datagrams' source. Entries age out by LRU.
+#[btf_map]
+pub static SOCK_UDP: LruHashMap<SockUdpKey, SockFlow, { MAX_SOCK_UDP as usize }> =
+    LruHashMap::new();
 
 #[inline(always)]
 pub fn count(idx: u32) {

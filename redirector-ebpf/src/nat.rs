@@ -216,25 +216,7 @@ fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64, jiffies: u32) {
 #[inline(always)]
 fn new_flow(p: &Parsed, svc: &ServiceValue, jiffies: u32) -> Option<CtValue> {
     let now = clock();
-    let proxied;
-    let target = if svc.mode == MODE_PROXY || svc.backend_count == 0 {
-        proxied = true;
-        if svc.proxy_count > 0 {
-            maglev_pick(svc.id, SET_PROXY, svc.flags & SVC_PROXY_SMALL != 0, &p.key)
-        } else {
-            Some(svc.activator)
-        }
-    } else {
-        proxied = false;
-        maglev_pick(svc.id, SET_SERVE, svc.flags & SVC_SERVE_SMALL != 0, &p.key)
-    };
-    let target = match target {
-        Some(t) if t.family == p.key.family && t.port != 0 => t,
-        _ => {
-            count(G_NO_BACKEND);
-            return None;
-        }
-    };
+    let (target, proxied) = pick_target(svc, &p.key)?;
     let hairpin = target.addr == p.key.saddr;
     let mut flags = 0;
     if proxied {
@@ -292,6 +274,38 @@ fn new_flow(p: &Parsed, svc: &ServiceValue, jiffies: u32) -> Option<CtValue> {
     Some(fwd)
 }
 
+/// The target of a new flow of `svc` and whether it is an activator: the Maglev pick among
+/// the Serve backends, or (Proxy, or Serve without backends) the activator pool's pick or
+/// the node-local activator. `k` is hashed for the pick. `None` (counted): no usable target
+/// of the flow's family. Shared by the packet path and the socket hooks, so both make the
+/// same decision from the same maps.
+#[inline(always)]
+pub fn pick_target(svc: &ServiceValue, k: &CtKey) -> Option<(Endpoint, bool)> {
+    let proxied = is_proxied(svc);
+    let target = if proxied {
+        if svc.proxy_count > 0 {
+            maglev_pick(svc.id, SET_PROXY, svc.flags & SVC_PROXY_SMALL != 0, k)
+        } else {
+            Some(svc.activator)
+        }
+    } else {
+        maglev_pick(svc.id, SET_SERVE, svc.flags & SVC_SERVE_SMALL != 0, k)
+    };
+    match target {
+        Some(t) if t.family == k.family && t.port != 0 => Some((t, proxied)),
+        _ => {
+            count(G_NO_BACKEND);
+            None
+        }
+    }
+}
+
+/// Whether new flows of `svc` go to an activator: Proxy, or Serve without backends.
+#[inline(always)]
+pub fn is_proxied(svc: &ServiceValue) -> bool {
+    svc.mode == MODE_PROXY || svc.backend_count == 0
+}
+
 /// Flow hash: stable for a flow's lifetime so that a packet without conntrack state (e.g.
 /// a lost entry) still maps to the same Maglev slot while the backend set is unchanged.
 #[inline(always)]
@@ -342,7 +356,7 @@ fn bounded(v: u32, m: usize) -> Option<usize> {
 }
 
 #[inline(always)]
-fn account(svc_id: u32, bytes: u32, reply: bool, new: bool, proxied: bool) {
+pub fn account(svc_id: u32, bytes: u32, reply: bool, new: bool, proxied: bool) {
     if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
         // SAFETY: per-CPU slot.
         unsafe {

@@ -1,8 +1,8 @@
 //! Program entry points.
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 
 /// Uplink ingress: DNAT from the network, reverse NAT of replies from remote backends.
@@ -21,6 +21,56 @@ pub fn redirector_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn redirector_tc_egress(ctx: TcContext) -> i32 {
     crate::tc::run(&ctx, false)
+}
+
+/// Socket hooks (attached to the configured cgroup): `connect()` to a VIP goes to its target.
+#[cgroup_sock_addr(connect4)]
+pub fn redirector_connect4(ctx: SockAddrContext) -> i32 {
+    crate::sock::connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirector_connect6(ctx: SockAddrContext) -> i32 {
+    crate::sock::connect(&ctx, true)
+}
+
+/// Unconnected UDP `sendmsg()` to a VIP.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn redirector_sendmsg4(ctx: SockAddrContext) -> i32 {
+    crate::sock::sendmsg(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn redirector_sendmsg6(ctx: SockAddrContext) -> i32 {
+    crate::sock::sendmsg(&ctx, true)
+}
+
+/// UDP `recvmsg()`: datagrams from a translated target come from the VIP.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn redirector_recvmsg4(ctx: SockAddrContext) -> i32 {
+    crate::sock::reverse(&ctx, false, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn redirector_recvmsg6(ctx: SockAddrContext) -> i32 {
+    crate::sock::reverse(&ctx, true, true)
+}
+
+/// `getpeername()` of a translated socket names the VIP.
+#[cgroup_sock_addr(getpeername4)]
+pub fn redirector_getpeername4(ctx: SockAddrContext) -> i32 {
+    crate::sock::reverse(&ctx, false, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirector_getpeername6(ctx: SockAddrContext) -> i32 {
+    crate::sock::reverse(&ctx, true, false)
+}
+
+/// A socket is released: its translated flow ends.
+#[cgroup_sock(sock_release)]
+pub fn redirector_sock_release(ctx: SockContext) -> i32 {
+    crate::sock::release(&ctx)
 }
 
 /// Empty XDP program: the floor for `cargo xtask perf --datapath`.

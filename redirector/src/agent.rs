@@ -319,6 +319,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     att.sync(&mut dp, &cfg.node);
     if !att.held {
         dp.finish_migration();
+        hook_sockets(&mut dp, &cfg.node);
     }
 
     let mut listeners = Vec::new();
@@ -430,6 +431,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                                 att.held = false;
                                 att.sync(&mut dp, &cfg.node);
                                 dp.finish_migration();
+                                hook_sockets(&mut dp, &cfg.node);
                             }
                             write_ready(&mut ready_file)?;
                             tracing::info!(
@@ -561,6 +563,56 @@ pub struct Uninstalled {
     pub maps: usize,
 }
 
+/// Attaches the socket hooks where `[node] cgroup` says, or logs why not: the packet path
+/// then serves every client (it always serves traffic from the network).
+fn hook_sockets(dp: &mut Datapath, node: &NodeConfig) {
+    use crate::{config::SocketCgroup, datapath::sockets};
+    let cgroup = match &node.cgroup {
+        SocketCgroup::Off => {
+            let n = sockets::detach_sockets(dp.pin_path());
+            tracing::info!(
+                detached = n,
+                "socket hooks off (node.cgroup = \"off\"): every client takes the packet path"
+            );
+            return;
+        }
+        SocketCgroup::Path(p) => p.clone(),
+        SocketCgroup::Auto => match sockets::find_cgroup2() {
+            Some(p) => p,
+            None => {
+                tracing::warn!(
+                    "no cgroup v2 mount of the hierarchy's root: socket hooks off, every client \
+                     takes the packet path (mount one, or set node.cgroup)"
+                );
+                return;
+            }
+        },
+    };
+    if !crate::datapath::kernel().sock_addr {
+        tracing::warn!(
+            "the kernel has no cgroup sock_addr hooks: every client takes the packet path"
+        );
+        return;
+    }
+    match dp.attach_sockets(&cgroup) {
+        Ok(r) => {
+            tracing::info!(
+                cgroup = %cgroup.display(),
+                replaced = r.replaced,
+                attached = r.attached,
+                "socket hooks attached: connect() to a VIP goes straight to its target"
+            );
+            for (prog, why) in r.skipped {
+                tracing::warn!(program = prog, reason = %why, "optional socket hook not attached");
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            "socket hooks not attached: every client takes the packet path"
+        ),
+    }
+}
+
 /// Uninstalls: detaches every pinned link and removes the pinned maps. Removes nothing from
 /// a pin path that is not on a bpffs (there, files are ordinary files: not ours).
 pub fn uninstall(pin_path: &Path) -> Result<Uninstalled, AgentError> {
@@ -588,6 +640,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Uninstalled, AgentError> {
             done.links += 1;
         }
     }
+    done.links += crate::datapath::sockets::detach_sockets(pin_path);
     let _ = std::fs::remove_dir(pin_path.join("links"));
     for name in crate::datapath::MAP_NAMES {
         if std::fs::remove_file(pin_path.join(name)).is_ok() {

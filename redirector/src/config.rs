@@ -159,6 +159,20 @@ pub enum HostRouting {
     Bpf,
 }
 
+/// Where the socket hooks (`connect()` translation for the node's own clients) attach:
+/// `[node] cgroup`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SocketCgroup {
+    /// The root of the cgroup v2 hierarchy this agent sees (the first cgroup2 mount of the
+    /// hierarchy's root in its mount namespace); the packet path alone if there is none.
+    #[default]
+    Auto,
+    /// No socket hooks: every client goes through the packet path.
+    Off,
+    /// This cgroup v2 directory (and everything below it).
+    Path(PathBuf),
+}
+
 /// One string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -258,6 +272,8 @@ struct RawNode {
     #[serde(default)]
     host_routing: HostRouting,
     #[serde(default)]
+    cgroup: Option<Spanned<String>>,
+    #[serde(default)]
     metrics: Option<Spanned<String>>,
     #[serde(default)]
     instance_cidr: Option<Spanned<String>>,
@@ -324,6 +340,8 @@ pub struct NodeConfig {
     pub xdp_mode: XdpModeCfg,
     /// Read when the programs are loaded: a change takes a restart.
     pub host_routing: HostRouting,
+    /// Where the socket hooks attach (a change takes a restart).
+    pub cgroup: SocketCgroup,
     pub metrics: Option<SocketAddr>,
     /// Addresses for instances the agent starts (one /32 or /128 each).
     pub instance_cidr: Option<(IpAddr, u8)>,
@@ -533,7 +551,25 @@ fn node(at: &At<'_>, raw: RawNode) -> Result<NodeConfig, ConfigError> {
             )
         })
     };
+    let cgroup = match raw.cgroup {
+        None => SocketCgroup::Auto,
+        Some(v) => match v.get_ref().as_str() {
+            "auto" => SocketCgroup::Auto,
+            "off" => SocketCgroup::Off,
+            p if p.starts_with('/') => SocketCgroup::Path(PathBuf::from(p)),
+            other => {
+                return Err(at.err(
+                    Some(v.span()),
+                    format!(
+                        "node.cgroup: {other:?} is not \"auto\", \"off\" or an absolute path \
+                         of a cgroup v2 directory"
+                    ),
+                ))
+            }
+        },
+    };
     Ok(NodeConfig {
+        cgroup,
         instance_cidr: cidr(raw.instance_cidr, "instance_cidr", false)?,
         instance_cidr6: cidr(raw.instance_cidr6, "instance_cidr6", true)?,
         uplink: raw.uplink.into_iter().map(Spanned::into_inner).collect(),

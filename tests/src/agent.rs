@@ -89,6 +89,9 @@ pub struct AgentConfig {
     pub maps: Option<MapsSpec>,
     /// `host_routing = "bpf"` (else the default, kernel).
     pub host_routing_bpf: bool,
+    /// `cgroup`: where the socket hooks attach; `None`: "off" (a test agent must never hook
+    /// the whole machine's sockets: other tests run beside it).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The `[maps]` section: map capacities.
@@ -125,6 +128,11 @@ impl AgentConfig {
         if self.host_routing_bpf {
             let _ = writeln!(s, "host_routing = \"bpf\"");
         }
+        match &self.cgroup {
+            Some(p) => writeln!(s, "cgroup = \"{}\"", p.display()),
+            None => writeln!(s, "cgroup = \"off\""),
+        }
+        .ok();
         if let Some(m) = &self.maps {
             let _ = writeln!(s, "\n[maps]");
             let _ = writeln!(s, "services = {}", m.services);

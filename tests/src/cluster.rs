@@ -142,6 +142,9 @@ pub struct Cluster {
     pub bins: Bins,
     /// The config each agent was last given.
     pub configs: Vec<AgentConfig>,
+    /// Each node's cgroup (index = node), for clients whose sockets its agent translates
+    /// (agents attach there only when built by [`Cluster::with_socket_hooks`]).
+    pub cgroups: Vec<crate::cgroup::TestCgroup>,
 }
 
 fn both(ip4: IpAddr, ip6: IpAddr, port: u16) -> [SocketAddr; 2] {
@@ -155,8 +158,19 @@ impl Cluster {
         Self::new_with(tag, bins, |_| {})
     }
 
+    /// `new`, with each node's agent hooking the sockets of its node's cgroup
+    /// (`cgroups[i]`): clients run there (`ClientArgs::in_cgroup`) are translated at
+    /// `connect()`, others take the packet path.
+    pub fn with_socket_hooks(tag: &str, bins: Bins) -> Result<Self> {
+        Self::build(tag, bins, true, |_| {})
+    }
+
     /// `new`, with each agent's standard config changed by `f` before it starts.
     pub fn new_with(tag: &str, bins: Bins, f: impl Fn(&mut AgentConfig)) -> Result<Self> {
+        Self::build(tag, bins, false, f)
+    }
+
+    fn build(tag: &str, bins: Bins, sockets: bool, f: impl Fn(&mut AgentConfig)) -> Result<Self> {
         let mut topo = Topology::two_nodes(tag)?;
         topo.add_pod("cli", 0, 10)?;
         topo.add_pod("bea", 0, 20)?;
@@ -165,7 +179,12 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         let dir = ScratchDir(dir);
         let agent_bin = AgentBin::new(&dir.0, &topo.tag)?;
+        let cgroups = ["a", "b"]
+            .iter()
+            .map(|n| crate::cgroup::TestCgroup::create(&format!("{}-{n}", topo.tag)))
+            .collect::<Result<Vec<_>>>()?;
         let mut c = Cluster {
+            cgroups,
             agents: Vec::new(),
             servers: Vec::new(),
             topo,
@@ -194,6 +213,9 @@ impl Cluster {
         }
         for i in 0..2u8 {
             let mut cfg = c.standard_config(i);
+            if sockets {
+                cfg.cgroup = Some(c.cgroups[i as usize].path.clone());
+            }
             f(&mut cfg);
             let n = c.topo.node(i);
             let label = format!("agent-{}", ['a', 'b'][i as usize]);
@@ -249,6 +271,7 @@ impl Cluster {
                 .collect(),
             maps: None,
             host_routing_bpf: false,
+            cgroup: None,
         }
     }
 

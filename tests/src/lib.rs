@@ -4,6 +4,7 @@
 //!
 //! Every test needs root; without it tests fail with "needs root: ...".
 pub mod agent;
+pub mod cgroup;
 pub mod cluster;
 pub mod coldstart;
 pub mod kubeapi;

@@ -133,6 +133,9 @@ pub struct ClientArgs {
     pub interval_ms: u64,
     /// Padding: bytes added to each HTTP answer, or to each UDP datagram (≤ 1200).
     pub pad: usize,
+    /// The cgroup the client runs in (a node's, whose agent then translates its sockets);
+    /// `None`: the test's own.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -145,7 +148,14 @@ impl ClientArgs {
             per_conn,
             interval_ms: 0,
             pad: 0,
+            cgroup: None,
         }
+    }
+
+    /// The same client, run in `cgroup`.
+    pub fn in_cgroup(mut self, cgroup: &std::path::Path) -> Self {
+        self.cgroup = Some(cgroup.to_owned());
+        self
     }
     pub fn udp(target: SocketAddr, new: usize, keepalive: usize, per_conn: usize) -> Self {
         ClientArgs {
@@ -182,8 +192,9 @@ fn parse_summary(out: &[u8]) -> Result<Summary> {
 
 /// Runs `rt-client` in `ns` to completion.
 pub fn run_client(bins: &Bins, ns: &Netns, args: &ClientArgs) -> Result<Summary> {
-    let out = ns
-        .command(bins.client.to_str().unwrap())
+    let mut cmd = ns.command(bins.client.to_str().unwrap());
+    crate::cgroup::place(&mut cmd, args.cgroup.as_deref())?;
+    let out = cmd
         .args(args.args())
         .stdin(Stdio::null())
         .output()
@@ -207,8 +218,9 @@ pub struct ClientLoop {
 impl ClientLoop {
     pub fn start(bins: &Bins, ns: &Netns, args: &ClientArgs, stop_file: PathBuf) -> Result<Self> {
         let _ = std::fs::remove_file(&stop_file);
-        let child = ns
-            .command(bins.client.to_str().unwrap())
+        let mut cmd = ns.command(bins.client.to_str().unwrap());
+        crate::cgroup::place(&mut cmd, args.cgroup.as_deref())?;
+        let child = cmd
             .args(args.args())
             .arg("--stop-file")
             .arg(&stop_file)

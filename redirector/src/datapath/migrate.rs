@@ -15,7 +15,8 @@ use aya::{
 };
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
-    ServiceMeta, ServiceStats, ServiceValue, G_COUNT,
+    ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey, G_COUNT, MAX_SOCK_FLOWS,
+    MAX_SOCK_UDP,
 };
 
 use super::{DatapathError, MapSizes, Maps};
@@ -48,6 +49,8 @@ pub fn wanted(name: &str, s: &MapSizes) -> Option<Shape> {
         "GLOBAL_STATS" => shape::<u32, u64>(G_COUNT),
         "CONFIG" => shape::<u32, DatapathConfig>(1),
         "SERVICE_META" => shape::<u32, ServiceMeta>(s.services),
+        "SOCK_FLOWS" => shape::<u64, SockFlow>(MAX_SOCK_FLOWS),
+        "SOCK_UDP" => shape::<SockUdpKey, SockFlow>(MAX_SOCK_UDP),
         _ => return None,
     })
 }

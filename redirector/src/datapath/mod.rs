@@ -8,6 +8,7 @@ pub mod features;
 pub mod maps;
 pub mod migrate;
 pub mod skb_layout;
+pub mod sockets;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -54,7 +55,7 @@ fn lend_conntrack(ebpf: &mut Ebpf, old: &aya::maps::MapData) -> Result<(), Datap
 }
 
 /// Every map, pinned as `<pin_path>/<NAME>`.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 11] = [
     "SERVICES",
     "MAGLEV",
     "MAGLEV_SMALL",
@@ -64,6 +65,8 @@ pub const MAP_NAMES: [&str; 9] = [
     "GLOBAL_STATS",
     "CONFIG",
     "SERVICE_META",
+    "SOCK_FLOWS",
+    "SOCK_UDP",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +109,8 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("socket hooks on cgroup {cgroup}: {message}")]
+    Sockets { cgroup: PathBuf, message: String },
     #[error("attaching {hook} to {ifname}: {message}")]
     Attach {
         ifname: String,

@@ -211,7 +211,10 @@ impl Config {
 
     pub fn to_toml(&self, pin_path: &Path) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "[node]\nuplink = []\npod_interfaces = [\"rdp-*\"]");
+        let _ = writeln!(
+            s,
+            "[node]\nuplink = []\npod_interfaces = [\"rdp-*\"]\ncgroup = \"off\""
+        );
         let _ = writeln!(s, "pin_path = \"{}\"", pin_path.display());
         let _ = writeln!(s, "activator = \"{ACTIVATOR}\"\nmetrics = \"{METRICS}\"");
         let _ = writeln!(s, "instance_cidr = \"10.244.1.0/24\"");

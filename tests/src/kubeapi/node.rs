@@ -149,7 +149,10 @@ impl KubeNode {
     /// The agent's config: the node part (pod veths, pin path, activator, metrics).
     pub fn config_toml(&self, extra: &str) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "[node]\nuplink = []\npod_interfaces = [\"rdp-*\"]");
+        let _ = writeln!(
+            s,
+            "[node]\nuplink = []\npod_interfaces = [\"rdp-*\"]\ncgroup = \"off\""
+        );
         let _ = writeln!(s, "pin_path = \"{}\"", self.pin_path.display());
         let _ = writeln!(
             s,

@@ -357,7 +357,7 @@ pub(super) fn agent_toml(pin: &Path, svcs: &[Svc], proxy: &str) -> String {
     let mut s = String::with_capacity(svcs.len() * 160);
     let _ = writeln!(
         s,
-        "[node]\nuplink = [\"rdu-none*\"]\npod_interfaces = [\"rdp-*\"]"
+        "[node]\nuplink = [\"rdu-none*\"]\npod_interfaces = [\"rdp-*\"]\ncgroup = \"off\""
     );
     let _ = writeln!(s, "pin_path = \"{}\"", pin.display());
     let _ = writeln!(s, "activator = [\"{NODE_IP}:{ACT_PORT}\"]");

@@ -1,0 +1,167 @@
+//! The socket path: clients in a node's cgroup are translated at `connect()` / `sendmsg()`
+//! by that node's agent. Each test asserts what the application sees (the VIP as its peer,
+//! the VIP as a datagram's source), what the servers see (the client's own address), and
+//! that the packet path translated nothing of it, on nodes that drop conntrack-INVALID
+//! packets in FORWARD as kube-proxy does.
+use std::time::Duration;
+
+use redirector_tests::{
+    bins,
+    cluster::{Cluster, ECHO, ID_ACT_A, ID_BEA, ID_BEB, WEB, WEB_LOCAL},
+    netns::wait_for,
+    require_root,
+    traffic::{run_client, ClientLoop},
+};
+use serde_json::Value;
+
+fn counter(st: &Value, name: &str) -> u64 {
+    st["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}: {st}"))
+}
+
+/// kube-proxy's FORWARD drop of conntrack-INVALID packets (both its iptables and its
+/// nftables mode install it), on both nodes, IPv4 and IPv6.
+fn drop_invalid(c: &Cluster) {
+    for i in 0..2 {
+        let ns = &c.topo.node(i).ns;
+        for tool in ["iptables", "ip6tables"] {
+            ns.exec(
+                tool,
+                &[
+                    "-A",
+                    "FORWARD",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "INVALID",
+                    "-j",
+                    "DROP",
+                ],
+            )
+            .expect(tool);
+        }
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "1").unwrap();
+    }
+}
+
+#[test]
+fn serve_at_the_socket_tcp_udp_v4_v6() {
+    require_root!();
+    let c = Cluster::with_socket_hooks("sk", bins!()).expect("cluster");
+    drop_invalid(&c);
+    let cli = c.topo.pod("cli");
+    let before = c.agents[0].status().unwrap();
+    for v6 in [false, true] {
+        for svc in [WEB, ECHO] {
+            let args = svc.client(v6, 30, 2, 5).in_cgroup(&c.cgroups[0].path);
+            let s = run_client(&c.bins, &cli.ns, &args).unwrap();
+            let what = format!("{} v6={v6}", svc.name);
+            s.assert_all_ok(&what);
+            assert_eq!(
+                s.identities(),
+                [ID_BEA, ID_BEB].into(),
+                "{what}: both backends must answer: {s:?}"
+            );
+            assert_eq!(
+                s.socket_peers,
+                [svc.vip(v6).to_string()].into(),
+                "{what}: getpeername / recvfrom must show the VIP"
+            );
+            assert_eq!(
+                s.server_peers,
+                [cli.ip(v6).to_string()].into(),
+                "{what}: servers must see the client's own address"
+            );
+            assert_eq!(s.unstable_conns, 0, "{what}: {s:?}");
+        }
+    }
+    let after = c.agents[0].status().unwrap();
+    assert!(
+        counter(&after, "socket_translated") >= counter(&before, "socket_translated") + 4 * 32,
+        "connect()/sendmsg() translated by the socket hooks: {after}"
+    );
+    assert!(counter(&after, "socket_reversed") > counter(&before, "socket_reversed"));
+    assert_eq!(
+        counter(&after, "nat_forward"),
+        counter(&before, "nat_forward"),
+        "the packet path must translate none of these flows: {after}"
+    );
+}
+
+#[test]
+fn host_processes_reach_vips() {
+    require_root!();
+    let c = Cluster::with_socket_hooks("skh", bins!()).expect("cluster");
+    drop_invalid(&c);
+    let node = &c.topo.node(0).ns;
+    for v6 in [false, true] {
+        for svc in [WEB, ECHO] {
+            let args = svc.client(v6, 10, 1, 5).in_cgroup(&c.cgroups[0].path);
+            let s = run_client(&c.bins, node, &args).unwrap();
+            let what = format!("host {} v6={v6}", svc.name);
+            s.assert_all_ok(&what);
+            assert_eq!(s.identities(), [ID_BEA, ID_BEB].into(), "{what}: {s:?}");
+            assert_eq!(s.socket_peers, [svc.vip(v6).to_string()].into(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn a_connected_socket_keeps_its_target_across_a_flip() {
+    require_root!();
+    let mut c = Cluster::with_socket_hooks("skf", bins!()).expect("cluster");
+    let args = WEB_LOCAL
+        .client(false, 0, 2, 0)
+        .in_cgroup(&c.cgroups[0].path);
+    let stop = c.dir.0.join("stop-flip");
+    let lp = ClientLoop::start(&c.bins, &c.topo.pod("cli").ns, &args, stop).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    c.update_configs(|cfg| cfg.service_mut(WEB_LOCAL.name).proxy = true)
+        .unwrap();
+    wait_for("web-local in proxy", Duration::from_secs(10), || {
+        let st = c.agents[0].status().ok()?;
+        redirector_tests::agent::service_mode_is(&st, WEB_LOCAL.name, "proxy").then_some(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let s = lp.stop().unwrap();
+    s.assert_all_ok("kept-alive across the flip");
+    assert!(s.ok > 20, "{s:?}");
+    assert_eq!(
+        s.identities(),
+        [ID_BEA].into(),
+        "connected sockets must keep their backend after the flip: {s:?}"
+    );
+    // New connections follow the new mode (the node-local activator).
+    let s = run_client(
+        &c.bins,
+        &c.topo.pod("cli").ns,
+        &WEB_LOCAL
+            .client(false, 10, 0, 0)
+            .in_cgroup(&c.cgroups[0].path),
+    )
+    .unwrap();
+    s.assert_all_ok("new flows after the flip");
+    assert_eq!(s.identities(), [ID_ACT_A].into(), "{s:?}");
+}
+
+#[test]
+fn a_cgroup_that_is_not_cgroup2_leaves_the_packet_path() {
+    require_root!();
+    let c = Cluster::new_with("skx", bins!(), |cfg| {
+        cfg.cgroup = Some("/proc".into());
+    })
+    .expect("cluster");
+    let log = c.agents[0].log();
+    assert!(
+        log.contains("socket hooks not attached") && log.contains("not a cgroup v2 directory"),
+        "{log}"
+    );
+    let s = run_client(&c.bins, &c.topo.pod("cli").ns, &WEB.client(false, 10, 0, 0)).unwrap();
+    s.assert_all_ok("packet path");
+    assert!(
+        !c.agents[0].pin_path.join("links/cgroup@connect4").exists(),
+        "no socket hook may be left attached"
+    );
+}
