@@ -303,6 +303,19 @@ impl Serving {
         if let Err(e) = walked {
             tracing::debug!(error = %e, "counting flows");
         }
+        // Sockets the socket hooks sent to a backend (they never pass the NAT code): live
+        // until released. (Proxied ones are the activator's to count.)
+        let walked = crate::datapath::batch::for_each(&prog.maps().sock_flows, |_, f| {
+            if f.flags & redirector_common::SOCK_PROXIED != 0 {
+                return;
+            }
+            if let Some(n) = ids.get(&f.svc_id) {
+                *counts.entry(n).or_default() += 1;
+            }
+        });
+        if let Err(e) = walked {
+            tracing::debug!(error = %e, "counting socket flows");
+        }
         for (name, s) in &self.scaled {
             s.flows.store(
                 counts.get(name.as_str()).copied().unwrap_or(0),

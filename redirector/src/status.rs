@@ -28,6 +28,9 @@ pub struct ServiceStatus {
     pub reply_bytes: u64,
     pub new_flows: u64,
     pub proxied_flows: u64,
+    /// Open sockets of this node's clients whose `connect()` to this VIP the socket hooks
+    /// translated.
+    pub socket_flows: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,12 +93,14 @@ fn set_members(maps: &Maps, svc_id: u32, set: u32, count: u32, flags: u8) -> Vec
 
 /// Reads the status from the maps.
 pub fn collect(maps: &Maps) -> Status {
+    let sockets = maps.socket_flows();
     let mut services: Vec<ServiceStatus> = maps
         .services
         .iter()
         .filter_map(Result::ok)
         .map(|(k, v)| {
             let st = maps.service_stats(v.id);
+            let socket_flows = sockets.get(&v.id).copied().unwrap_or(0);
             ServiceStatus {
                 id: v.id,
                 name: maps.service_name(v.id).unwrap_or_default(),
@@ -117,6 +122,7 @@ pub fn collect(maps: &Maps) -> Status {
                 reply_bytes: st.reply_bytes,
                 new_flows: st.new_flows,
                 proxied_flows: st.proxied_flows,
+                socket_flows,
             }
         })
         .collect();

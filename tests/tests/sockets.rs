@@ -45,6 +45,18 @@ fn drop_invalid(c: &Cluster) {
     }
 }
 
+/// `socket_flows` of the status entry of `vip` on node A.
+fn socket_flows(c: &Cluster, vip: std::net::SocketAddr) -> u64 {
+    let st = c.agents[0].status().unwrap();
+    st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["vip"] == vip.ip().to_string() && e["port"] == vip.port())
+        .and_then(|e| e["socket_flows"].as_u64())
+        .unwrap_or_else(|| panic!("no socket_flows for {vip}: {st}"))
+}
+
 #[test]
 fn serve_at_the_socket_tcp_udp_v4_v6() {
     require_root!();
@@ -116,7 +128,11 @@ fn a_connected_socket_keeps_its_target_across_a_flip() {
         .in_cgroup(&c.cgroups[0].path);
     let stop = c.dir.0.join("stop-flip");
     let lp = ClientLoop::start(&c.bins, &c.topo.pod("cli").ns, &args, stop).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The scaler's signal for these flows: open sockets, counted from SOCK_FLOWS.
+    wait_for("two live socket flows", Duration::from_secs(5), || {
+        (socket_flows(&c, WEB_LOCAL.vip(false)) == 2).then_some(())
+    })
+    .unwrap();
     c.update_configs(|cfg| cfg.service_mut(WEB_LOCAL.name).proxy = true)
         .unwrap();
     wait_for("web-local in proxy", Duration::from_secs(10), || {
@@ -126,6 +142,11 @@ fn a_connected_socket_keeps_its_target_across_a_flip() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let s = lp.stop().unwrap();
+    // Released sockets are no longer live flows (sock_release).
+    wait_for("socket flows released", Duration::from_secs(5), || {
+        (socket_flows(&c, WEB_LOCAL.vip(false)) == 0).then_some(())
+    })
+    .unwrap();
     s.assert_all_ok("kept-alive across the flip");
     assert!(s.ok > 20, "{s:?}");
     assert_eq!(

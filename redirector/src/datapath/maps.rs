@@ -8,7 +8,7 @@ use aya::{
 };
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
-    ServiceMeta, ServiceStats, ServiceValue, G_COUNT,
+    ServiceMeta, ServiceStats, ServiceValue, SockFlow, G_COUNT,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,8 @@ pub struct Maps {
     pub global_stats: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
     pub meta: HashMap<MapData, u32, ServiceMeta>,
+    /// Socket cookie → the flow its `connect()` was translated to (socket hooks).
+    pub sock_flows: HashMap<MapData, u64, SockFlow>,
 }
 
 fn conv<T: TryFrom<Map, Error = MapError>>(name: &'static str, m: Map) -> Result<T, MapsError> {
@@ -84,6 +86,7 @@ impl Maps {
             global_stats: conv("GLOBAL_STATS", take("GLOBAL_STATS")?)?,
             config: conv("CONFIG", take("CONFIG")?)?,
             meta: conv("SERVICE_META", take("SERVICE_META")?)?,
+            sock_flows: conv("SOCK_FLOWS", take("SOCK_FLOWS")?)?,
         })
     }
 
@@ -104,6 +107,7 @@ impl Maps {
             global_stats: conv("GLOBAL_STATS", open("GLOBAL_STATS")?)?,
             config: conv("CONFIG", open("CONFIG")?)?,
             meta: conv("SERVICE_META", open("SERVICE_META")?)?,
+            sock_flows: conv("SOCK_FLOWS", open("SOCK_FLOWS")?)?,
         })
     }
 
@@ -157,6 +161,16 @@ impl Maps {
     pub fn conntrack_len(&self) -> usize {
         let mut n = 0;
         let _ = super::batch::for_each(&self.conntrack, |_, _| n += 1);
+        n
+    }
+
+    /// Live sockets whose `connect()` the socket hooks translated, per service id (the
+    /// entries go when the socket is released).
+    pub fn socket_flows(&self) -> std::collections::HashMap<u32, usize> {
+        let mut n = std::collections::HashMap::new();
+        let _ = super::batch::for_each(&self.sock_flows, |_, f| {
+            *n.entry(f.svc_id).or_insert(0) += 1
+        });
         n
     }
 

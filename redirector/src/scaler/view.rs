@@ -55,11 +55,20 @@ impl DatapathView {
             .sum()
     }
 
-    /// Open flows pinned to any of `ips` that saw a packet in the last 1.5 s.
+    /// Open flows pinned to any of `ips`: packet-path flows that saw a packet in the last
+    /// 1.5 s, and open sockets the socket hooks connected there.
     pub fn flows_to(&self, ips: &[IpAddr]) -> usize {
         let targets: Vec<[u32; 4]> = ips.iter().map(|ip| ip_words(*ip).0).collect();
         let now = monotonic_coarse_ns();
-        self.maps
+        let mut sockets = 0;
+        let _ = crate::datapath::batch::for_each(&self.maps.sock_flows, |_, f| {
+            if targets.contains(&f.target) {
+                sockets += 1;
+            }
+        });
+        sockets
+            + self
+                .maps
             .conntrack
             .iter()
             .filter_map(Result::ok)
