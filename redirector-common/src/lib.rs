@@ -46,6 +46,10 @@ pub const SET_PROXY: u32 = 1;
 pub const SVC_SERVE_SMALL: u8 = 1 << 0;
 /// `ServiceValue::flags`: the Proxy set's table is in `MAGLEV_SMALL` (else `MAGLEV`).
 pub const SVC_PROXY_SMALL: u8 = 1 << 1;
+/// `ServiceValue::flags`: `activator` is the node-local activator on a port of this service's
+/// own (`ACT_PORTS`): flows to it never share a tuple with another service's, and the
+/// activator knows the service from the port.
+pub const SVC_ACT_PORT: u8 = 1 << 2;
 
 /// Conntrack flags.
 pub const CT_REPLY: u16 = 1 << 0;
@@ -252,6 +256,7 @@ mod user {
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for SockFlow {}
     unsafe impl aya::Pod for SockUdpKey {}
+    unsafe impl aya::Pod for ActivatorPorts {}
 }
 
 // Layouts are part of the pinned-map ABI: a change must be deliberate.
@@ -268,6 +273,7 @@ const _: () = {
     assert!(core::mem::size_of::<DatapathConfig>() == 24);
     assert!(core::mem::size_of::<SockFlow>() == 48);
     assert!(core::mem::size_of::<SockUdpKey>() == 32);
+    assert!(core::mem::size_of::<ActivatorPorts>() == 24);
 };
 
 /// The datapath clock is CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`; on kernels
@@ -328,4 +334,23 @@ pub struct SockUdpKey {
     pub port: u16,
     pub family: u8,
     pub _pad: [u8; 5],
+}
+
+/// `ACT_PORTS` index of the IPv4 and the IPv6 activator listener (also their `ACT_SOCKS`
+/// index).
+pub const ACT_V4: u32 = 0;
+pub const ACT_V6: u32 = 1;
+
+/// Value of `ACT_PORTS`: the node-local activator's address of one family and its range of
+/// per-service ports (`first .. first + count`, host byte order). The `sk_lookup` program
+/// hands a connection to any of these ports to the activator's listening socket
+/// (`ACT_SOCKS`). `count` 0: none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivatorPorts {
+    pub addr: [u32; 4],
+    pub first: u16,
+    pub count: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
 }

@@ -2,13 +2,13 @@
 //! The agent pins them by name under its pin path; sizes are defaults it can override.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, SockMap},
     macros::btf_map,
 };
 use redirector_common::{
-    CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
-    ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey, G_COUNT, HOOKED_SLOTS,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_FLOWS, MAX_SOCK_UDP,
+    ActivatorPorts, CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue,
+    MaglevValue, ServiceKey, ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey,
+    G_COUNT, HOOKED_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_FLOWS, MAX_SOCK_UDP,
 };
 
 /// VIP:port:proto → service (mode, backend count, activator).
@@ -101,6 +101,15 @@ pub static SOCK_FLOWS: LruHashMap<u64, SockFlow, { MAX_SOCK_FLOWS as usize }> = 
 #[btf_map]
 pub static SOCK_UDP: LruHashMap<SockUdpKey, SockFlow, { MAX_SOCK_UDP as usize }> =
     LruHashMap::new();
+
+/// The node-local activator's address and per-service port range, per family (`ACT_V4`,
+/// `ACT_V6`). Not pinned: each agent fills its own.
+#[btf_map]
+pub static ACT_PORTS: Array<ActivatorPorts, 2> = Array::new();
+
+/// The activator's listening sockets (`ACT_V4`, `ACT_V6`), for `sk_lookup`. Not pinned.
+#[btf_map]
+pub static ACT_SOCKS: SockMap<2> = SockMap::new();
 
 #[inline(always)]
 pub fn count(idx: u32) {

@@ -1,8 +1,8 @@
 //! Program entry points.
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, sk_lookup, xdp},
+    programs::{SkLookupContext, SockAddrContext, SockContext, TcContext, XdpContext},
 };
 
 /// Uplink ingress: DNAT from the network, reverse NAT of replies from remote backends.
@@ -71,6 +71,12 @@ pub fn redirector_getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn redirector_sock_release(ctx: SockContext) -> i32 {
     crate::sock::release(&ctx)
+}
+
+/// The node's namespace: per-service activator ports lead to the activator's socket.
+#[sk_lookup]
+pub fn redirector_sk_lookup(ctx: SkLookupContext) -> u32 {
+    crate::lookup::run(&ctx)
 }
 
 /// Empty XDP program: the floor for `cargo xtask perf --datapath`.

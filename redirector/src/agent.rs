@@ -4,6 +4,7 @@
 //! and maps pinned so traffic keeps flowing and the next agent adopts them.
 use std::{
     collections::{BTreeSet, HashMap},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -300,6 +301,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
         None => None,
     };
+    // Per-service activator ports need our listener and sk_lookup (5.9); checked again
+    // once the listeners are up.
+    let service_ports = cfg
+        .activator
+        .service_ports
+        .filter(|_| cfg.activator.listen && crate::datapath::kernel().sk_lookup);
+    prog.set_service_ports(service_ports);
     apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;
     // A map that could not be copied (its layout changed) starts empty: with the state
     // coming from the cluster, the old programs keep serving until it is programmed.
@@ -323,14 +331,42 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
 
     let mut listeners = Vec::new();
+    let mut sockets = Vec::new();
     if cfg.activator.listen {
         for addr in &cfg.node.activator {
             match crate::activator::spawn_listeners(activator.clone(), *addr).await {
-                Ok(threads) => {
-                    tracing::info!(%addr, threads = threads.len(), "activator listening");
-                    listeners.extend(threads);
+                Ok(l) => {
+                    tracing::info!(%addr, threads = l.threads.len(), "activator listening");
+                    listeners.extend(l.threads);
+                    sockets.push((*addr, l.socket));
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "activator can't listen"),
+            }
+        }
+    }
+    if let Some(ports) = service_ports {
+        let steered = if sockets.len() == cfg.node.activator.len() {
+            let fds: Vec<_> = sockets.iter().map(|(a, s)| (*a, s.as_fd())).collect();
+            dp.steer_activator(&fds, ports).map_err(|e| e.to_string())
+        } else {
+            Err("not every activator address has a listener".to_owned())
+        };
+        match steered {
+            Ok(()) => {
+                activator.set_service_ports(ports, prog.vips_by_id());
+                tracing::info!(
+                    first = ports.0,
+                    count = ports.1,
+                    "activator ports per service: proxied flows never share a tuple"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "per-service activator ports off: every service on the listener's port"
+                );
+                prog.set_service_ports(None);
+                apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;
             }
         }
     }
@@ -641,6 +677,7 @@ pub fn uninstall(pin_path: &Path) -> Result<Uninstalled, AgentError> {
         }
     }
     done.links += crate::datapath::sockets::detach_sockets(pin_path);
+    done.links += crate::datapath::steer::detach_steering(pin_path) as usize;
     let _ = std::fs::remove_dir(pin_path.join("links"));
     for name in crate::datapath::MAP_NAMES {
         if std::fs::remove_file(pin_path.join(name)).is_ok() {

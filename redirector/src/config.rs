@@ -109,7 +109,16 @@ pub struct ActivatorConfig {
     /// Client connections open at once; more are closed as accepted (Envoy's listener
     /// connection limit).
     pub max_connections: usize,
+    /// Per-service ports of the node-local activator, `(first, count)`: the service with id
+    /// `i < count` is sent to `first + i` and an `sk_lookup` program hands those
+    /// connections to the listener (read at start). `None`: every service on the listener's
+    /// own port.
+    pub service_ports: Option<(u16, u16)>,
 }
+
+/// `activator.service_ports` when not given: 10,000 ports below the kernel's ephemeral range
+/// (32768–60999) and Kubernetes' NodePorts (30000–32767).
+pub const DEFAULT_SERVICE_PORTS: (u16, u16) = (20000, 10000);
 
 impl Default for ActivatorConfig {
     fn default() -> Self {
@@ -125,6 +134,7 @@ impl Default for ActivatorConfig {
             body_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(60),
             max_connections: 50_000,
+            service_ports: Some(DEFAULT_SERVICE_PORTS),
         }
     }
 }
@@ -218,6 +228,7 @@ struct RawActivator {
     body_timeout_secs: Option<u64>,
     write_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
+    service_ports: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -453,6 +464,7 @@ impl Config {
             body_timeout: secs(a.body_timeout_secs, d.body_timeout),
             write_timeout: secs(a.write_timeout_secs, d.write_timeout),
             max_connections: a.max_connections.unwrap_or(d.max_connections),
+            service_ports: service_ports(&at, a.service_ports, &node.activator)?,
         };
         Ok(Config {
             node,
@@ -584,6 +596,44 @@ fn node(at: &At<'_>, raw: RawNode) -> Result<NodeConfig, ConfigError> {
         host_routing: raw.host_routing,
         metrics,
     })
+}
+
+/// `activator.service_ports`: "off", or "FIRST-LAST" not holding a listener's port.
+fn service_ports(
+    at: &At<'_>,
+    raw: Option<Spanned<String>>,
+    listeners: &[SocketAddr],
+) -> Result<Option<(u16, u16)>, ConfigError> {
+    let Some(v) = raw else {
+        return Ok(Some(DEFAULT_SERVICE_PORTS));
+    };
+    if v.get_ref() == "off" {
+        return Ok(None);
+    }
+    let range = v.get_ref().split_once('-').and_then(|(a, b)| {
+        let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        (a >= 1024 && a <= b).then(|| (a, b - a + 1))
+    });
+    let Some((first, count)) = range else {
+        return Err(at.err(
+            Some(v.span()),
+            format!(
+                "activator.service_ports: {:?} is not \"off\" or a range \"FIRST-LAST\" of \
+                 ports from 1024 up",
+                v.get_ref()
+            ),
+        ));
+    };
+    if let Some(l) = listeners
+        .iter()
+        .find(|l| (first as u32..first as u32 + count as u32).contains(&(l.port() as u32)))
+    {
+        return Err(at.err(
+            Some(v.span()),
+            format!("activator.service_ports: the range holds the listener's port ({l})"),
+        ));
+    }
+    Ok(Some((first, count)))
 }
 
 fn conntrack(at: &At<'_>, raw: Option<RawConntrack>) -> Result<ConntrackConfig, ConfigError> {

@@ -13,11 +13,11 @@ use aya::maps::MapError;
 use redirector_common::{
     DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey, ServiceMeta,
     ServiceValue, CONFIG_KEY, MAGLEV_M, MAGLEV_M_SMALL, MAGLEV_SMALL_MAX, MODE_PROXY, MODE_SERVE,
-    PROTO_TCP, PROTO_UDP, SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
+    PROTO_TCP, PROTO_UDP, SET_PROXY, SET_SERVE, SVC_ACT_PORT, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
-    addr::{endpoint, ip_words, port_wire},
+    addr::{endpoint, ip_words, port_wire, wire_port, words_ip},
     config::{Config, ConntrackConfig, Mode},
     datapath::Maps,
     maglev,
@@ -168,11 +168,46 @@ pub struct Programmer {
     be_ids: Ids,
     /// Pinned entries `adopt` found invalid and removed.
     repaired: usize,
+    /// Per-service activator ports `(first, count)`: see `set_service_ports`.
+    service_ports: Option<(u16, u16)>,
+    /// Service id → VIP:port of what is installed (`vips_by_id`).
+    vips: VipsById,
 }
+
+/// Service id → VIP:port, shared with the activator.
+pub type VipsById = std::sync::Arc<std::sync::RwLock<HashMap<u32, SocketAddr>>>;
 
 impl Programmer {
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// Gives each service whose id is below `count` the node-local activator on a port of
+    /// its own, `first + id` (`SVC_ACT_PORT`), instead of the listener's port: flows to the
+    /// activator then never share a tuple across services, and the activator reads the
+    /// service from the port. `None`: the listener's port for all. A change rewrites every
+    /// entry at the next `apply`.
+    pub fn set_service_ports(&mut self, ports: Option<(u16, u16)>) {
+        if self.service_ports != ports {
+            self.service_ports = ports;
+            for s in self.services.values_mut() {
+                s.stale = true;
+            }
+        }
+    }
+
+    /// The activator endpoint and flag of service `id`.
+    fn activator_of(&self, base: Option<SocketAddr>, id: u32) -> (Endpoint, u8) {
+        let Some(base) = base else {
+            return (Endpoint::default(), 0);
+        };
+        match self.service_ports {
+            Some((first, count)) if id < count as u32 => (
+                endpoint(SocketAddr::new(base.ip(), first + id as u16)),
+                SVC_ACT_PORT,
+            ),
+            _ => (endpoint(base), 0),
+        }
     }
 
     pub fn maps_mut(&mut self) -> &mut Maps {
@@ -331,7 +366,28 @@ impl Programmer {
                 Err(e) => return Err(e),
             }
         }
+        self.publish_vips();
         Ok(report)
+    }
+
+    /// A table of service id → VIP:port, kept current by `apply`: the activator reads a
+    /// connection's service from its per-service port (`set_service_ports`) through it.
+    pub fn vips_by_id(&self) -> VipsById {
+        self.vips.clone()
+    }
+
+    pub(crate) fn publish_vips(&self) {
+        let table: HashMap<u32, SocketAddr> = self
+            .services
+            .iter()
+            .map(|(k, i)| {
+                let vip = SocketAddr::new(words_ip(&k.addr, k.family), wire_port(k.port));
+                (i.value.id, vip)
+            })
+            .collect();
+        if let Ok(mut v) = self.vips.write() {
+            *v = table;
+        }
     }
 
     /// Full maps: an entry changing its backends needs ids for the new ones while the old
@@ -441,7 +497,7 @@ impl Programmer {
             },
         };
         // 2. the service entry: one write (a flip is exactly this).
-        let mut flags = 0;
+        let (activator, mut flags) = self.activator_of(d.activator, id);
         if serve_small {
             flags |= SVC_SERVE_SMALL;
         }
@@ -455,7 +511,7 @@ impl Programmer {
             backend_count,
             proxy_count,
             generation,
-            activator: d.activator.map(endpoint).unwrap_or_default(),
+            activator,
             ..ServiceValue::default()
         };
         self.maps

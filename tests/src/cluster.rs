@@ -162,15 +162,32 @@ impl Cluster {
     /// (`cgroups[i]`): clients run there (`ClientArgs::in_cgroup`) are translated at
     /// `connect()`, others take the packet path.
     pub fn with_socket_hooks(tag: &str, bins: Bins) -> Result<Self> {
-        Self::build(tag, bins, true, |_| {})
+        Self::build(tag, bins, true, true, |_| {})
+    }
+
+    /// `with_socket_hooks`, with each agent's own activator listening on the node address
+    /// (no stand-in server there: Proxy flows reach the real activator, which forwards them to
+    /// the service's backends), and each config changed by `f`.
+    pub fn with_node_activators(
+        tag: &str,
+        bins: Bins,
+        f: impl Fn(&mut AgentConfig),
+    ) -> Result<Self> {
+        Self::build(tag, bins, true, false, f)
     }
 
     /// `new`, with each agent's standard config changed by `f` before it starts.
     pub fn new_with(tag: &str, bins: Bins, f: impl Fn(&mut AgentConfig)) -> Result<Self> {
-        Self::build(tag, bins, false, f)
+        Self::build(tag, bins, false, true, f)
     }
 
-    fn build(tag: &str, bins: Bins, sockets: bool, f: impl Fn(&mut AgentConfig)) -> Result<Self> {
+    fn build(
+        tag: &str,
+        bins: Bins,
+        sockets: bool,
+        stand_ins: bool,
+        f: impl Fn(&mut AgentConfig),
+    ) -> Result<Self> {
         let mut topo = Topology::two_nodes(tag)?;
         topo.add_pod("cli", 0, 10)?;
         topo.add_pod("bea", 0, 20)?;
@@ -205,7 +222,12 @@ impl Cluster {
             )?;
             c.servers.push(s);
         }
-        for (i, id) in [ID_ACT_A, ID_ACT_B].into_iter().enumerate() {
+        let stand_ins: &[&str] = if stand_ins {
+            &[ID_ACT_A, ID_ACT_B]
+        } else {
+            &[]
+        };
+        for (i, id) in stand_ins.iter().copied().enumerate() {
             let n = c.topo.node(i as u8);
             let addrs = both(n.ip(false), n.ip(true), ACTIVATOR_PORT);
             let s = Server::start(&c.bins, &n.ns, id, &addrs, &addrs)?;

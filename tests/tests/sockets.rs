@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redirector_tests::{
     bins,
-    cluster::{Cluster, ECHO, ID_ACT_A, ID_BEA, ID_BEB, WEB, WEB_LOCAL},
+    cluster::{Cluster, ECHO, ID_ACT_A, ID_BEA, ID_BEB, WEB, WEB_LOCAL, WEB_PROXY},
     netns::wait_for,
     require_root,
     traffic::{run_client, ClientLoop},
@@ -185,4 +185,78 @@ fn a_cgroup_that_is_not_cgroup2_leaves_the_packet_path() {
         !c.agents[0].pin_path.join("links/cgroup@connect4").exists(),
         "no socket hook may be left attached"
     );
+}
+
+/// Runs `rt-collide` in `ns` (in `cgroup` if given): two connections from one local port to
+/// `to[0]` and `to[1]` at once, `rounds` times.
+fn collide(
+    ns: &redirector_tests::netns::Netns,
+    cgroup: Option<&std::path::Path>,
+    bind: std::net::SocketAddr,
+    to: [std::net::SocketAddr; 2],
+) -> Value {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_rt-collide"));
+    redirector_tests::cgroup::place(&mut cmd, cgroup).unwrap();
+    let out = cmd
+        .args(["--bind", &bind.to_string(), "--rounds", "10"])
+        .args(["--to", &to[0].to_string(), "--to", &to[1].to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rt-collide: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Two proxied VIPs, one client port: the flows go to the node-local activator on a port of
+/// each service's own, so they never share a tuple, on the socket path and on the packet
+/// path alike; the activator knows each flow's service from its port (these services are
+/// raw TCP: no header could name them).
+#[test]
+fn one_client_port_to_two_proxied_vips() {
+    require_root!();
+    let c = Cluster::with_node_activators("skc", bins!(), |cfg| {
+        cfg.service_mut(WEB_LOCAL.name).proxy = true;
+    })
+    .expect("cluster");
+    drop_invalid(&c);
+    let log = c.agents[0].log();
+    assert!(
+        log.contains("activator ports per service"),
+        "per-service ports must be on: {log}"
+    );
+    let cli = c.topo.pod("cli");
+    for v6 in [false, true] {
+        let to = [WEB_PROXY.vip(v6), WEB_LOCAL.vip(v6)];
+        for (path, cg) in [
+            ("socket", Some(c.cgroups[0].path.as_path())),
+            ("packet", None),
+        ] {
+            let bind =
+                std::net::SocketAddr::new(cli.ip(v6), if cg.is_some() { 41000 } else { 42000 });
+            let r = collide(&cli.ns, cg, bind, to);
+            let what = format!("{path} path v6={v6}");
+            assert_eq!(r["failed"], 0, "{what}: {r}");
+            assert_eq!(r["ok"], 20, "{what}: {r}");
+            assert_eq!(r["ids"][1], serde_json::json!([ID_BEA]), "{what}: {r}");
+            let first: Vec<&str> = r["ids"][0]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(
+                first.iter().all(|id| [ID_BEA, ID_BEB].contains(id)),
+                "{what}: {r}"
+            );
+            assert_eq!(
+                r["peers"][0],
+                serde_json::json!([to[0].to_string()]),
+                "{what}"
+            );
+            assert_eq!(
+                r["peers"][1],
+                serde_json::json!([to[1].to_string()]),
+                "{what}"
+            );
+        }
+    }
 }

@@ -25,6 +25,7 @@ mod wire;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -67,6 +68,9 @@ pub struct Activator {
     /// Client connections open now (all threads), against `max_connections`.
     pub connections: Arc<conns::Count>,
     origdst: Option<origdst::OrigDst>,
+    /// Per-service ports `(first, count)` and the id → VIP table behind them
+    /// (`set_service_ports`).
+    ports: RwLock<Option<((u16, u16), crate::control::VipsById)>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -78,6 +82,7 @@ impl Activator {
             limits: RwLock::new(limits),
             connections: Arc::default(),
             origdst,
+            ports: RwLock::new(None),
             shutdown: watch::channel(false).0,
         })
     }
@@ -109,10 +114,31 @@ impl Activator {
         self.limits.read().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// The service a connection was for, from conntrack.
+    /// Connections arriving on port `first + id` are for service `id` (the datapath sends
+    /// each service's flows to a port of its own: `Programmer::set_service_ports`).
+    pub fn set_service_ports(&self, ports: (u16, u16), vips: crate::control::VipsById) {
+        if let Ok(mut p) = self.ports.write() {
+            *p = Some((ports, vips));
+        }
+    }
+
+    /// The service a connection was for: from the local port it arrived on, or from the
+    /// packet path's conntrack.
     fn service_of_conn(&self, local: SocketAddr, peer: SocketAddr) -> Option<Arc<ServiceState>> {
+        if let Some(vip) = self.vip_of_port(local.port()) {
+            return self.registry().by_vip(vip);
+        }
         let vip = self.origdst.as_ref()?.lookup(local, peer)?;
         self.registry().by_vip(vip)
+    }
+
+    fn vip_of_port(&self, port: u16) -> Option<SocketAddr> {
+        let p = self.ports.read().ok()?;
+        let ((first, count), vips) = p.as_ref()?;
+        let id = port.checked_sub(*first).filter(|i| i < count)?;
+        let table = vips.read().ok()?;
+        let vip = table.get(&(id as u32)).copied();
+        vip
     }
 
     /// Accepts on `listener` until shutdown; each connection is raw TCP (L4 services) or
@@ -168,16 +194,14 @@ impl Activator {
 /// Serves `addr` on one thread per CPU, each with its own single-threaded runtime and its
 /// own `SO_REUSEPORT` listener: a request, its upstream connection and their tasks stay on
 /// one thread (no cross-thread wakeups per request). Returns once every thread listens.
-pub async fn spawn_listeners(
-    act: Arc<Activator>,
-    addr: SocketAddr,
-) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+pub async fn spawn_listeners(act: Arc<Activator>, addr: SocketAddr) -> std::io::Result<Listeners> {
     let n = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let mut threads = Vec::with_capacity(n);
+    let mut socket = None;
     for i in 0..n {
-        let (tx, rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+        let (tx, rx) = tokio::sync::oneshot::channel::<std::io::Result<OwnedFd>>();
         let act = act.clone();
         let t = std::thread::Builder::new()
             .name(format!("activator-{i}"))
@@ -204,9 +228,9 @@ pub async fn spawn_listeners(
                         sock.bind(addr)?;
                         sock.listen(4096)
                     })();
-                    match listener {
-                        Ok(l) => {
-                            let _ = tx.send(Ok(()));
+                    match listener.and_then(|l| Ok((l.as_fd().try_clone_to_owned()?, l))) {
+                        Ok((fd, l)) => {
+                            let _ = tx.send(Ok(fd));
                             act.serve(l).await;
                         }
                         Err(e) => {
@@ -216,7 +240,10 @@ pub async fn spawn_listeners(
                 });
             })?;
         match rx.await {
-            Ok(Ok(())) => threads.push(t),
+            Ok(Ok(fd)) => {
+                threads.push(t);
+                socket.get_or_insert(fd);
+            }
             Ok(Err(e)) => {
                 let _ = t.join();
                 if threads.is_empty() {
@@ -227,7 +254,15 @@ pub async fn spawn_listeners(
             Err(_) => break,
         }
     }
-    Ok(threads)
+    let socket = socket.ok_or_else(|| std::io::Error::other("no listener started"))?;
+    Ok(Listeners { threads, socket })
+}
+
+/// The threads of `spawn_listeners` and one of their `SO_REUSEPORT` sockets (a duplicate):
+/// the kernel's reuseport selection spreads what is handed to it over all of them.
+pub struct Listeners {
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+    pub socket: OwnedFd,
 }
 
 /// Counts live connection tasks (an Arc held by each).

@@ -330,3 +330,40 @@ fn errors_point_at_their_field() {
     let e = refused(&with(&["name = \"\"\nvip = \"10.96.0.1\"\nport = 80"]));
     at(&e, 3, "service[0].name: must not be empty");
 }
+
+#[test]
+fn socket_cgroup_and_service_ports() {
+    use crate::config::{SocketCgroup, DEFAULT_SERVICE_PORTS};
+    let c = parse("[node]\n").unwrap();
+    assert_eq!(c.node.cgroup, SocketCgroup::Auto);
+    assert_eq!(c.activator.service_ports, Some(DEFAULT_SERVICE_PORTS));
+    let c = parse("[node]\ncgroup = \"off\"\n[activator]\nservice_ports = \"off\"\n").unwrap();
+    assert_eq!(c.node.cgroup, SocketCgroup::Off);
+    assert_eq!(c.activator.service_ports, None);
+    let c = parse(
+        "[node]\ncgroup = \"/sys/fs/cgroup/x\"\n[activator]\nservice_ports = \"9000-9009\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.node.cgroup, SocketCgroup::Path("/sys/fs/cgroup/x".into()));
+    assert_eq!(c.activator.service_ports, Some((9000, 10)));
+    let e = refused("[node]\ncgroup = \"sys/fs/cgroup\"\n");
+    at(
+        &e,
+        2,
+        "node.cgroup: \"sys/fs/cgroup\" is not \"auto\", \"off\" or an absolute path",
+    );
+    let e = refused("[node]\n[activator]\nservice_ports = \"9000-8000\"\n");
+    at(
+        &e,
+        3,
+        "activator.service_ports: \"9000-8000\" is not \"off\" or a range",
+    );
+    let e = refused(
+        "[node]\nactivator = \"10.0.0.1:8012\"\n[activator]\nservice_ports = \"8000-8100\"\n",
+    );
+    at(
+        &e,
+        4,
+        "activator.service_ports: the range holds the listener's port (10.0.0.1:8012)",
+    );
+}

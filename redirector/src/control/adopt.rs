@@ -111,14 +111,18 @@ impl Programmer {
                 "adopted pinned state"
             );
         }
-        Self {
+        let p = Self {
             maps,
             services,
             backend_ids,
             svc_ids: Ids::new(sizes.services, &used_svc),
             be_ids: Ids::new(sizes.backends, &used_be),
             repaired,
-        }
+            service_ports: None,
+            vips: Default::default(),
+        };
+        p.publish_vips();
+        p
     }
 
     /// How many invalid pinned entries `adopt` removed.

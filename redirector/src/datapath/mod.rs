@@ -9,6 +9,7 @@ pub mod maps;
 pub mod migrate;
 pub mod skb_layout;
 pub mod sockets;
+pub mod steer;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -109,6 +110,8 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("per-service activator ports: {message}")]
+    Steer { message: String },
     #[error("socket hooks on cgroup {cgroup}: {message}")]
     Sockets { cgroup: PathBuf, message: String },
     #[error("attaching {hook} to {ifname}: {message}")]

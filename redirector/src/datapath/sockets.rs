@@ -133,7 +133,7 @@ struct ObjGetAttr {
 const BPF_OBJ_GET: libc::c_long = 7;
 
 /// Opens the pinned object at `path`.
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+pub(super) fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut attr = ObjGetAttr {
@@ -172,7 +172,7 @@ fn link_cgroup(link: &OwnedFd) -> Option<u64> {
 }
 
 /// Swaps `prog_fd` into the pinned `link` atomically.
-fn update_link(link: &OwnedFd, prog_fd: i32) -> std::io::Result<()> {
+pub(super) fn update_link(link: &OwnedFd, prog_fd: i32) -> std::io::Result<()> {
     let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog_fd as u32,

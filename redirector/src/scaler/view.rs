@@ -69,14 +69,15 @@ impl DatapathView {
         sockets
             + self
                 .maps
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| {
-                v.flags & (CT_REPLY | CT_CLOSING) == 0
-                    && targets.contains(&v.nat_daddr)
-                    && now.saturating_sub(redirector_common::ct_time(v.last_seen)) < 1_500_000_000
-            })
-            .count()
+                .conntrack
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| {
+                    v.flags & (CT_REPLY | CT_CLOSING) == 0
+                        && targets.contains(&v.nat_daddr)
+                        && now.saturating_sub(redirector_common::ct_time(v.last_seen))
+                            < 1_500_000_000
+                })
+                .count()
     }
 }
