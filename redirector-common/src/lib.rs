@@ -54,6 +54,13 @@ pub const CT_HAIRPIN: u16 = 1 << 2;
 pub const CT_CLOSING: u16 = 1 << 3;
 /// On the original-direction entry: the peer has answered (a later bare SYN is a new flow).
 pub const CT_SEEN_REPLY: u16 = 1 << 4;
+/// This entry's direction has sent a FIN (TCP half-close). The flow is `CT_CLOSING` (and
+/// its closing timeout starts) once both directions have, or at a RST.
+pub const CT_FIN: u16 = 1 << 5;
+/// Idle timeout of a TCP flow that was never answered (no `CT_SEEN_REPLY`: a SYN to a
+/// target that is gone or filtered), instead of the established timeout (the TCP timeout
+/// when that is shorter).
+pub const CT_SYN_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 
 /// Jiffies between two clock reads of a conntrack entry while packets flow (see
 /// `CtValue::seen_jiffies`): 100 ms at HZ=1000, one second at HZ=100, the slowest tick
@@ -81,6 +88,10 @@ pub const G_NO_BACKEND: u32 = 6;
 pub const G_CT_FULL: u32 = 7;
 pub const G_HAIRPIN: u32 = 8;
 pub const G_REWRITE_FAILED: u32 = 9;
+/// BIG TCP packets (GSO/GRO packets over 64 KiB: IPv4 total length 0, IPv6 payload length 0
+/// with or without a hop-by-hop jumbo option). Translated when their flow exists; they
+/// never start one.
+pub const G_BIG_TCP: u32 = 10;
 pub const G_COUNT: u32 = 16;
 
 /// An L3 address plus L4 port: a backend, the activator, or a NAT rewrite target.

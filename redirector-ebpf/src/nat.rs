@@ -1,12 +1,15 @@
 //! The NAT core shared by every program: conntrack lookup, service lookup, target choice
 //! (Maglev for Serve, the activator for Proxy) and conntrack creation. It decides the
 //! rewrite; the XDP and tc programs apply it with the checksum method their hook allows.
+use core::cmp::min;
+
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use redirector_common::{
     ct_time, CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue,
-    CLOCK_EPOCH_NS, CONFIG_KEY, CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES, CT_REPLY,
-    CT_SEEN_REPLY, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M,
-    MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
+    CLOCK_EPOCH_NS, CONFIG_KEY, CT_CLOSING, CT_FIN, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES,
+    CT_REPLY, CT_SEEN_REPLY, CT_SYN_TIMEOUT_NS, G_BIG_TCP, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD,
+    G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP, SET_PROXY,
+    SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
@@ -51,6 +54,9 @@ fn config() -> DatapathConfig {
 fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
     if flags & CT_CLOSING != 0 {
         cfg.closing_timeout_ns
+    } else if proto == PROTO_TCP && flags & CT_SEEN_REPLY == 0 {
+        // Never answered: a SYN to a target that is gone.
+        min(CT_SYN_TIMEOUT_NS, cfg.tcp_timeout_ns)
     } else if proto == PROTO_TCP {
         cfg.tcp_timeout_ns
     } else {
@@ -113,46 +119,50 @@ pub fn decide(
             expired = idle > SECOND && idle > timeout(&config(), p.key.proto, v.flags);
         }
         let is_reply = v.flags & CT_REPLY != 0;
-        // A bare SYN on a flow that was answered or is closing is a new connection reusing
-        // the client port: it follows the current mode. (A SYN retransmitted before any
-        // reply stays pinned.)
-        let reopened = is_tcp
-            && !is_reply
-            && v.flags & (CT_CLOSING | CT_SEEN_REPLY) != 0
-            && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let bare_syn = is_tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if expired && bare_syn {
+            cold();
+        } else if expired && is_tcp && v.flags & (CT_FIN | CT_CLOSING) != 0 {
+            // A straggler of a flow that closed (or half-closed) long ago, e.g. a
+            // retransmitted last ACK: it keeps its target. Only a bare SYN starts a new
+            // connection on the tuple.
+            cold();
+            expired = false;
+        }
+        // A bare SYN on a flow that was answered, or that the client closed, is a new
+        // connection reusing the client port: it follows the current mode. (A SYN
+        // retransmitted before any reply stays pinned.)
+        let reopened =
+            bare_syn && !is_reply && v.flags & (CT_CLOSING | CT_SEEN_REPLY | CT_FIN) != 0;
         if !expired && !reopened {
-            let fin = is_tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
             let mut flags = v.flags;
-            if fin {
-                flags |= CT_CLOSING;
-            }
             if is_reply {
                 flags |= CT_SEEN_REPLY;
-                // First reply, or the server closing: tell the original-direction entry.
-                if v.flags & CT_SEEN_REPLY == 0 || (fin && v.flags & CT_CLOSING == 0) {
-                    cold();
-                    if now == 0 {
-                        now = clock();
-                    }
-                    mark_forward(&p.key, &v, fin, now, jiffies);
-                }
             }
-            if flags != v.flags {
+            // FIN: this direction is done (the flow closes once both are). RST: closed.
+            // Either is news only once per entry (a retransmitted FIN is not).
+            let closes = is_tcp
+                && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+                && v.flags & CT_CLOSING == 0
+                && (p.tcp_flags & TCP_RST != 0 || v.flags & CT_FIN == 0);
+            // First reply, the flow closing, or the entry's periodic refresh: the flow's
+            // other entry hears of it (and is put back if the LRU evicted it).
+            if flags != v.flags || closes || stale {
                 cold();
                 if now == 0 {
                     now = clock();
                 }
+                let tcp_flags = if closes { p.tcp_flags } else { 0 };
+                flags = sync_partner(&p.key, &v, flags, tcp_flags, now, jiffies);
                 unsafe {
                     (*ct).flags = flags;
                     (*ct).last_seen = now;
                     (*ct).seen_jiffies = jiffies;
                 }
-            } else if stale {
+            }
+            if p.big {
                 cold();
-                unsafe {
-                    (*ct).last_seen = now;
-                    (*ct).seen_jiffies = jiffies;
-                }
+                count(G_BIG_TCP);
             }
             account(v.svc_id, p.ip_len, is_reply, false, false);
             count(if is_reply { G_NAT_REPLY } else { G_NAT_FORWARD });
@@ -193,40 +203,90 @@ fn open_flow(p: &Parsed, jiffies: u32) -> Option<CtValue> {
     let svc = unsafe { SERVICES.get(&skey) }?;
     // A service's first packet of a flow: rare next to the flow's others.
     cold();
+    // A FIN or RST belongs to a flow that is over (a new target would only reset it), and
+    // a BIG TCP packet to one well under way: neither starts a flow.
+    if p.big || (p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0) {
+        if p.big {
+            count(G_BIG_TCP);
+        }
+        return None;
+    }
     // One copy: the agent may replace the element while we read it.
     let svc = *svc;
     new_flow(p, &svc, jiffies)
 }
 
-/// Marks the original-direction entry of the flow whose reply entry `v` (key `rk`) was
-/// hit: a reply was seen, and the flow is closing if `fin`.
+/// Keeps the flow's two entries in step, from the entry `k` → `v` whose flags become
+/// `flags` (returned, with what `tcp_flags` adds: FIN and RST, 0 for none): the other
+/// entry (the partner, keyed by `v`'s rewrite reversed) learns that a reply was seen and
+/// that the flow is closing, which it is at a RST or once both directions sent a FIN (the
+/// partner's `CT_FIN`). A partner the LRU evicted (or the agent swept: a one-way flow
+/// leaves its other entry idle) is put back, built from `k` and `v`, so a flow is never
+/// left with one entry: the reply of a flow without its reply entry would leave with the
+/// target's address, and a flow without its forward entry would be picked again.
 #[inline(always)]
-fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64, jiffies: u32) {
-    let fkey = CtKey {
+fn sync_partner(
+    k: &CtKey,
+    v: &CtValue,
+    mut flags: u16,
+    tcp_flags: u8,
+    now: u64,
+    jiffies: u32,
+) -> u16 {
+    let pkey = CtKey {
         saddr: v.nat_daddr,
         daddr: v.nat_saddr,
         sport: v.nat_dport,
         dport: v.nat_sport,
-        proto: rk.proto,
-        family: rk.family,
+        proto: k.proto,
+        family: k.family,
         _pad: 0,
     };
-    let f = match CONNTRACK.get_ptr_mut(&fkey) {
+    if tcp_flags & TCP_FIN != 0 {
+        flags |= CT_FIN;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        flags |= CT_CLOSING;
+    }
+    let found = match CONNTRACK.get_ptr_mut(&pkey) {
         Some(f) => Some(f),
-        None => from_prev(&fkey),
+        None => from_prev(&pkey),
     };
-    if let Some(f) = f {
+    if let Some(f) = found {
         // SAFETY: LRU value; flag and timestamp updates are hints (see `decide`).
         unsafe {
-            let mut flags = (*f).flags | CT_SEEN_REPLY;
-            if fin {
+            let theirs = (*f).flags;
+            if flags & CT_FIN != 0 && theirs & CT_FIN != 0 {
                 flags |= CT_CLOSING;
-                (*f).last_seen = now;
-                (*f).seen_jiffies = jiffies;
             }
-            (*f).flags = flags;
+            let want = theirs | (flags & (CT_SEEN_REPLY | CT_CLOSING));
+            if want != theirs {
+                (*f).flags = want;
+                if want & CT_CLOSING != theirs & CT_CLOSING {
+                    (*f).last_seen = now;
+                    (*f).seen_jiffies = jiffies;
+                }
+            }
+        }
+    } else {
+        cold();
+        let partner = CtValue {
+            nat_saddr: k.daddr,
+            nat_daddr: k.saddr,
+            nat_sport: k.dport,
+            nat_dport: k.sport,
+            svc_id: v.svc_id,
+            flags: (flags ^ CT_REPLY)
+                & (CT_REPLY | CT_PROXIED | CT_HAIRPIN | CT_SEEN_REPLY | CT_CLOSING),
+            seen_jiffies: jiffies,
+            last_seen: now,
+            ..CtValue::default()
+        };
+        if CONNTRACK.insert(&pkey, &partner, 0).is_err() {
+            count(G_CT_FULL);
         }
     }
+    flags
 }
 
 /// Picks the target of a new flow of `svc`, creates the two conntrack entries and returns

@@ -20,7 +20,7 @@ use crate::{
     csum,
     maps::{count, PEERS},
     nat::decide,
-    parse::{cold, load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
+    parse::{cold, load, parse, store, Parsed, ETH_LEN, HBH_JUMBO_LEN, IPV6_LEN, TCP_LEN},
 };
 
 /// `TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`: the next program on the hook (e.g. a CNI's)
@@ -39,7 +39,7 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
     // segment is one, its payload shared with the retransmit queue) reallocates its head.
     if matches!(parsed, Err(G_MALFORMED)) && ctx.data() + len > ctx.data_end() {
         cold();
-        let want = ETH_LEN + IPV6_LEN + TCP_LEN;
+        let want = ETH_LEN + IPV6_LEN + HBH_JUMBO_LEN + TCP_LEN;
         let _ = ctx.pull_data(if len < want { len } else { want } as u32);
         parsed = parse(ctx.data(), ctx.data_end(), len);
     }
@@ -144,7 +144,8 @@ fn peer_route(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Option<PeerRoute> {
         (*f).l4_protocol = p.key.proto;
         (*f).sport = to.nat_sport;
         (*f).dport = to.nat_dport;
-        (*f).__bindgen_anon_1.tot_len = p.ip_len as u16;
+        // 0 (no MTU check) for a BIG TCP packet, which is segmented later.
+        (*f).__bindgen_anon_1.tot_len = if p.big { 0 } else { p.ip_len as u16 };
         (*f).ifindex = ifindex;
         if v4 {
             (*f).__bindgen_anon_3.ipv4_src = to.nat_saddr[0];

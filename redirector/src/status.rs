@@ -53,7 +53,7 @@ pub struct Capacity {
     pub conntrack: u32,
 }
 
-const COUNTER_NAMES: [(u32, &str); 10] = [
+const COUNTER_NAMES: [(u32, &str); 11] = [
     (redirector_common::G_PACKETS, "packets"),
     (redirector_common::G_NOT_IP, "not_ip"),
     (redirector_common::G_MALFORMED, "malformed"),
@@ -67,6 +67,7 @@ const COUNTER_NAMES: [(u32, &str); 10] = [
     (redirector_common::G_CT_FULL, "conntrack_insert_failed"),
     (redirector_common::G_HAIRPIN, "hairpin"),
     (redirector_common::G_REWRITE_FAILED, "rewrite_failed"),
+    (redirector_common::G_BIG_TCP, "big_tcp"),
 ];
 
 fn set_members(maps: &Maps, svc_id: u32, set: u32, count: u32, flags: u8) -> Vec<String> {

@@ -716,3 +716,43 @@ fn conntrack_sweep_in_batches() {
     let _g = common::serial();
     common::lifecycle::conntrack_sweep_in_batches();
 }
+
+/// A half-closed TCP flow (FIN from one side) keeps its target past the closing timeout;
+/// the flow closes (both entries) once both sides sent FIN.
+#[test]
+fn half_closed_tcp_flow_keeps_its_target() {
+    require_root!();
+    let _g = common::serial();
+    common::tcp_state::half_close();
+}
+
+/// A SYN nobody answers expires after about a minute, not the established timeout.
+#[test]
+fn unanswered_syn_expires_after_a_minute() {
+    require_root!();
+    let _g = common::serial();
+    common::tcp_state::syn_only_expires();
+}
+
+#[test]
+fn rst_closes_both_conntrack_entries() {
+    require_root!();
+    let _g = common::serial();
+    common::tcp_state::rst_closes_both();
+}
+
+/// A flow that lost one of its two conntrack entries (LRU eviction) gets it back.
+#[test]
+fn flow_that_lost_an_entry_is_repaired() {
+    require_root!();
+    let _g = common::serial();
+    common::tcp_state::lost_entry_repaired();
+}
+
+/// BIG TCP (IPv4 total length 0, IPv6 payload length 0 with or without a jumbo option).
+#[test]
+fn big_tcp_packets_are_translated() {
+    require_root!();
+    let _g = common::serial();
+    common::tcp_state::big_tcp();
+}

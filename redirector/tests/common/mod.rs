@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod malformed;
 pub mod packet;
 pub mod scale;
+pub mod tcp_state;
 
 use std::{
     collections::BTreeSet,
