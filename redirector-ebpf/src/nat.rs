@@ -255,6 +255,15 @@ fn sync_partner(
     if let Some(f) = found {
         // SAFETY: LRU value; flag and timestamp updates are hints (see `decide`).
         unsafe {
+            // The tuple may belong to a newer flow by now (the client reopened it after
+            // this one closed, to another target): that one is not ours to touch.
+            if (*f).nat_daddr != k.saddr
+                || (*f).nat_saddr != k.daddr
+                || (*f).nat_dport != k.sport
+                || (*f).nat_sport != k.dport
+            {
+                return flags;
+            }
             let theirs = (*f).flags;
             if flags & CT_FIN != 0 && theirs & CT_FIN != 0 {
                 flags |= CT_CLOSING;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use redirector_common::{
     ct_time, CtKey, CtValue, DatapathConfig, CONFIG_KEY, CT_CLOSING, CT_FIN, CT_REFRESH_JIFFIES,
-    CT_REPLY, G_BIG_TCP, MODE_PROXY, MODE_SERVE,
+    CT_REPLY, CT_SEEN_REPLY, G_BIG_TCP, MODE_PROXY, MODE_SERVE,
 };
 
 use super::{
@@ -149,6 +149,15 @@ pub fn half_close() {
             dst_of(&mut b, Hook::TcIngress, &f.fwd(TCP_SYN)),
             fixture::activator(v4),
             "a new connection on the tuple follows the mode"
+        );
+        // A late retransmission of the old backend's FIN leaves the new connection alone.
+        src_of(&mut b, Hook::TcEgress, &f.reply(TCP_FIN | TCP_ACK));
+        let v = entry(&b, &f.fwd_key()).unwrap();
+        assert_eq!(
+            v.flags & (CT_CLOSING | CT_SEEN_REPLY | CT_FIN),
+            0,
+            "the old flow's reply entry marked the new connection ({:#x})",
+            v.flags
         );
         f.flip(&mut b, MODE_SERVE);
     }
