@@ -224,6 +224,10 @@ fn open_flow(p: &Parsed, jiffies: u32) -> Option<CtValue> {
 /// leaves its other entry idle) is put back, built from `k` and `v`, so a flow is never
 /// left with one entry: the reply of a flow without its reply entry would leave with the
 /// target's address, and a flow without its forward entry would be picked again.
+///
+/// Two FINs crossing on two CPUs may each miss the other's `CT_FIN`: the flow then keeps
+/// the established timeout instead of the closing one (a later bare SYN still starts a new
+/// connection: `CT_FIN` allows that on its own).
 #[inline(always)]
 fn sync_partner(
     k: &CtKey,
