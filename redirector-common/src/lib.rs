@@ -58,6 +58,13 @@ pub const CT_HAIRPIN: u16 = 1 << 2;
 pub const CT_CLOSING: u16 = 1 << 3;
 /// On the original-direction entry: the peer has answered (a later bare SYN is a new flow).
 pub const CT_SEEN_REPLY: u16 = 1 << 4;
+/// This entry's direction has sent a FIN (TCP half-close). The flow is `CT_CLOSING` (and
+/// its closing timeout starts) once both directions have, or at a RST.
+pub const CT_FIN: u16 = 1 << 5;
+/// Idle timeout of a TCP flow that was never answered (no `CT_SEEN_REPLY`: a SYN to a
+/// target that is gone or filtered), instead of the established timeout (the TCP timeout
+/// when that is shorter).
+pub const CT_SYN_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 
 /// Jiffies between two clock reads of a conntrack entry while packets flow (see
 /// `CtValue::seen_jiffies`): 100 ms at HZ=1000, one second at HZ=100, the slowest tick
@@ -65,7 +72,7 @@ pub const CT_SEEN_REPLY: u16 = 1 << 4;
 /// has passed, and `last_seen` is never more than a second behind.
 pub const CT_REFRESH_JIFFIES: u32 = 100;
 
-/// Slots of `HOOKED`, a direct-mapped set of interface indexes: ifindex `i` lives in slot
+/// Slots of `PEERS`, a direct-mapped set of interface indexes: ifindex `i` lives in slot
 /// `i & (HOOKED_SLOTS - 1)` and the slot holds `i` itself (0: empty). A power of two.
 pub const HOOKED_SLOTS: u32 = 1 << 16;
 
@@ -73,8 +80,8 @@ pub const HOOKED_SLOTS: u32 = 1 << 16;
 pub const CONFIG_KEY: u32 = 0;
 
 /// Global counters (`GLOBAL_STATS` per-CPU array index).
-/// Packets the programs examined (not egress packets that arrived on a `HOOKED` interface:
-/// those were counted at their ingress).
+/// Packets the programs examined, per hook (a forwarded packet counts at its ingress and at
+/// its egress).
 pub const G_PACKETS: u32 = 0;
 pub const G_NOT_IP: u32 = 1;
 pub const G_MALFORMED: u32 = 2;
@@ -85,6 +92,10 @@ pub const G_NO_BACKEND: u32 = 6;
 pub const G_CT_FULL: u32 = 7;
 pub const G_HAIRPIN: u32 = 8;
 pub const G_REWRITE_FAILED: u32 = 9;
+/// BIG TCP packets (GSO/GRO packets over 64 KiB: IPv4 total length 0, IPv6 payload length 0
+/// with or without a hop-by-hop jumbo option). Translated when their flow exists; they
+/// never start one.
+pub const G_BIG_TCP: u32 = 10;
 /// Socket hooks: a `connect()` or `sendmsg()` to a VIP rewritten to its target.
 pub const G_SOCK_TRANSLATED: u32 = 14;
 /// Socket hooks: a `getpeername()` or `recvmsg()` answered with the VIP instead of the target.

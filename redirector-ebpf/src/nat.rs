@@ -1,12 +1,15 @@
 //! The NAT core shared by every program: conntrack lookup, service lookup, target choice
 //! (Maglev for Serve, the activator for Proxy) and conntrack creation. It decides the
 //! rewrite; the XDP and tc programs apply it with the checksum method their hook allows.
+use core::cmp::min;
+
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use redirector_common::{
     ct_time, CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, ServiceKey, ServiceValue,
-    CLOCK_EPOCH_NS, CONFIG_KEY, CT_CLOSING, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES, CT_REPLY,
-    CT_SEEN_REPLY, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD, G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M,
-    MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP, SET_PROXY, SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
+    CLOCK_EPOCH_NS, CONFIG_KEY, CT_CLOSING, CT_FIN, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES,
+    CT_REPLY, CT_SEEN_REPLY, CT_SYN_TIMEOUT_NS, G_BIG_TCP, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD,
+    G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP, SET_PROXY,
+    SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
@@ -51,6 +54,9 @@ fn config() -> DatapathConfig {
 fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
     if flags & CT_CLOSING != 0 {
         cfg.closing_timeout_ns
+    } else if proto == PROTO_TCP && flags & CT_SEEN_REPLY == 0 {
+        // Never answered: a SYN to a target that is gone.
+        min(CT_SYN_TIMEOUT_NS, cfg.tcp_timeout_ns)
     } else if proto == PROTO_TCP {
         cfg.tcp_timeout_ns
     } else {
@@ -59,15 +65,27 @@ fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
 }
 
 /// Decides what happens to a parsed packet: the tuple to rewrite it to, or `None` to pass
-/// it as it is. `allow_new` is false on egress hooks, which only reverse-translate flows
-/// that already exist.
+/// it as it is.
+///
+/// Where each direction is translated: ingress hooks (`egress` false) start flows and
+/// translate the original direction, and both directions of hairpinned flows (which they
+/// bounce straight back, past the node's stack). A reply of any other flow passes ingress
+/// untranslated, so that the node's netfilter conntrack and rp_filter see the tuple the
+/// request left with (target → client); egress (`egress` true, after netfilter) gives it
+/// the VIP as source, and never translates anything else or starts a flow. An ingress hook
+/// may still take a reply it can deliver past the stack itself: `take_reply` is asked
+/// (tc ingress with `host_routing = "bpf"`, when the reply's route leads to a pod veth).
 ///
 /// The rewrite is returned by value, never written through a pointer: a copy into a
 /// `&mut CtValue` (or its zeroing) compiles to calls of the byte-at-a-time `memmove` /
 /// `memset` of compiler-builtins, hundreds of instructions per packet. The object test
 /// `no_mem_calls_in_programs` fails the build on any such call.
 #[inline(always)]
-pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
+pub fn decide(
+    p: &Parsed,
+    egress: bool,
+    take_reply: impl FnOnce(&CtValue) -> bool,
+) -> Option<CtValue> {
     // The verifier inlines this helper into one load of `jiffies`; the clock itself (a
     // real helper call, ~40 ns per packet in the kept-alive benchmark) is read only on the
     // rare paths below.
@@ -81,6 +99,12 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
         // SAFETY: LRU value; concurrent writers only touch `flags`, `seen_jiffies` and
         // `last_seen`, and a torn read of those is harmless (they are hints).
         let v = unsafe { *ct };
+        // Egress applies exactly the reply entries of flows that are not hairpinned; ingress
+        // everything else (and such a reply only if it delivers it itself).
+        let late_reply = v.flags & (CT_REPLY | CT_HAIRPIN) == CT_REPLY;
+        if late_reply != egress && (egress || !take_reply(&v)) {
+            return None;
+        }
         // An entry is refreshed every `CT_REFRESH_JIFFIES` (at most a second) while packets
         // flow, and timeouts are whole seconds of at least one (the agent refuses less):
         // only an entry not refreshed for that long can have expired, so only then are the
@@ -95,46 +119,50 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
             expired = idle > SECOND && idle > timeout(&config(), p.key.proto, v.flags);
         }
         let is_reply = v.flags & CT_REPLY != 0;
-        // A bare SYN on a flow that was answered or is closing is a new connection reusing
-        // the client port: it follows the current mode. (A SYN retransmitted before any
-        // reply stays pinned.)
-        let reopened = is_tcp
-            && !is_reply
-            && v.flags & (CT_CLOSING | CT_SEEN_REPLY) != 0
-            && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let bare_syn = is_tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if expired && bare_syn {
+            cold();
+        } else if expired && is_tcp && v.flags & (CT_FIN | CT_CLOSING) != 0 {
+            // A straggler of a flow that closed (or half-closed) long ago, e.g. a
+            // retransmitted last ACK: it keeps its target. Only a bare SYN starts a new
+            // connection on the tuple.
+            cold();
+            expired = false;
+        }
+        // A bare SYN on a flow that was answered, or that the client closed, is a new
+        // connection reusing the client port: it follows the current mode. (A SYN
+        // retransmitted before any reply stays pinned.)
+        let reopened =
+            bare_syn && !is_reply && v.flags & (CT_CLOSING | CT_SEEN_REPLY | CT_FIN) != 0;
         if !expired && !reopened {
-            let fin = is_tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
             let mut flags = v.flags;
-            if fin {
-                flags |= CT_CLOSING;
-            }
             if is_reply {
                 flags |= CT_SEEN_REPLY;
-                // First reply, or the server closing: tell the original-direction entry.
-                if v.flags & CT_SEEN_REPLY == 0 || (fin && v.flags & CT_CLOSING == 0) {
-                    cold();
-                    if now == 0 {
-                        now = clock();
-                    }
-                    mark_forward(&p.key, &v, fin, now, jiffies);
-                }
             }
-            if flags != v.flags {
+            // FIN: this direction is done (the flow closes once both are). RST: closed.
+            // Either is news only once per entry (a retransmitted FIN is not).
+            let closes = is_tcp
+                && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+                && v.flags & CT_CLOSING == 0
+                && (p.tcp_flags & TCP_RST != 0 || v.flags & CT_FIN == 0);
+            // First reply, the flow closing, or the entry's periodic refresh: the flow's
+            // other entry hears of it (and is put back if the LRU evicted it).
+            if flags != v.flags || closes || stale {
                 cold();
                 if now == 0 {
                     now = clock();
                 }
+                let tcp_flags = if closes { p.tcp_flags } else { 0 };
+                flags = sync_partner(&p.key, &v, flags, tcp_flags, now, jiffies);
                 unsafe {
                     (*ct).flags = flags;
                     (*ct).last_seen = now;
                     (*ct).seen_jiffies = jiffies;
                 }
-            } else if stale {
+            }
+            if p.big {
                 cold();
-                unsafe {
-                    (*ct).last_seen = now;
-                    (*ct).seen_jiffies = jiffies;
-                }
+                count(G_BIG_TCP);
             }
             account(v.svc_id, p.ip_len, is_reply, false, false);
             count(if is_reply { G_NAT_REPLY } else { G_NAT_FORWARD });
@@ -143,7 +171,7 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
         // Expired, or a new connection on the same tuple.
         cold();
     }
-    if !allow_new {
+    if egress {
         return None;
     }
     open_flow(p, jiffies)
@@ -175,40 +203,103 @@ fn open_flow(p: &Parsed, jiffies: u32) -> Option<CtValue> {
     let svc = unsafe { SERVICES.get(&skey) }?;
     // A service's first packet of a flow: rare next to the flow's others.
     cold();
+    // A FIN or RST belongs to a flow that is over (a new target would only reset it), and
+    // a BIG TCP packet to one well under way: neither starts a flow.
+    if p.big || (p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0) {
+        if p.big {
+            count(G_BIG_TCP);
+        }
+        return None;
+    }
     // One copy: the agent may replace the element while we read it.
     let svc = *svc;
     new_flow(p, &svc, jiffies)
 }
 
-/// Marks the original-direction entry of the flow whose reply entry `v` (key `rk`) was
-/// hit: a reply was seen, and the flow is closing if `fin`.
+/// Keeps the flow's two entries in step, from the entry `k` → `v` whose flags become
+/// `flags` (returned, with what `tcp_flags` adds: FIN and RST, 0 for none): the other
+/// entry (the partner, keyed by `v`'s rewrite reversed) learns that a reply was seen and
+/// that the flow is closing, which it is at a RST or once both directions sent a FIN (the
+/// partner's `CT_FIN`). A partner the LRU evicted (or the agent swept: a one-way flow
+/// leaves its other entry idle) is put back, built from `k` and `v`, so a flow is never
+/// left with one entry: the reply of a flow without its reply entry would leave with the
+/// target's address, and a flow without its forward entry would be picked again.
+///
+/// Two FINs crossing on two CPUs may each miss the other's `CT_FIN`: the flow then keeps
+/// the established timeout instead of the closing one (a later bare SYN still starts a new
+/// connection: `CT_FIN` allows that on its own).
 #[inline(always)]
-fn mark_forward(rk: &CtKey, v: &CtValue, fin: bool, now: u64, jiffies: u32) {
-    let fkey = CtKey {
+fn sync_partner(
+    k: &CtKey,
+    v: &CtValue,
+    mut flags: u16,
+    tcp_flags: u8,
+    now: u64,
+    jiffies: u32,
+) -> u16 {
+    let pkey = CtKey {
         saddr: v.nat_daddr,
         daddr: v.nat_saddr,
         sport: v.nat_dport,
         dport: v.nat_sport,
-        proto: rk.proto,
-        family: rk.family,
+        proto: k.proto,
+        family: k.family,
         _pad: 0,
     };
-    let f = match CONNTRACK.get_ptr_mut(&fkey) {
+    if tcp_flags & TCP_FIN != 0 {
+        flags |= CT_FIN;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        flags |= CT_CLOSING;
+    }
+    let found = match CONNTRACK.get_ptr_mut(&pkey) {
         Some(f) => Some(f),
-        None => from_prev(&fkey),
+        None => from_prev(&pkey),
     };
-    if let Some(f) = f {
+    if let Some(f) = found {
         // SAFETY: LRU value; flag and timestamp updates are hints (see `decide`).
         unsafe {
-            let mut flags = (*f).flags | CT_SEEN_REPLY;
-            if fin {
-                flags |= CT_CLOSING;
-                (*f).last_seen = now;
-                (*f).seen_jiffies = jiffies;
+            // The tuple may belong to a newer flow by now (the client reopened it after
+            // this one closed, to another target): that one is not ours to touch.
+            if (*f).nat_daddr != k.saddr
+                || (*f).nat_saddr != k.daddr
+                || (*f).nat_dport != k.sport
+                || (*f).nat_sport != k.dport
+            {
+                return flags;
             }
-            (*f).flags = flags;
+            let theirs = (*f).flags;
+            if flags & CT_FIN != 0 && theirs & CT_FIN != 0 {
+                flags |= CT_CLOSING;
+            }
+            let want = theirs | (flags & (CT_SEEN_REPLY | CT_CLOSING));
+            if want != theirs {
+                (*f).flags = want;
+                if want & CT_CLOSING != theirs & CT_CLOSING {
+                    (*f).last_seen = now;
+                    (*f).seen_jiffies = jiffies;
+                }
+            }
+        }
+    } else {
+        cold();
+        let partner = CtValue {
+            nat_saddr: k.daddr,
+            nat_daddr: k.saddr,
+            nat_sport: k.dport,
+            nat_dport: k.sport,
+            svc_id: v.svc_id,
+            flags: (flags ^ CT_REPLY)
+                & (CT_REPLY | CT_PROXIED | CT_HAIRPIN | CT_SEEN_REPLY | CT_CLOSING),
+            seen_jiffies: jiffies,
+            last_seen: now,
+            ..CtValue::default()
+        };
+        if CONNTRACK.insert(&pkey, &partner, 0).is_err() {
+            count(G_CT_FULL);
         }
     }
+    flags
 }
 
 /// Picks the target of a new flow of `svc`, creates the two conntrack entries and returns

@@ -13,6 +13,10 @@ pub const IPV4_LEN: usize = 20;
 pub const IPV6_LEN: usize = 40;
 pub const TCP_LEN: usize = 20;
 pub const UDP_LEN: usize = 8;
+/// A hop-by-hop header holding only the jumbo payload option (RFC 2675).
+pub const HBH_JUMBO_LEN: usize = 8;
+const NEXTHDR_HOP: u8 = 0;
+const IPV6_TLV_JUMBO: u8 = 0xc2;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -26,6 +30,9 @@ pub struct Parsed {
     pub tcp_flags: u8,
     /// Bytes of the IP packet (header + payload), for counters.
     pub ip_len: u32,
+    /// A BIG TCP packet (over 64 KiB, so its IP length field is 0): its length is the
+    /// frame's (or the jumbo option's).
+    pub big: bool,
 }
 
 impl Parsed {
@@ -93,6 +100,12 @@ pub type Skip = u32;
 /// Parses Ethernet + IP + L4 ports. `Err(counter)` means: pass unchanged. `frame_len` is
 /// the whole frame's length (an skb's data may extend past its linear part).
 ///
+/// BIG TCP: a GSO or GRO packet longer than 64 KiB has an IPv4 total length of 0, or an
+/// IPv6 payload length of 0, either with a hop-by-hop header holding only the jumbo option
+/// (RFC 2675; kernels before 6.x put it in) or without one. Its length is then the frame's
+/// (the jumbo option's when there is one). The stack drops such a header on any other
+/// packet, so taking it at its word is harmless.
+///
 /// All bounds checks of header reads come first and length validation last, so that the
 /// compiler cannot fold a packet-bounds check into a length comparison the verifier does not
 /// track.
@@ -103,6 +116,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Parsed, S
     let mut key = CtKey::default();
     let l4_off;
     let ip_len;
+    let mut big = false;
     match ethertype {
         0x0800 => {
             let ip = ptr_at::<[u8; IPV4_LEN]>(data, data_end, ETH_LEN).ok_or(G_MALFORMED)? as usize;
@@ -116,7 +130,14 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Parsed, S
             if u16::from_be(rd::<u16>(ip, 6)) & 0x3fff != 0 {
                 return Err(G_FRAGMENT_OR_OPTIONS);
             }
-            ip_len = u16::from_be(rd::<u16>(ip, 2)) as usize;
+            ip_len = match u16::from_be(rd::<u16>(ip, 2)) {
+                0 => {
+                    cold();
+                    big = true;
+                    frame_len - ETH_LEN
+                }
+                n => n as usize,
+            };
             key.proto = rd(ip, 9);
             key.saddr[0] = rd(ip, 12);
             key.daddr[0] = rd(ip, 16);
@@ -129,12 +150,32 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Parsed, S
             if v >> 4 != 6 {
                 return Err(G_MALFORMED);
             }
-            ip_len = IPV6_LEN + u16::from_be(rd::<u16>(ip, 4)) as usize;
+            let payload = u16::from_be(rd::<u16>(ip, 4)) as usize;
             key.proto = rd(ip, 6);
             key.saddr = rd(ip, 8);
             key.daddr = rd(ip, 24);
             key.family = FAMILY_V6;
-            l4_off = ETH_LEN + IPV6_LEN;
+            if payload != 0 {
+                ip_len = IPV6_LEN + payload;
+                l4_off = ETH_LEN + IPV6_LEN;
+            } else if key.proto == NEXTHDR_HOP {
+                cold();
+                big = true;
+                // Next header, length 0 (8 bytes), the jumbo option: type, length 4, value.
+                let hbh = ptr_at::<[u8; 8]>(data, data_end, ETH_LEN + IPV6_LEN)
+                    .ok_or(G_MALFORMED)? as usize;
+                if rd::<[u8; 3]>(hbh, 1) != [0, IPV6_TLV_JUMBO, 4] {
+                    return Err(G_FRAGMENT_OR_OPTIONS);
+                }
+                key.proto = rd(hbh, 0);
+                ip_len = IPV6_LEN + u32::from_be(rd::<u32>(hbh, 4)) as usize;
+                l4_off = ETH_LEN + IPV6_LEN + HBH_JUMBO_LEN;
+            } else {
+                cold();
+                big = true;
+                ip_len = frame_len - ETH_LEN;
+                l4_off = ETH_LEN + IPV6_LEN;
+            }
         }
         _ => return Err(G_NOT_IP),
     }
@@ -167,7 +208,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Parsed, S
     // Lengths last: the IP length must cover the L4 header (or UDP length) and fit in the
     // frame (Ethernet padding may follow it).
     let hdr = l4_off - ETH_LEN;
-    if ip_len < hdr + l4_min || ETH_LEN + ip_len > frame_len {
+    if ip_len < hdr + l4_min || ETH_LEN + ip_len > frame_len || (big && key.proto != PROTO_TCP) {
         return Err(G_MALFORMED);
     }
     Ok(Parsed {
@@ -175,5 +216,6 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Parsed, S
         l4_off,
         tcp_flags,
         ip_len: ip_len as u32,
+        big,
     })
 }

@@ -606,6 +606,10 @@ impl Programmer {
         let walked = crate::datapath::batch::for_each(&self.maps.conntrack, |k, v| {
             let timeout = if v.flags & redirector_common::CT_CLOSING != 0 {
                 ct.closing_timeout
+            } else if k.proto == PROTO_TCP && v.flags & redirector_common::CT_SEEN_REPLY == 0 {
+                // Never answered (the datapath's rule too).
+                ct.tcp_timeout
+                    .min(Duration::from_nanos(redirector_common::CT_SYN_TIMEOUT_NS))
             } else if k.proto == PROTO_TCP {
                 ct.tcp_timeout
             } else {

@@ -56,7 +56,7 @@ pub struct Capacity {
     pub conntrack: u32,
 }
 
-const COUNTER_NAMES: [(u32, &str); 12] = [
+const COUNTER_NAMES: [(u32, &str); 13] = [
     (redirector_common::G_PACKETS, "packets"),
     (redirector_common::G_NOT_IP, "not_ip"),
     (redirector_common::G_MALFORMED, "malformed"),
@@ -70,6 +70,7 @@ const COUNTER_NAMES: [(u32, &str); 12] = [
     (redirector_common::G_CT_FULL, "conntrack_insert_failed"),
     (redirector_common::G_HAIRPIN, "hairpin"),
     (redirector_common::G_REWRITE_FAILED, "rewrite_failed"),
+    (redirector_common::G_BIG_TCP, "big_tcp"),
     (redirector_common::G_SOCK_TRANSLATED, "socket_translated"),
     (redirector_common::G_SOCK_REVERSED, "socket_reversed"),
 ];

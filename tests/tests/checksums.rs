@@ -1,7 +1,7 @@
 //! Checksums stay right through every rewrite, with veth checksum offload on (partial
 //! checksums cross the veths) and off (full checksums, verified by the receiver): TCP and UDP,
-//! IPv4 and IPv6, local backend, remote backend (XDP reverse NAT on the uplink), the
-//! node-local activator (tc egress reverse NAT) and hairpin. Run twice: with the node's
+//! IPv4 and IPv6, local backend, remote backend and the node-local activator (their replies
+//! reverse-translated at tc egress) and hairpin. Run twice: with the node's
 //! forwarding (`host_routing = "kernel"`) and with translated packets handed straight to
 //! the local pod (`host_routing = "bpf"`), where the node must forward none of them.
 use std::collections::BTreeMap;
