@@ -85,6 +85,18 @@ const SUITES: &[Suite] = &[
         test: "checksums",
         args: "--test-threads=1",
     },
+    Suite {
+        name: "sockets",
+        package: "redirector-tests",
+        test: "sockets",
+        args: "--test-threads=1",
+    },
+    Suite {
+        name: "netfilter",
+        package: "redirector-tests",
+        test: "netfilter",
+        args: "--test-threads=1",
+    },
 ];
 
 /// Suites that run in the lockdown VM (no netns topology: only loading and the datapath).
