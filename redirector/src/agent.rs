@@ -589,6 +589,13 @@ fn hook_sockets(dp: &mut Datapath, node: &NodeConfig) {
             );
             return;
         }
+        // A hybrid host (cgroup v1 controllers) keeps the v2 hierarchy below `unified`.
+        SocketCgroup::Path(p)
+            if !sockets::is_cgroup2(p) && sockets::is_cgroup2(&p.join("unified")) =>
+        {
+            tracing::info!(cgroup = %p.display(), "not cgroup v2; using its unified hierarchy");
+            p.join("unified")
+        }
         SocketCgroup::Path(p) => p.clone(),
         SocketCgroup::Auto => match sockets::find_cgroup2() {
             Some(p) => p,
