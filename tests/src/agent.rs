@@ -219,7 +219,7 @@ impl Agent {
             .arg("--ready-file")
             .arg(&self.ready_path)
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,redirector::datapath::sockets=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

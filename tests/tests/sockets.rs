@@ -260,3 +260,69 @@ fn one_client_port_to_two_proxied_vips() {
         }
     }
 }
+
+/// Agents restarted three times under load from the node's cgroup (new connections and
+/// kept-alive ones, TCP and UDP): no request fails, the restarted agent swaps its programs
+/// into the pinned cgroup links, and uninstall leaves no program on the cgroup.
+#[test]
+fn agent_restart_under_socket_load() {
+    require_root!();
+    let mut c = Cluster::with_socket_hooks("skr", bins!()).expect("cluster");
+    drop_invalid(&c);
+    let mut loops = Vec::new();
+    for (svc, v6) in [(WEB, false), (WEB, true), (ECHO, false), (ECHO, true)] {
+        let mut args = svc.client(v6, 2, 2, 0).in_cgroup(&c.cgroups[0].path);
+        args.interval_ms = 10;
+        let stop = c.dir.0.join(format!("stop-{}-{v6}", svc.name));
+        let name = format!("{} v6={v6}", svc.name);
+        loops.push((
+            name,
+            ClientLoop::start(&c.bins, &c.topo.pod("cli").ns, &args, stop).unwrap(),
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..3 {
+        for a in c.agents.iter_mut() {
+            a.stop()
+                .unwrap_or_else(|e| panic!("round {round}: stopping: {e:#}"));
+            std::thread::sleep(Duration::from_millis(300));
+            a.spawn()
+                .unwrap_or_else(|e| panic!("round {round}: restarting: {e:#}"));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (name, lp) in loops {
+        let s = lp.stop().unwrap();
+        s.assert_all_ok(&name);
+        assert!(s.ok > 50, "{name}: {s:?}");
+    }
+    let log = c.agents[0].log();
+    assert!(
+        log.contains("replaced=9 attached=0"),
+        "links not updated in place: {log}"
+    );
+    let st = c.agents[0].status().unwrap();
+    assert_eq!(
+        counter(&st, "nat_forward"),
+        0,
+        "all of it on the socket path: {st}"
+    );
+    // Uninstall: no program left on the node's cgroup.
+    let cg = c.cgroups[0].path.clone();
+    let pin = c.agents[0].pin_path.clone();
+    c.agents[0].stop().unwrap();
+    let out = std::process::Command::new(&c.agents[0].bin)
+        .args(["uninstall", "--pin-path"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let show =
+        redirector_tests::netns::run("bpftool", &["cgroup", "show", cg.to_str().unwrap()]).unwrap();
+    assert!(
+        !show.contains("connect"),
+        "programs left on {}: {show}",
+        cg.display()
+    );
+}

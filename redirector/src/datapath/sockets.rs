@@ -120,7 +120,7 @@ struct LinkUpdateAttr {
 }
 
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_UPDATE: libc::c_long = 20;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `BPF_OBJ_GET`'s attribute.
 #[repr(C)]
@@ -257,8 +257,16 @@ impl Datapath {
         if pin.exists() {
             match obj_get(pin) {
                 Ok(fd) => {
-                    if link_cgroup(&fd) == Some(cg_id) && update_link(&fd, prog_fd).is_ok() {
-                        return Ok(Attached::Replaced);
+                    let linked = link_cgroup(&fd);
+                    if linked == Some(cg_id) {
+                        match update_link(&fd, prog_fd) {
+                            Ok(()) => return Ok(Attached::Replaced),
+                            Err(e) => {
+                                tracing::debug!(pin = %pin.display(), error = %e, "socket link not updated")
+                            }
+                        }
+                    } else {
+                        tracing::debug!(pin = %pin.display(), ?linked, cg_id, "socket link of another cgroup");
                     }
                     // Another cgroup (or a link that can't be updated): it stays attached
                     // (this fd) until the new one is, then goes with the fd.
