@@ -79,7 +79,15 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+                // kube's watcher warns on every failed list attempt (several a second per
+                // resource during an outage); the agent's own watch loop logs an outage
+                // once, and each retry at debug.
+                .add_directive(
+                    "kube_runtime::watcher=error"
+                        .parse()
+                        .expect("a valid directive"),
+                ),
         )
         .with_writer(std::io::stderr)
         .init();

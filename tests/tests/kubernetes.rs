@@ -917,6 +917,44 @@ mod agent_k8s {
         no_agent_errors(&k);
     }
 
+    /// A list that keeps failing (403: RBAC without the grant) is retried with a backoff
+    /// that grows to seconds, not every ~200 ms forever, and the log says so once per outage.
+    #[test]
+    fn forbidden_list_backs_off_to_seconds_and_logs_once() {
+        require_root!();
+        let mut k = KubeNode::new("bo").unwrap();
+        k.api.set_forbidden("endpointslices", true);
+        k.start_agent_unready(&AgentOpts::default()).unwrap();
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(Duration::from_secs(8));
+        let tries = k
+            .api
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/endpointslices") && r.status == 403)
+            .count();
+        let secs = t0.elapsed().as_secs_f64();
+        // 0.2 + 0.4 + 0.8 + 1.6 + 3.2 + 5 s …: about 6 tries in 8 s (the bug: ~40).
+        assert!(
+            (2..=10).contains(&tries),
+            "{tries} list attempts in {secs:.1} s: {:?}",
+            k.api.requests()
+        );
+        let log = k.log();
+        let warned = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("endpointslices"))
+            .count();
+        assert_eq!(warned, 1, "one warning per outage:\n{log}");
+        // Granted again: the agent lists and resumes.
+        k.api.set_forbidden("endpointslices", false);
+        redirector_tests::netns::wait_for("the list succeeds", LONG, || {
+            k.log().contains("kubernetes watch resumed").then_some(())
+        })
+        .unwrap();
+        no_agent_errors(&k);
+    }
+
     #[test]
     fn agent_api_server_restart_keeps_maps_then_relists_after_gone() {
         require_root!();

@@ -229,7 +229,11 @@ async fn run_resource<K>(
                     continue;
                 }
             };
-            backoff.reset();
+            // `Init` comes before every list attempt, a failing one included: only what
+            // the server answered proves it works again.
+            if !matches!(ev, Event::Init) {
+                backoff.reset();
+            }
             if failing && !matches!(ev, Event::Init | Event::InitApply(_)) {
                 failing = false;
                 tracing::info!(resource = kind.name(), "kubernetes watch resumed");

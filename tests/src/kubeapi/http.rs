@@ -283,6 +283,19 @@ async fn dispatch(
     let Some(r) = route(path) else {
         return error_response(&ApiError::not_found(format!("path {path}")));
     };
+    if let Route::Collection(res, _) | Route::Object(res, ..) = &r {
+        if shared.forbidden.lock().unwrap().contains(&res.resource) {
+            return error_response(&ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "{} is forbidden: User \"system:serviceaccount:redirector:redirector\" \
+                     cannot list resource \"{}\"",
+                    res.resource, res.resource
+                ),
+            ));
+        }
+    }
     let parse_body = || -> Result<Value, ApiError> {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("request body is not JSON: {e}")))

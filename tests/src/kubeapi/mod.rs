@@ -76,6 +76,8 @@ pub struct Shared {
     pub active_watches: AtomicUsize,
     /// Watches answered with 410 Gone so far.
     pub gone: AtomicUsize,
+    /// Resources (plural names) whose requests are answered 403 Forbidden, as RBAC would.
+    pub forbidden: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -165,6 +167,7 @@ impl ApiServer {
             requests: Mutex::new(Vec::new()),
             active_watches: AtomicUsize::new(0),
             gone: AtomicUsize::new(0),
+            forbidden: Mutex::new(Vec::new()),
         });
         let mut s = ApiServer {
             shared,
@@ -297,6 +300,16 @@ impl ApiServer {
     }
 
     /// Answer too-old watches with an HTTP 410 response instead of a 200 + ERROR event.
+    /// Answers every request for `resource` (plural) with 403 Forbidden while `on`, as the
+    /// real API server does without an RBAC grant.
+    pub fn set_forbidden(&self, resource: &str, on: bool) {
+        let mut f = self.shared.forbidden.lock().unwrap();
+        f.retain(|r| r != resource);
+        if on {
+            f.push(resource.to_owned());
+        }
+    }
+
     pub fn set_gone_as_http(&self, on: bool) {
         *self.shared.gone_as_http.lock().unwrap() = on;
     }

@@ -165,6 +165,23 @@ impl KubeNode {
 
     /// Starts `redirector agent --kubernetes` in the node; waits for its ready file.
     pub fn start_agent(&mut self, opts: &AgentOpts) -> Result<()> {
+        self.start_agent_unready(opts)?;
+        let ready = self.ready_path.clone();
+        let res = wait_for("the agent's ready file", Duration::from_secs(60), || {
+            if ready.exists() {
+                return Some(true);
+            }
+            let alive = self.agent.as_mut().is_some_and(|p| p.alive());
+            (!alive).then_some(false)
+        });
+        match res {
+            Ok(true) => Ok(()),
+            _ => bail!("the agent did not become ready; log:\n{}", self.log()),
+        }
+    }
+
+    /// Starts the agent without waiting for it to be ready.
+    pub fn start_agent_unready(&mut self, opts: &AgentOpts) -> Result<()> {
         std::fs::write(&self.config_path, self.config_toml(&opts.toml))?;
         let _ = std::fs::remove_file(&self.ready_path);
         let log = std::fs::OpenOptions::new()
@@ -198,18 +215,7 @@ impl KubeNode {
             child,
             what: "agent".into(),
         });
-        let ready = self.ready_path.clone();
-        let res = wait_for("the agent's ready file", Duration::from_secs(60), || {
-            if ready.exists() {
-                return Some(true);
-            }
-            let alive = self.agent.as_mut().is_some_and(|p| p.alive());
-            (!alive).then_some(false)
-        });
-        match res {
-            Ok(true) => Ok(()),
-            _ => bail!("the agent did not become ready; log:\n{}", self.log()),
-        }
+        Ok(())
     }
 
     pub fn agent_alive(&mut self) -> bool {
