@@ -616,10 +616,13 @@ mod agent_k8s {
             })
             .unwrap();
         let e = entry(&st, rev, vip).unwrap();
+        // On the service's own port of the activator's address (`service_ports`, 20000 +
+        // the service id), which sk_lookup hands to the listener on ACTIVATOR_PORT.
+        let own_port = 20000 + e["id"].as_u64().unwrap() as u16;
         assert_eq!(
             e["activator"],
-            ep(NODE_IP.into(), ACTIVATOR_PORT).as_str(),
-            "Proxy leads to the node-local activator: {e}"
+            ep(NODE_IP.into(), own_port).as_str(),
+            "Proxy leads to the node-local activator (listening on {ACTIVATOR_PORT}): {e}"
         );
 
         // A request while no pod is ready: the node-local activator holds it.
