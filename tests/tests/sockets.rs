@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redirector_tests::{
     bins,
-    cluster::{Cluster, ECHO, ID_ACT_A, ID_BEA, ID_BEB, WEB, WEB_LOCAL, WEB_PROXY},
+    cluster::{Cluster, ECHO, ID_ACT_A, ID_BEA, ID_BEB, WEB, WEB_LOCAL, WEB_PROXY, WEB_REMOTE},
     netns::wait_for,
     require_root,
     traffic::{run_client, ClientLoop},
@@ -325,4 +325,33 @@ fn agent_restart_under_socket_load() {
         "programs left on {}: {show}",
         cg.display()
     );
+}
+
+/// Two Serve VIPs whose pick is the same backend, from one bound client port at once: the
+/// real tuples are the same, so on the socket path the kernel refuses the second
+/// `connect()` (EADDRNOTAVAIL), exactly as for two direct connections; the first is never
+/// disturbed.
+#[test]
+fn one_client_port_to_two_serve_vips_with_one_backend() {
+    require_root!();
+    let c = Cluster::with_node_activators("sks", bins!(), |cfg| {
+        let b = cfg.service_mut(WEB_LOCAL.name).backends.clone();
+        cfg.service_mut(WEB_REMOTE.name).backends = b;
+    })
+    .expect("cluster");
+    let cli = c.topo.pod("cli");
+    let bind = std::net::SocketAddr::new(cli.ip(false), 43000);
+    let to = [WEB_LOCAL.vip(false), WEB_REMOTE.vip(false)];
+    let r = collide(&cli.ns, Some(c.cgroups[0].path.as_path()), bind, to);
+    assert_eq!(r["ok"], 10, "one of each pair is answered: {r}");
+    assert_eq!(r["failed"], 10, "{r}");
+    for e in r["errors"].as_array().unwrap() {
+        let e = e.as_str().unwrap();
+        assert!(e.contains("connect") && e.contains("os error 99"), "{e}");
+    }
+    let ids: Vec<&Value> = [&r["ids"][0], &r["ids"][1]]
+        .into_iter()
+        .flat_map(|v| v.as_array().unwrap())
+        .collect();
+    assert!(ids.iter().all(|i| *i == ID_BEA), "{r}");
 }
