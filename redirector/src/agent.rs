@@ -279,14 +279,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
         None => None,
     };
-    // Per-service activator ports need our listener and sk_lookup (5.9); checked again
-    // once the listeners are up.
-    let service_ports = cfg
-        .activator
-        .service_ports
-        .filter(|_| cfg.activator.listen && crate::datapath::kernel().sk_lookup);
+    // The listeners first: whether services get ports of their own depends on them, and
+    // the first write of the maps must already say (a restart rewrites nothing).
+    let (listeners, service_ports) = start_activator(&activator, &cfg, &mut dp).await;
     prog.set_service_ports(service_ports);
     apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;
+    if let Some(ports) = service_ports {
+        activator.set_service_ports(ports, prog.vips_by_id());
+    }
     // A map that could not be copied (its layout changed) starts empty: with the state
     // coming from the cluster, the old programs keep serving until it is programmed.
     let mut att = Attachments {
@@ -307,46 +307,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         hook_sockets(&mut dp, &cfg.node);
     }
 
-    let mut listeners = Vec::new();
-    let mut sockets = Vec::new();
-    if cfg.activator.listen {
-        for addr in &cfg.node.activator {
-            match crate::activator::spawn_listeners(activator.clone(), *addr).await {
-                Ok(l) => {
-                    tracing::info!(%addr, threads = l.threads.len(), "activator listening");
-                    listeners.extend(l.threads);
-                    sockets.push((*addr, l.socket));
-                }
-                Err(e) => tracing::error!(%addr, error = %e, "activator can't listen"),
-            }
-        }
-    }
-    if let Some(ports) = service_ports {
-        let steered = if sockets.len() == cfg.node.activator.len() {
-            let fds: Vec<_> = sockets.iter().map(|(a, s)| (*a, s.as_fd())).collect();
-            dp.steer_activator(&fds, ports).map_err(|e| e.to_string())
-        } else {
-            Err("not every activator address has a listener".to_owned())
-        };
-        match steered {
-            Ok(()) => {
-                activator.set_service_ports(ports, prog.vips_by_id());
-                tracing::info!(
-                    first = ports.0,
-                    count = ports.1,
-                    "activator ports per service: proxied flows never share a tuple"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "per-service activator ports off: every service on the listener's port"
-                );
-                prog.set_service_ports(None);
-                apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;
-            }
-        }
-    }
     let agent_metrics = Arc::new(crate::metrics::AgentMetrics {
         activator: activator.clone(),
         statuses: serving.statuses.clone(),
@@ -574,6 +534,60 @@ pub struct Uninstalled {
     pub links: usize,
     /// Pinned maps removed.
     pub maps: usize,
+}
+
+/// Starts the activator's listeners (`[activator] listen`) and, where the kernel has
+/// `sk_lookup` (5.9) and every activator address has a listener, steers the per-service
+/// ports (`[activator] service_ports`) to them. Returns the listener threads and the
+/// per-service ports in effect (`None`: every service on the listener's port).
+async fn start_activator(
+    activator: &Arc<Activator>,
+    cfg: &Config,
+    dp: &mut Datapath,
+) -> (Vec<std::thread::JoinHandle<()>>, Option<(u16, u16)>) {
+    let mut threads = Vec::new();
+    let mut sockets = Vec::new();
+    if !cfg.activator.listen {
+        return (threads, None);
+    }
+    for addr in &cfg.node.activator {
+        match crate::activator::spawn_listeners(activator.clone(), *addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, threads = l.threads.len(), "activator listening");
+                threads.extend(l.threads);
+                sockets.push((*addr, l.socket));
+            }
+            Err(e) => tracing::error!(%addr, error = %e, "activator can't listen"),
+        }
+    }
+    let Some(ports) = cfg.activator.service_ports else {
+        return (threads, None);
+    };
+    let steered = if !crate::datapath::kernel().sk_lookup {
+        Err("the kernel has no sk_lookup (5.9)".to_owned())
+    } else if sockets.is_empty() || sockets.len() != cfg.node.activator.len() {
+        Err("not every activator address has a listener of this agent".to_owned())
+    } else {
+        let fds: Vec<_> = sockets.iter().map(|(a, s)| (*a, s.as_fd())).collect();
+        dp.steer_activator(&fds, ports).map_err(|e| e.to_string())
+    };
+    match steered {
+        Ok(()) => {
+            tracing::info!(
+                first = ports.0,
+                count = ports.1,
+                "activator ports per service: proxied flows never share a tuple"
+            );
+            (threads, Some(ports))
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "per-service activator ports off: every service on the listener's port"
+            );
+            (threads, None)
+        }
+    }
 }
 
 /// Attaches the socket hooks where `[node] cgroup` says, or logs why not: the packet path

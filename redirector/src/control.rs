@@ -185,15 +185,22 @@ impl Programmer {
     /// Gives each service whose id is below `count` the node-local activator on a port of
     /// its own, `first + id` (`SVC_ACT_PORT`), instead of the listener's port: flows to the
     /// activator then never share a tuple across services, and the activator reads the
-    /// service from the port. `None`: the listener's port for all. A change rewrites every
-    /// entry at the next `apply`.
+    /// service from the port. `None`: the listener's port for all. Entries whose activator
+    /// differs are rewritten at the next `apply`.
     pub fn set_service_ports(&mut self, ports: Option<(u16, u16)>) {
-        if self.service_ports != ports {
-            self.service_ports = ports;
-            for s in self.services.values_mut() {
-                s.stale = true;
-            }
-        }
+        self.service_ports = ports;
+    }
+
+    /// Whether the installed `old` already is what `d` asks for. The activator is compared
+    /// as written (on the service's own port or not), so an adopted entry (whose recorded
+    /// activator is the written one) is not rewritten by a restart.
+    fn same_entry(&self, old: &Installed, d: &DesiredService) -> bool {
+        let (activator, flag) = self.activator_of(d.activator, old.value.id);
+        let mut want = d.clone();
+        want.activator = old.desired.activator;
+        old.desired == want
+            && old.value.activator == activator
+            && old.value.flags & SVC_ACT_PORT == flag
     }
 
     /// The activator endpoint and flag of service `id`.
@@ -439,7 +446,7 @@ impl Programmer {
     pub fn upsert(&mut self, d: &DesiredService) -> Result<Change, ControlError> {
         let old = self.services.get(&d.key).cloned();
         if let Some(old) = &old {
-            if old.desired == *d && !old.stale {
+            if !old.stale && self.same_entry(old, d) {
                 return Ok(Change::Unchanged);
             }
         }

@@ -259,6 +259,31 @@ fn one_client_port_to_two_proxied_vips() {
             );
         }
     }
+    // A restart rewrites no entry (the ports are decided before the first write) and the
+    // new agent's listener takes the ports over (the pinned sk_lookup link is updated).
+    let generations = |c: &Cluster| -> Vec<Value> {
+        let st = c.agents[0].status().unwrap();
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| serde_json::json!([e["vip"], e["generation"], e["activator"]]))
+            .collect()
+    };
+    let before = generations(&c);
+    let mut c = c;
+    c.agents[0].stop().unwrap();
+    c.agents[0].spawn().unwrap();
+    assert_eq!(
+        generations(&c),
+        before,
+        "a restart must not rewrite the services"
+    );
+    let cli = c.topo.pod("cli");
+    let bind = std::net::SocketAddr::new(cli.ip(false), 44000);
+    let to = [WEB_PROXY.vip(false), WEB_LOCAL.vip(false)];
+    let r = collide(&cli.ns, Some(c.cgroups[0].path.as_path()), bind, to);
+    assert_eq!(r["ok"], 20, "after the restart: {r}");
 }
 
 /// Agents restarted three times under load from the node's cgroup (new connections and
