@@ -75,3 +75,17 @@ pub fn place(cmd: &mut Command, cgroup: Option<&Path>) -> Result<()> {
     }
     Ok(())
 }
+
+/// Moves this whole process into `cgroup`; returns the cgroup it was in (to come back).
+/// Sockets it makes from then on belong to `cgroup` (the socket hooks go by that).
+pub fn join(cgroup: &Path) -> Result<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 line in /proc/self/cgroup")?;
+    let home = root()?.join(rel.trim_start_matches('/'));
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("joining {}", cgroup.display()))?;
+    Ok(home)
+}

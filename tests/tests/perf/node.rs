@@ -71,16 +71,20 @@ enum Variant {
     /// Redirector with `host_routing = "bpf"`: translated packets to the pod skip the
     /// node's forwarding path.
     RedirectorBpf,
+    /// Redirector's default for the node's own clients: the client runs in the cgroup the
+    /// agent's socket hooks are on, so `connect()` to the VIP goes straight to the pod.
+    RedirectorSocket,
     Iptables,
     Nftables,
 }
 
-const VARIANTS: [Variant; 7] = [
+const VARIANTS: [Variant; 8] = [
     Variant::Direct,
     Variant::Control,
     Variant::Floor,
     Variant::Redirector,
     Variant::RedirectorBpf,
+    Variant::RedirectorSocket,
     Variant::Iptables,
     Variant::Nftables,
 ];
@@ -98,6 +102,7 @@ impl Variant {
             Variant::Floor => "empty-tc",
             Variant::Redirector => "redirector",
             Variant::RedirectorBpf => "redirector-bpf",
+            Variant::RedirectorSocket => "redirector-socket",
             Variant::Iptables => "iptables",
             Variant::Nftables => "nftables",
         }

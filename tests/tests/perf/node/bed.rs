@@ -14,6 +14,7 @@ use redirector::datapath::{batch, maps::Maps, Datapath, PROG_TC_EMPTY};
 use redirector_common::CtKey;
 use redirector_tests::{
     agent::redirector_bin,
+    cgroup::TestCgroup,
     netns::{run, unique, wait_for, Netns, Proc},
 };
 
@@ -151,6 +152,9 @@ pub(super) struct Bed {
     pub(super) be: Netns,
     pub(super) node: Netns,
     pub(super) dir: PathBuf,
+    /// The bed's cgroup: `redirector-socket`'s agent hooks it, and that variant's clients
+    /// run in it (`rounds::slot`). Dropped last (after the processes in it).
+    pub(super) cgroup: TestCgroup,
 }
 
 impl Drop for Bed {
@@ -220,7 +224,9 @@ impl Bed {
             node.ip(&format!("route add {ip}/32 dev {ifname}"))?;
         }
         cli.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        let cgroup = TestCgroup::create(&format!("{tag}-cg"))?;
         let mut bed = Bed {
+            cgroup,
             agent: None,
             floor: None,
             servers: Vec::new(),
@@ -272,12 +278,16 @@ impl Bed {
                 self.floor = Some(attach_empty(&self.node)?);
                 Some(t0.elapsed())
             }
-            Variant::Redirector | Variant::RedirectorBpf => {
+            Variant::Redirector | Variant::RedirectorBpf | Variant::RedirectorSocket => {
                 let label = format!("{}-agent", self.node.name);
                 let pin = PathBuf::from(format!("/sys/fs/bpf/{label}"));
                 let mut toml = agent_toml(&pin, svcs, "");
                 if variant == Variant::RedirectorBpf {
                     toml = toml.replacen("[node]\n", "[node]\nhost_routing = \"bpf\"\n", 1);
+                }
+                if variant == Variant::RedirectorSocket {
+                    let cg = format!("cgroup = \"{}\"", self.cgroup.path.display());
+                    toml = toml.replacen("cgroup = \"off\"", &cg, 1);
                 }
                 let (a, took) = AgentRun::start(&self.node, &self.dir, &label, &toml)?;
                 self.agent = Some(a);
@@ -313,7 +323,7 @@ impl Bed {
     pub(super) fn reset_tracking(&self, variant: Variant) -> Result<usize> {
         match variant {
             Variant::Direct | Variant::Control | Variant::Floor => Ok(0),
-            Variant::Redirector | Variant::RedirectorBpf => {
+            Variant::Redirector | Variant::RedirectorBpf | Variant::RedirectorSocket => {
                 let a = self
                     .agent
                     .as_ref()

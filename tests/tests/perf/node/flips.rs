@@ -89,7 +89,11 @@ pub(super) fn measure_flips(
             let full = !light || to_proxy;
             let cheap = !light || !to_proxy;
             match variant {
-                Variant::Direct | Variant::Control | Variant::Floor | Variant::RedirectorBpf => {}
+                Variant::Direct
+                | Variant::Control
+                | Variant::Floor
+                | Variant::RedirectorBpf
+                | Variant::RedirectorSocket => {}
                 Variant::Redirector => {
                     // One map write, the way the agent flips: SERVICES[vip].mode.
                     let a = bed.agent.as_ref().unwrap();

@@ -200,6 +200,18 @@ fn one_count(plan: &Plan, ci: usize, n: usize, res: &mut Results) -> Result<()> 
 /// One variant in round `r`: empty the connection tracking, then kept-alive (wrk) and new
 /// connections, each pinned as the plan says and after its own warm-up.
 fn slot(plan: &Plan, l: &Live, r: usize) -> Result<(Load, Load)> {
+    if l.variant != Variant::RedirectorSocket {
+        return measure(plan, l, r);
+    }
+    // The socket hooks translate sockets by the cgroup they were made in: this process
+    // (the new-connection threads) and wrk (its child) join the bed's cgroup for the slot.
+    let home = redirector_tests::cgroup::join(&l.bed.cgroup.path)?;
+    let res = measure(plan, l, r);
+    redirector_tests::cgroup::join(&home)?;
+    res
+}
+
+fn measure(plan: &Plan, l: &Live, r: usize) -> Result<(Load, Load)> {
     let bed = &l.bed;
     bed.reset_tracking(l.variant)?;
     let to = bed.target(l.variant);
