@@ -61,7 +61,7 @@ pub const CT_SEEN_REPLY: u16 = 1 << 4;
 /// has passed, and `last_seen` is never more than a second behind.
 pub const CT_REFRESH_JIFFIES: u32 = 100;
 
-/// Slots of `HOOKED`, a direct-mapped set of interface indexes: ifindex `i` lives in slot
+/// Slots of `PEERS`, a direct-mapped set of interface indexes: ifindex `i` lives in slot
 /// `i & (HOOKED_SLOTS - 1)` and the slot holds `i` itself (0: empty). A power of two.
 pub const HOOKED_SLOTS: u32 = 1 << 16;
 
@@ -69,8 +69,8 @@ pub const HOOKED_SLOTS: u32 = 1 << 16;
 pub const CONFIG_KEY: u32 = 0;
 
 /// Global counters (`GLOBAL_STATS` per-CPU array index).
-/// Packets the programs examined (not egress packets that arrived on a `HOOKED` interface:
-/// those were counted at their ingress).
+/// Packets the programs examined, per hook (a forwarded packet counts at its ingress and at
+/// its egress).
 pub const G_PACKETS: u32 = 0;
 pub const G_NOT_IP: u32 = 1;
 pub const G_MALFORMED: u32 = 2;

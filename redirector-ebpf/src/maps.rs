@@ -74,19 +74,10 @@ pub static SERVICE_META: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// Interfaces (ifindex) whose ingress runs our programs (tc ingress or XDP), written by the
-/// agent when they change. On egress, a packet received on one of them was translated
-/// there already and is passed without a lookup. A direct-mapped set (`HOOKED_SLOTS`): an
-/// array lookup, which the verifier inlines, instead of a hash; an interface whose slot is
-/// taken by another is simply not in the set (its packets get the full egress lookup).
-/// Not pinned: each agent fills its own.
-#[btf_map]
-pub static HOOKED: Array<u32, { HOOKED_SLOTS as usize }> = Array::new();
-
-/// Pod interfaces (ifindex, direct-mapped like `HOOKED`) that are veths whose peer is the
-/// pod's: with `[node] host_routing = "bpf"`, translated packets routed out of one of them
-/// are handed to the pod's side directly (`tc::to_peer`). Not pinned: each agent fills its
-/// own.
+/// Pod interfaces (ifindex) that are veths whose peer is the pod's, a direct-mapped set
+/// (`HOOKED_SLOTS`: an array lookup, which the verifier inlines, instead of a hash): with
+/// `[node] host_routing = "bpf"`, translated packets routed out of one of them are handed
+/// to the pod's side directly (`tc::to_peer`). Not pinned: each agent fills its own.
 #[btf_map]
 pub static PEERS: Array<u32, { HOOKED_SLOTS as usize }> = Array::new();
 

@@ -59,15 +59,27 @@ fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
 }
 
 /// Decides what happens to a parsed packet: the tuple to rewrite it to, or `None` to pass
-/// it as it is. `allow_new` is false on egress hooks, which only reverse-translate flows
-/// that already exist.
+/// it as it is.
+///
+/// Where each direction is translated: ingress hooks (`egress` false) start flows and
+/// translate the original direction, and both directions of hairpinned flows (which they
+/// bounce straight back, past the node's stack). A reply of any other flow passes ingress
+/// untranslated, so that the node's netfilter conntrack and rp_filter see the tuple the
+/// request left with (target → client); egress (`egress` true, after netfilter) gives it
+/// the VIP as source, and never translates anything else or starts a flow. An ingress hook
+/// may still take a reply it can deliver past the stack itself: `take_reply` is asked
+/// (tc ingress with `host_routing = "bpf"`, when the reply's route leads to a pod veth).
 ///
 /// The rewrite is returned by value, never written through a pointer: a copy into a
 /// `&mut CtValue` (or its zeroing) compiles to calls of the byte-at-a-time `memmove` /
 /// `memset` of compiler-builtins, hundreds of instructions per packet. The object test
 /// `no_mem_calls_in_programs` fails the build on any such call.
 #[inline(always)]
-pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
+pub fn decide(
+    p: &Parsed,
+    egress: bool,
+    take_reply: impl FnOnce(&CtValue) -> bool,
+) -> Option<CtValue> {
     // The verifier inlines this helper into one load of `jiffies`; the clock itself (a
     // real helper call, ~40 ns per packet in the kept-alive benchmark) is read only on the
     // rare paths below.
@@ -81,6 +93,12 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
         // SAFETY: LRU value; concurrent writers only touch `flags`, `seen_jiffies` and
         // `last_seen`, and a torn read of those is harmless (they are hints).
         let v = unsafe { *ct };
+        // Egress applies exactly the reply entries of flows that are not hairpinned; ingress
+        // everything else (and such a reply only if it delivers it itself).
+        let late_reply = v.flags & (CT_REPLY | CT_HAIRPIN) == CT_REPLY;
+        if late_reply != egress && (egress || !take_reply(&v)) {
+            return None;
+        }
         // An entry is refreshed every `CT_REFRESH_JIFFIES` (at most a second) while packets
         // flow, and timeouts are whole seconds of at least one (the agent refuses less):
         // only an entry not refreshed for that long can have expired, so only then are the
@@ -143,7 +161,7 @@ pub fn decide(p: &Parsed, allow_new: bool) -> Option<CtValue> {
         // Expired, or a new connection on the same tuple.
         cold();
     }
-    if !allow_new {
+    if egress {
         return None;
     }
     open_flow(p, jiffies)

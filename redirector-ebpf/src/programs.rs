@@ -5,19 +5,19 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-/// Uplink ingress: DNAT from the network, reverse NAT of replies from remote backends.
+/// Uplink ingress: DNAT from the network (replies pass, tc egress translates them).
 #[xdp]
 pub fn redirector_xdp(ctx: XdpContext) -> u32 {
     crate::xdp::run(&ctx)
 }
 
-/// Pod-facing ingress: DNAT of pod traffic to VIPs, reverse NAT of local backends' replies.
+/// Pod-facing ingress: DNAT of pod traffic to VIPs, hairpin.
 #[classifier]
 pub fn redirector_tc_ingress(ctx: TcContext) -> i32 {
     crate::tc::run(&ctx, true)
 }
 
-/// Egress (pods and uplinks): reverse NAT of replies generated on the node.
+/// Egress (pods and uplinks): reverse NAT of replies, after the node's netfilter.
 #[classifier]
 pub fn redirector_tc_egress(ctx: TcContext) -> i32 {
     crate::tc::run(&ctx, false)

@@ -1,7 +1,8 @@
-//! tc (TCX) on pod-facing interfaces and on egress: DNAT of pod-originated VIP traffic and
-//! reverse NAT of replies, including replies generated on the node itself (the node-local
-//! activator) that no XDP hook sees. Checksums go through the skb-aware helpers, which are
-//! right for CHECKSUM_PARTIAL packets from veth (`BPF_F_PSEUDO_HDR`).
+//! tc (TCX) on pod-facing interfaces and on egress. Ingress: DNAT of pod-originated VIP
+//! traffic and hairpin. Egress (pod-facing interfaces and uplinks): reverse NAT of every
+//! reply that is not hairpinned, after the node's netfilter and routing saw it with its
+//! real tuple (see `nat::decide`), whether it was forwarded or generated on the node (the
+//! node-local activator). Checksums are updated in place or through the skb-aware helpers.
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibLookup, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT,
@@ -11,12 +12,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use redirector_common::{
-    CtValue, CT_HAIRPIN, G_MALFORMED, G_PACKETS, G_REWRITE_FAILED, HOOKED_SLOTS, PROTO_UDP,
+    CtValue, CT_HAIRPIN, CT_REPLY, G_MALFORMED, G_PACKETS, G_REWRITE_FAILED, HOOKED_SLOTS,
+    PROTO_UDP,
 };
 
 use crate::{
     csum,
-    maps::{count, HOOKED, PEERS},
+    maps::{count, PEERS},
     nat::decide,
     parse::{cold, load, parse, store, Parsed, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
@@ -25,15 +27,10 @@ use crate::{
 /// still sees the packet, and with none left the stack carries on as usual.
 pub const TC_NEXT: i32 = -1;
 
-/// Runs the NAT core on an skb. `ingress`: new flows may start here (pod-facing ingress);
-/// otherwise only existing flows are translated.
+/// Runs the NAT core on an skb. `ingress`: new flows start here and the original direction
+/// is translated (pod-facing ingress); egress translates replies (see `nat::decide`).
 #[inline(always)]
 pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
-    // Before anything else, counters included: on a forwarding node this is most of
-    // egress's packets.
-    if !ingress && arrived_hooked(ctx) {
-        return TC_NEXT;
-    }
     count(G_PACKETS);
     let len = ctx.len() as usize;
     let mut parsed = parse(ctx.data(), ctx.data_end(), len);
@@ -54,7 +51,21 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
             return TC_NEXT;
         }
     };
-    let Some(to) = decide(&p, ingress) else {
+    // SAFETY: reading a global.
+    let bpf_routing = ingress && unsafe { core::ptr::read_volatile(&HOST_ROUTING_BPF) } != 0;
+    // With host routing in BPF, a reply whose route leads to a pod veth is translated and
+    // handed over here: the node's stack (netfilter included) never sees it, as it never
+    // saw the request. Any other reply is left to egress.
+    let mut route = None;
+    let take_reply = |v: &CtValue| {
+        if !bpf_routing {
+            return false;
+        }
+        cold();
+        route = peer_route(ctx, &p, v);
+        route.is_some()
+    };
+    let Some(to) = decide(&p, !ingress, take_reply) else {
         return TC_NEXT;
     };
     if try_rewrite(ctx, &p, &to).is_err() {
@@ -67,9 +78,13 @@ pub fn run(ctx: &TcContext, ingress: bool) -> i32 {
         // Back out of the interface it came from: swap MACs and redirect to its egress.
         return hairpin(ctx);
     }
-    // SAFETY: reading a global.
-    if ingress && unsafe { core::ptr::read_volatile(&HOST_ROUTING_BPF) } != 0 {
-        if let Some(r) = to_peer(ctx, &p, &to) {
+    if bpf_routing {
+        let route = if to.flags & CT_REPLY != 0 {
+            route
+        } else {
+            peer_route(ctx, &p, &to)
+        };
+        if let Some(r) = route.and_then(|r| to_peer(ctx, &p, r)) {
             return r;
         }
     }
@@ -86,17 +101,31 @@ const FIB_SUCCESS: i64 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Host routing in BPF for a translated packet whose next hop is a local pod: looks the
-/// route up (`bpf_fib_lookup`, which also checks the MTU and wants a resolved neighbour), and
-/// when it leaves through a pod interface the agent listed in `PEERS` (a veth whose peer is
-/// the pod's), writes the MACs, takes one off the TTL / hop limit as forwarding would, and
-/// hands the packet straight to the pod's side (`bpf_redirect_peer`): the node's IP stack
-/// (routing, netfilter, the neighbour layer, the veth queue) is skipped. `None`: the packet
-/// takes the stack's way (no route, neighbour unresolved, too big, TTL expiring, another
-/// interface).
+/// A pod veth to hand a packet straight to, with the MACs to write (`peer_route`).
+#[derive(Clone, Copy)]
+struct PeerRoute {
+    oif: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+}
+
+/// Host routing in BPF for a packet that will be translated to `to`: looks the route up
+/// (`bpf_fib_lookup`, which also checks the MTU and wants a resolved neighbour) and returns
+/// it when it leaves through a pod interface the agent listed in `PEERS` (a veth whose peer
+/// is the pod's) and the TTL / hop limit allows forwarding. `None`: the packet takes the
+/// stack's way (no route, neighbour unresolved, too big, TTL expiring, another interface).
 #[inline(always)]
-fn to_peer(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Option<i32> {
+fn peer_route(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Option<PeerRoute> {
     let v4 = p.is_v4();
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let ttl = if v4 {
+        load::<u8>(data, data_end, ETH_LEN + 8)?
+    } else {
+        load::<u8>(data, data_end, ETH_LEN + 7)?
+    };
+    if ttl <= 1 {
+        return None;
+    }
     // SAFETY: the context is a valid __sk_buff for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // Zeroed word by word and filled through the pointer: a struct literal, `zeroed()` or
@@ -139,8 +168,17 @@ fn to_peer(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Option<i32> {
     if PEERS.get(oif & (HOOKED_SLOTS - 1)) != Some(&oif) {
         return None;
     }
+    Some(PeerRoute { oif, dmac, smac })
+}
+
+/// Hands a translated packet to the pod's side of the veth `peer_route` found: writes the
+/// MACs, takes one off the TTL / hop limit as forwarding would, and `bpf_redirect_peer`s
+/// it, skipping the node's IP stack (routing, netfilter, the neighbour layer, the veth
+/// queue). `None`: the headers are not where they were (the packet takes the stack's way).
+#[inline(always)]
+fn to_peer(ctx: &TcContext, p: &Parsed, r: PeerRoute) -> Option<i32> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    if v4 {
+    if p.is_v4() {
         // TTL and protocol share a 16-bit word of the header checksum.
         let word: u16 = load(data, data_end, ETH_LEN + 8)?;
         let ttl = load::<u8>(data, data_end, ETH_LEN + 8)?;
@@ -159,21 +197,10 @@ fn to_peer(ctx: &TcContext, p: &Parsed, to: &CtValue) -> Option<i32> {
         }
         store(data, data_end, ETH_LEN + 7, hop - 1)?;
     }
-    store(data, data_end, 0, dmac)?;
-    store(data, data_end, 6, smac)?;
+    store(data, data_end, 0, r.dmac)?;
+    store(data, data_end, 6, r.smac)?;
     // SAFETY: a helper taking plain values.
-    Some(unsafe { bpf_redirect_peer(oif, 0) } as i32)
-}
-
-/// Whether the packet was received on an interface whose ingress hook (tc or XDP) already
-/// ran the NAT core on it: a forwarded packet, translated there if it needed to be. Egress
-/// then has nothing to do (its work is for replies generated on the node, which were never
-/// received, and for packets that arrived where we have no hook).
-#[inline(always)]
-fn arrived_hooked(ctx: &TcContext) -> bool {
-    // SAFETY: the context is a valid __sk_buff for the program's lifetime.
-    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    iif != 0 && HOOKED.get(iif & (HOOKED_SLOTS - 1)) == Some(&iif)
+    Some(unsafe { bpf_redirect_peer(r.oif, 0) } as i32)
 }
 
 #[inline(always)]

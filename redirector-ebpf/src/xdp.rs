@@ -1,6 +1,7 @@
-//! XDP on uplinks: DNAT of VIP traffic arriving from the network and reverse NAT of replies
-//! from remote backends. Packets from the wire carry full checksums, so the checksums are
-//! updated incrementally in place.
+//! XDP on uplinks: DNAT of VIP traffic arriving from the network. Replies from remote
+//! targets pass untranslated: the node's stack must see them as they are, and tc egress
+//! translates them on their way out (see `nat::decide`). Packets from the wire carry full
+//! checksums, so the checksums are updated incrementally in place.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use redirector_common::{CtValue, G_PACKETS, PROTO_UDP};
 
@@ -23,7 +24,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    if let Some(to) = decide(&p, true) {
+    if let Some(to) = decide(&p, false, |_| false) {
         let _ = try_rewrite(data, data_end, &p, &to);
     }
     xdp_action::XDP_PASS

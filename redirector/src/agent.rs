@@ -110,9 +110,8 @@ struct Attachments {
     /// Programs are not attached (the previous agent's stay) until the maps are
     /// programmed: set when maps were recreated empty and the state comes from the cluster.
     held: bool,
-    /// What `HOOKED` holds (`None`: not written yet); written again only when it changes.
-    hooked: Option<BTreeSet<u32>>,
-    /// With `host_routing = "bpf"`: what `PEERS` holds, likewise (`None` also when off).
+    /// With `host_routing = "bpf"`: what `PEERS` holds (`None`: not written yet, or off);
+    /// written again only when it changes.
     peers: Option<BTreeSet<u32>>,
     /// `[node] host_routing` as loaded (a change takes a restart).
     host_routing: bool,
@@ -184,27 +183,6 @@ impl Attachments {
             }
         }
         self.current.retain(|_, (_, h)| !h.is_empty());
-        let hooked: BTreeSet<u32> = self
-            .current
-            .values()
-            .filter(|(_, h)| h.iter().any(|h| matches!(h, Hook::Xdp | Hook::TcIngress)))
-            .map(|(i, _)| *i)
-            .collect();
-        if self.hooked.as_ref() != Some(&hooked) {
-            match dp.set_hooked(&hooked) {
-                Ok(left_out) => {
-                    if !left_out.is_empty() {
-                        tracing::info!(
-                            ?left_out,
-                            "interfaces sharing a HOOKED slot with another: their egress \
-                             packets get the full lookup"
-                        );
-                    }
-                    self.hooked = Some(hooked);
-                }
-                Err(e) => tracing::warn!(error = %e, "recording the hooked interfaces"),
-            }
-        }
         if self.host_routing {
             // Pod interfaces (tc ingress, no XDP) that are veths or netkits: the kinds
             // `bpf_redirect_peer` can hand a packet across.
@@ -306,7 +284,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut att = Attachments {
         current: HashMap::new(),
         held: kube.is_some() && !dp.recreated_empty().is_empty(),
-        hooked: None,
         peers: None,
         host_routing,
     };

@@ -12,7 +12,7 @@ use common::{
     packet::{diff, sa, verify_checksums, Spec, TCP, TCP_ACK, TCP_FIN, TCP_PSH, UDP},
     Bench, Hook, TC_ACT_REDIRECT,
 };
-use redirector_common::{HOOKED_SLOTS, MODE_PROXY, MODE_SERVE};
+use redirector_common::{MODE_PROXY, MODE_SERVE};
 
 const NAT_HOOKS: [Hook; 2] = [Hook::Xdp, Hook::TcIngress];
 
@@ -266,54 +266,104 @@ fn closed_tcp_flow_reopens_as_new_flow() {
     }
 }
 
-/// Replies from the target get the VIP as source: remote backends through XDP, local ones
-/// through tc ingress, the node-local activator through tc egress.
+/// Replies from the target get the VIP as source at tc egress, after the node's netfilter:
+/// XDP and tc ingress pass them as they are (the node's conntrack saw the request leave as
+/// client → target and must see target → client come back), whichever hook took the
+/// request and whether the target is a backend or an activator.
 #[test]
-fn reverse_nat_restores_vip() {
+fn replies_are_translated_at_egress_only() {
     require_root!();
     let _g = common::serial();
     let mut b = bench();
     let mut port = 44_000;
     for v4 in FAMILIES {
         for proto in PROTOS {
-            // (hook of the request, hook of the reply, proxied)
-            let cases = [
-                (Hook::Xdp, Hook::Xdp, false),
-                (Hook::TcIngress, Hook::TcIngress, false),
-                (Hook::Xdp, Hook::TcEgress, true),
-                (Hook::TcIngress, Hook::TcEgress, true),
-                (Hook::TcIngress, Hook::Xdp, false),
-            ];
-            for (req_hook, reply_hook, proxied) in cases {
-                port += 1;
-                let what = format!(
-                    "reply {req_hook:?}->{reply_hook:?} proxied={proxied}, {}",
-                    label(v4, proto)
-                );
-                let (vip, target) = if proxied {
-                    (fixture::proxy_vip(v4, proto), fixture::activator(v4))
-                } else {
-                    (
-                        fixture::serve_vip(v4, proto),
-                        fixture::serve_backend(v4, proto),
-                    )
-                };
-                let client = fixture::client(v4, port);
-                let req = Spec::new(proto, client, vip);
-                check(
-                    &mut b,
-                    req_hook,
-                    &req,
-                    &req.clone().with_dst(target),
-                    req_hook.pass(),
-                    &what,
-                );
-                let reply = Spec::new(proto, target, client).with_flags(TCP_ACK);
-                let want = reply.clone().with_src(vip);
-                check(&mut b, reply_hook, &reply, &want, reply_hook.pass(), &what);
+            for req_hook in NAT_HOOKS {
+                for proxied in [false, true] {
+                    port += 1;
+                    let what = format!(
+                        "reply to a request via {req_hook:?}, proxied={proxied}, {}",
+                        label(v4, proto)
+                    );
+                    let (vip, target) = if proxied {
+                        (fixture::proxy_vip(v4, proto), fixture::activator(v4))
+                    } else {
+                        (
+                            fixture::serve_vip(v4, proto),
+                            fixture::serve_backend(v4, proto),
+                        )
+                    };
+                    let client = fixture::client(v4, port);
+                    let req = Spec::new(proto, client, vip);
+                    check(
+                        &mut b,
+                        req_hook,
+                        &req,
+                        &req.clone().with_dst(target),
+                        req_hook.pass(),
+                        &what,
+                    );
+                    let reply = Spec::new(proto, target, client).with_flags(TCP_ACK);
+                    for hook in NAT_HOOKS {
+                        check_unchanged(&mut b, hook, &reply.build(), &what);
+                    }
+                    let want = reply.clone().with_src(vip);
+                    check(
+                        &mut b,
+                        Hook::TcEgress,
+                        &reply,
+                        &want,
+                        Hook::TcEgress.pass(),
+                        &what,
+                    );
+                }
             }
         }
     }
+}
+
+/// Egress translates nothing but replies, and each once: the request it sees (already
+/// translated at ingress, or still addressed to the VIP) and a reply it already gave the
+/// VIP pass unchanged.
+#[test]
+fn egress_translates_replies_once_and_nothing_else() {
+    require_root!();
+    let _g = common::serial();
+    let mut b = bench();
+    let mut port = 46_000;
+    for v4 in FAMILIES {
+        for proto in PROTOS {
+            port += 1;
+            let what = format!("egress, {}", label(v4, proto));
+            let vip = fixture::serve_vip(v4, proto);
+            let backend = fixture::serve_backend(v4, proto);
+            let client = fixture::client(v4, port);
+            let req = Spec::new(proto, client, vip);
+            let translated = req.clone().with_dst(backend);
+            check(
+                &mut b,
+                Hook::TcIngress,
+                &req,
+                &translated,
+                Hook::TcIngress.pass(),
+                &what,
+            );
+            check_unchanged(&mut b, Hook::TcEgress, &translated.build(), &what);
+            check_unchanged(&mut b, Hook::TcEgress, &req.build(), &what);
+            let reply = Spec::new(proto, backend, client).with_flags(TCP_ACK);
+            let want = reply.clone().with_src(vip);
+            check(
+                &mut b,
+                Hook::TcEgress,
+                &reply,
+                &want,
+                Hook::TcEgress.pass(),
+                &what,
+            );
+            check_unchanged(&mut b, Hook::TcEgress, &want.build(), &what);
+        }
+    }
+    assert_eq!(b.conntrack_len(), 2 * 4, "egress created flows");
 }
 
 /// tc egress never starts a flow: VIP traffic it sees passes unchanged.
@@ -340,95 +390,10 @@ fn egress_does_not_start_flows() {
     assert_eq!(b.conntrack_len(), 0);
 }
 
-/// Egress passes packets received on an interface whose ingress runs our programs (they
-/// were translated there) without touching them; replies generated on the node
-/// (ingress_ifindex 0) and packets from interfaces without our hooks are reverse-translated.
-#[test]
-fn egress_skips_packets_received_on_hooked_interfaces() {
-    require_root!();
-    let _g = common::serial();
-    let mut b = bench();
-    if !b.can_set_ingress_ifindex() {
-        // Only old kernels may refuse: the matrix's 5.10 does; anything from 6.1 on must not.
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut v = release
-            .trim()
-            .split(['.', '-'])
-            .map(|n| n.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-        assert!(
-            (major, minor) < (6, 1),
-            "test_run refuses __sk_buff.ingress_ifindex on {release}"
-        );
-        println!(
-            "not checkable on {}: its test_run cannot set ingress_ifindex; forwarded packets \
-             crossing a hooked egress are left to the datapath suite's two-node topology",
-            release.trim()
-        );
-        return;
-    }
-    let hooked = 7;
-    // A third interface in the same slot as `hooked`: left out of the direct-mapped set,
-    // so its packets get the full lookup.
-    let same_slot = hooked + HOOKED_SLOTS;
-    let left_out =
-        b.dp.set_hooked(&[hooked, 9, same_slot].into_iter().collect())
-            .expect("set_hooked");
-    assert_eq!(left_out, vec![same_slot], "left out of HOOKED");
-    let mut port = 46_000;
-    for v4 in FAMILIES {
-        for proto in PROTOS {
-            port += 1;
-            let what = format!("proxied reply on egress, {}", label(v4, proto));
-            let (vip, act) = (fixture::proxy_vip(v4, proto), fixture::activator(v4));
-            let client = fixture::client(v4, port);
-            let req = Spec::new(proto, client, vip);
-            check(
-                &mut b,
-                Hook::TcIngress,
-                &req,
-                &req.clone().with_dst(act),
-                Hook::TcIngress.pass(),
-                &what,
-            );
-            let reply = Spec::new(proto, act, client).with_flags(TCP_ACK);
-            let pkt = reply.build();
-            let out = b.run_received_on(Hook::TcEgress, &pkt, hooked);
-            assert_eq!(out.ret, Hook::TcEgress.pass(), "{what}: return code");
-            assert!(
-                out.pkt == pkt,
-                "{what}: received on a hooked interface, yet rewritten\n{}",
-                diff(&out.pkt, &pkt)
-            );
-            let want = reply.clone().with_src(vip).build();
-            for iif in [0, 8, same_slot] {
-                let out = b.run_received_on(Hook::TcEgress, &pkt, iif);
-                assert!(
-                    out.pkt == want,
-                    "{what}: ingress_ifindex {iif} not reverse-translated\n{}",
-                    diff(&out.pkt, &want)
-                );
-            }
-        }
-    }
-    // The set is replaced, not added to.
-    b.dp.set_hooked(&[9].into_iter().collect())
-        .expect("set_hooked");
-    let client = fixture::client(true, 46_100);
-    let vip = fixture::proxy_vip(true, TCP);
-    let act = fixture::activator(true);
-    b.run(Hook::TcIngress, &Spec::new(TCP, client, vip).build());
-    let reply = Spec::new(TCP, act, client).with_flags(TCP_ACK);
-    let out = b.run_received_on(Hook::TcEgress, &reply.build(), hooked);
-    assert!(
-        out.pkt == reply.clone().with_src(vip).build(),
-        "interface 7 no longer hooked: reverse-translated"
-    );
-}
-
 /// A client that is the backend it is sent to: the source becomes the VIP so the reply
 /// comes back through us; tc bounces the packet back out of its interface (MACs swapped,
-/// TC_ACT_REDIRECT), XDP passes it on.
+/// TC_ACT_REDIRECT), XDP passes it on. Both directions are translated at ingress (the
+/// node's stack never sees them), none at egress.
 #[test]
 fn hairpin_flows() {
     require_root!();
@@ -460,6 +425,19 @@ fn hairpin_flows() {
                     want = want.swap_macs();
                 }
                 check(&mut b, hook, &reply, &want, ret, &what);
+                // Both were translated at ingress: the egress they are bounced to (or
+                // forwarded through) leaves them alone, and so it does the untranslated ones.
+                for pkt in [&req, &reply] {
+                    check_unchanged(&mut b, Hook::TcEgress, &pkt.build(), &what);
+                }
+                let translated = req.clone().with_src(seen_as).with_dst(backend);
+                check_unchanged(&mut b, Hook::TcEgress, &translated.build(), &what);
+                check_unchanged(
+                    &mut b,
+                    Hook::TcEgress,
+                    &reply.clone().with_src(vip).with_dst(client).build(),
+                    &what,
+                );
             }
         }
     }
@@ -473,8 +451,7 @@ fn udp_v4_without_checksum_stays_without() {
     let mut b = bench();
     let mut port = 47_000;
     for (req_hook, reply_hook) in [
-        (Hook::Xdp, Hook::Xdp),
-        (Hook::TcIngress, Hook::TcIngress),
+        (Hook::Xdp, Hook::TcEgress),
         (Hook::TcIngress, Hook::TcEgress),
     ] {
         port += 1;

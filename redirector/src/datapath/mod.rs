@@ -168,9 +168,7 @@ pub struct Datapath {
     maps: Option<Maps>,
     /// Maps that replaced pinned ones of another layout and start empty.
     recreated_empty: Vec<&'static str>,
-    /// What `HOOKED` holds: slot → ifindex (the map is this agent's own, so this is exact).
-    hooked: BTreeMap<u32, u32>,
-    /// What `PEERS` holds, likewise.
+    /// What `PEERS` holds: slot → ifindex (the map is this agent's own, so this is exact).
     peers: BTreeMap<u32, u32>,
 }
 
@@ -228,7 +226,6 @@ impl Datapath {
             pin_path: pin_path.to_owned(),
             maps,
             recreated_empty,
-            hooked: BTreeMap::new(),
             peers: BTreeMap::new(),
         })
     }
@@ -262,7 +259,6 @@ impl Datapath {
             pin_path: PathBuf::new(),
             maps: None,
             recreated_empty: Vec::new(),
-            hooked: BTreeMap::new(),
             peers: BTreeMap::new(),
         })
     }
@@ -324,19 +320,10 @@ impl Datapath {
         }
     }
 
-    /// Makes `HOOKED` (not pinned: this agent's programs only) hold exactly `ifindexes`:
-    /// the interfaces whose ingress runs our programs. Egress passes packets received on
-    /// them without a lookup (they were translated at that ingress). `HOOKED` is a
-    /// direct-mapped set: of two interfaces with the same slot only the lower is recorded,
-    /// and the other's packets get the full egress lookup (still right, only slower).
-    /// Returns the interfaces left out that way.
-    pub fn set_hooked(&mut self, ifindexes: &BTreeSet<u32>) -> Result<Vec<u32>, DatapathError> {
-        write_slots(&mut self.ebpf, "HOOKED", &mut self.hooked, ifindexes)
-    }
-
     /// Makes `PEERS` hold exactly `ifindexes`: the pod veths that translated packets may be
-    /// handed to directly with `[node] host_routing = "bpf"` (direct-mapped like `HOOKED`;
-    /// an interface left out takes the stack's way). Returns the interfaces left out.
+    /// handed to directly with `[node] host_routing = "bpf"` (a direct-mapped set: of two
+    /// interfaces with the same slot only the lower is recorded; one left out takes the
+    /// stack's way). Returns the interfaces left out.
     pub fn set_peers(&mut self, ifindexes: &BTreeSet<u32>) -> Result<Vec<u32>, DatapathError> {
         write_slots(&mut self.ebpf, "PEERS", &mut self.peers, ifindexes)
     }
@@ -350,7 +337,7 @@ impl Datapath {
     }
 }
 
-/// Writes a direct-mapped interface set (`HOOKED`, `PEERS`: slot = ifindex mod
+/// Writes a direct-mapped interface set (`PEERS`: slot = ifindex mod
 /// `HOOKED_SLOTS`) so that it holds `ifindexes`, `current` mirroring every write (so a
 /// failed one leaves it exact). Of two interfaces with the same slot only the lower is
 /// recorded; returns the others.

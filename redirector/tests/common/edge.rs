@@ -52,9 +52,10 @@ pub fn tcp_options_and_large_payload() {
             );
             let mut reply = Spec::new(TCP, be, c);
             reply.tcp_options = opts.clone();
+            // Replies are translated at egress (see `nat::decide`).
             expect(
                 &mut b,
-                hook,
+                Hook::TcEgress,
                 &reply,
                 &reply.clone().with_src(vip),
                 "SYN-ACK with options",
@@ -79,7 +80,7 @@ fn force_zero_checksum(s: &mut Spec) {
     assert_eq!(l4_checksum(s.src.ip(), s.dst.ip(), UDP, &seg), 0);
 }
 
-/// Forward and reply packets whose rewritten UDP checksum computes to zero: both hooks must
+/// Forward and reply packets whose rewritten UDP checksum computes to zero: every hook must
 /// send 0xffff (a 0 would mean "no checksum" on IPv4 and is invalid on IPv6).
 pub fn udp_checksum_that_becomes_zero() {
     let mut b = Bench::new();
@@ -114,7 +115,7 @@ pub fn udp_checksum_that_becomes_zero() {
             let input = want.clone().with_src(be);
             expect(
                 &mut b,
-                hook,
+                Hook::TcEgress,
                 &input,
                 &want,
                 "UDP reply checksum rewritten to zero",

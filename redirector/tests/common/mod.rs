@@ -121,26 +121,6 @@ impl Bench {
         self.try_run_ctx(hook, pkt, repeat, None)
     }
 
-    /// Runs `pkt` on a tc hook as if it had been received on interface `ingress_ifindex`
-    /// (`__sk_buff.ingress_ifindex`, i.e. a forwarded packet; 0: generated on the node).
-    pub fn run_received_on(&mut self, hook: Hook, pkt: &[u8], ingress_ifindex: u32) -> Out {
-        // __sk_buff up to ingress_ifindex (offset 36); every other field zero.
-        let mut ctx = [0u8; 40];
-        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        self.try_run_ctx(hook, pkt, 1, Some(&ctx))
-            .unwrap_or_else(|e| panic!("test_run on {hook:?}: {e}"))
-    }
-
-    /// Whether this kernel's BPF_PROG_TEST_RUN takes `__sk_buff.ingress_ifindex` (kernels
-    /// before the change that allowed it, between 5.10 and 6.1, answer EINVAL). Probed with
-    /// the empty tc program, so a refusal says nothing about the datapath.
-    pub fn can_set_ingress_ifindex(&mut self) -> bool {
-        let mut ctx = [0u8; 40];
-        ctx[36..40].copy_from_slice(&1u32.to_ne_bytes());
-        let pkt = [0u8; 64];
-        self.try_run_ctx(Hook::TcEmpty, &pkt, 1, Some(&ctx)).is_ok()
-    }
-
     fn try_run_ctx(
         &mut self,
         hook: Hook,
