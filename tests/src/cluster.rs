@@ -137,14 +137,14 @@ impl Drop for ScratchDir {
 pub struct Cluster {
     pub agents: Vec<Agent>,
     pub servers: Vec<Server>,
+    /// kube-proxy's rules on each node (empty without netfilter rules).
+    pub kube_proxy: Vec<KubeProxy>,
     pub topo: Topology,
     pub agent_bin: AgentBin,
     pub dir: ScratchDir,
     pub bins: Bins,
     /// The config each agent was last given.
     pub configs: Vec<AgentConfig>,
-    /// kube-proxy's rules on each node (empty without netfilter rules).
-    pub kube_proxy: Vec<KubeProxy>,
 }
 
 fn both(ip4: IpAddr, ip6: IpAddr, port: u16) -> [SocketAddr; 2] {
@@ -160,22 +160,6 @@ impl Cluster {
 
     /// `new`, with each agent's standard config changed by `f` before it starts.
     pub fn new_with(tag: &str, bins: Bins, f: impl Fn(&mut AgentConfig)) -> Result<Self> {
-        Self::build(tag, bins, NetfilterMode::None, f)
-    }
-
-    /// `new`, with kube-proxy's rules of `mode` for the cluster's services on both node
-    /// namespaces, installed before the servers and agents start and re-synced whenever
-    /// [`Cluster::update_configs`] changes the services' VIPs, ports or backends.
-    pub fn with_netfilter(tag: &str, bins: Bins, mode: NetfilterMode) -> Result<Self> {
-        Self::build(tag, bins, mode, |_| {})
-    }
-
-    fn build(
-        tag: &str,
-        bins: Bins,
-        mode: NetfilterMode,
-        f: impl Fn(&mut AgentConfig),
-    ) -> Result<Self> {
         let mut topo = Topology::two_nodes(tag)?;
         topo.add_pod("cli", 0, 10)?;
         topo.add_pod("bea", 0, 20)?;
@@ -187,24 +171,13 @@ impl Cluster {
         let mut c = Cluster {
             agents: Vec::new(),
             servers: Vec::new(),
+            kube_proxy: Vec::new(),
             topo,
             agent_bin,
             dir,
             bins,
             configs: Vec::new(),
-            kube_proxy: Vec::new(),
         };
-        for i in 0..2u8 {
-            let mut cfg = c.standard_config(i);
-            f(&mut cfg);
-            c.configs.push(cfg);
-        }
-        if mode != NetfilterMode::None {
-            for (n, cfg) in c.topo.nodes.iter().zip(&c.configs) {
-                c.kube_proxy
-                    .push(KubeProxy::install(&n.ns, mode, &cfg.services)?);
-            }
-        }
         for (pod, id) in [("bea", ID_BEA), ("beb", ID_BEB)] {
             let p = c.topo.pod(pod);
             let (v4, v6) = (p.ip(false), p.ip(true));
@@ -223,11 +196,14 @@ impl Cluster {
             let s = Server::start(&c.bins, &n.ns, id, &addrs, &addrs)?;
             c.servers.push(s);
         }
-        for (i, cfg) in c.configs.iter().enumerate() {
-            let n = c.topo.node(i as u8);
-            let label = format!("agent-{}", ['a', 'b'][i]);
-            let agent = Agent::start(&c.agent_bin.0, &n.ns, &c.dir.0, &label, cfg)?;
+        for i in 0..2u8 {
+            let mut cfg = c.standard_config(i);
+            f(&mut cfg);
+            let n = c.topo.node(i);
+            let label = format!("agent-{}", ['a', 'b'][i as usize]);
+            let agent = Agent::start(&c.agent_bin.0, &n.ns, &c.dir.0, &label, &cfg)?;
             c.agents.push(agent);
+            c.configs.push(cfg);
         }
         Ok(c)
     }
@@ -287,11 +263,27 @@ impl Cluster {
             f(cfg);
             agent.write_config(cfg)?;
         }
-        for (kp, (cfg, n)) in self
-            .kube_proxy
-            .iter_mut()
-            .zip(self.configs.iter().zip(&self.topo.nodes))
-        {
+        self.sync_kube_proxy()
+    }
+
+    /// `new`, with kube-proxy's rules of `mode` for the cluster's services on both node
+    /// namespaces (installed before any traffic runs), re-synced whenever
+    /// [`Cluster::update_configs`] changes the services' VIPs, ports or backends.
+    pub fn with_netfilter(tag: &str, bins: Bins, mode: NetfilterMode) -> Result<Self> {
+        let mut c = Self::new(tag, bins)?;
+        if mode != NetfilterMode::None {
+            for (n, cfg) in c.topo.nodes.iter().zip(&c.configs) {
+                c.kube_proxy
+                    .push(KubeProxy::install(&n.ns, mode, &cfg.services)?);
+            }
+        }
+        Ok(c)
+    }
+
+    /// Writes kube-proxy's rules again on each node whose services changed.
+    fn sync_kube_proxy(&mut self) -> Result<()> {
+        let nodes = self.configs.iter().zip(&self.topo.nodes);
+        for (kp, (cfg, n)) in self.kube_proxy.iter_mut().zip(nodes) {
             kp.sync(&n.ns, &cfg.services)?;
         }
         Ok(())
