@@ -11,6 +11,7 @@ use anyhow::Result;
 
 use crate::{
     agent::{service_mode_is, Agent, AgentBin, AgentConfig, Proto, ServiceSpec},
+    kubeproxy::{KubeProxy, NetfilterMode},
     topo::Topology,
     traffic::{Bins, Server},
 };
@@ -136,6 +137,8 @@ impl Drop for ScratchDir {
 pub struct Cluster {
     pub agents: Vec<Agent>,
     pub servers: Vec<Server>,
+    /// kube-proxy's rules on each node (empty without netfilter rules).
+    pub kube_proxy: Vec<KubeProxy>,
     pub topo: Topology,
     pub agent_bin: AgentBin,
     pub dir: ScratchDir,
@@ -204,6 +207,7 @@ impl Cluster {
             cgroups,
             agents: Vec::new(),
             servers: Vec::new(),
+            kube_proxy: Vec::new(),
             topo,
             agent_bin,
             dir,
@@ -297,11 +301,44 @@ impl Cluster {
         }
     }
 
-    /// Applies `f` to both nodes' configs and writes them (the agents reload on mtime).
+    /// Applies `f` to both nodes' configs and writes them (the agents reload on mtime);
+    /// kube-proxy's rules follow changed services as kube-proxy would.
     pub fn update_configs(&mut self, f: impl Fn(&mut AgentConfig)) -> Result<()> {
         for (cfg, agent) in self.configs.iter_mut().zip(&self.agents) {
             f(cfg);
             agent.write_config(cfg)?;
+        }
+        self.sync_kube_proxy()
+    }
+
+    /// `new`, with kube-proxy's rules of `mode` for the cluster's services on both node
+    /// namespaces (installed before any traffic runs), re-synced whenever
+    /// [`Cluster::update_configs`] changes the services' VIPs, ports or backends.
+    pub fn with_netfilter(tag: &str, bins: Bins, mode: NetfilterMode) -> Result<Self> {
+        let mut c = Self::new(tag, bins)?;
+        if mode != NetfilterMode::None {
+            for (n, cfg) in c.topo.nodes.iter().zip(&c.configs) {
+                c.kube_proxy
+                    .push(KubeProxy::install(&n.ns, mode, &cfg.services)?);
+            }
+        }
+        Ok(c)
+    }
+
+    /// Writes kube-proxy's rules again on each node whose services changed.
+    fn sync_kube_proxy(&mut self) -> Result<()> {
+        let nodes = self.configs.iter().zip(&self.topo.nodes);
+        for (kp, (cfg, n)) in self.kube_proxy.iter_mut().zip(nodes) {
+            kp.sync(&n.ns, &cfg.services)?;
+        }
+        Ok(())
+    }
+
+    /// Sets `rp_filter` (1 strict, 2 loose) on both node namespaces: `all`, `default` and
+    /// every interface.
+    pub fn set_rp_filter(&self, mode: u8) -> Result<()> {
+        for n in &self.topo.nodes {
+            n.set_rp_filter(mode)?;
         }
         Ok(())
     }

@@ -41,6 +41,19 @@ impl Node {
     pub fn interfaces(&self) -> Result<Vec<String>> {
         self.ns.interfaces()
     }
+
+    /// Reverse-path filtering (`rp_filter`, 0 off, 1 strict, 2 loose) on `all`, on
+    /// `default` (interfaces created later, such as pods added afterwards) and on every
+    /// interface now in the node namespace, `lo` included.
+    pub fn set_rp_filter(&self, mode: u8) -> Result<()> {
+        let mut keys = vec!["all".to_owned(), "default".to_owned(), "lo".to_owned()];
+        keys.extend(self.interfaces()?);
+        for k in keys {
+            self.ns
+                .sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), &mode.to_string())?;
+        }
+        Ok(())
+    }
 }
 
 /// One pod: a namespace with `eth0`, attached to a node.

@@ -54,27 +54,8 @@ pub(super) fn act_eps() -> Vec<SocketAddr> {
     vec![sa(NODE_IP, ACT_PORT)]
 }
 
-/// kube-proxy's chain-name hash: 16 base32 characters of a hash of the name (kube-proxy
-/// uses SHA-256; any stable hash gives the same rule shapes).
-pub(super) fn hash16(s: &str) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
-    for b in s.bytes() {
-        h1 = (h1 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        h2 = (h2 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3 ^ 0x5bd1_e995);
-    }
-    let mut out = String::new();
-    for i in 0..16 {
-        let v = if i < 12 {
-            h1 >> (i * 5)
-        } else {
-            h2 >> ((i - 12) * 5)
-        };
-        out.push(A[(v & 31) as usize] as char);
-    }
-    out
-}
+/// kube-proxy's chain-name hash, shared with the netns tests' kube-proxy rules.
+use redirector_tests::kubeproxy::hash16;
 
 pub(super) fn svc_port_name(s: &Svc) -> String {
     format!("rt/{}:http", s.name)
