@@ -4,7 +4,6 @@
 //! and maps pinned so traffic keeps flowing and the next agent adopts them.
 use std::{
     collections::{BTreeSet, HashMap},
-    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -281,7 +280,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     // The listeners first: whether services get ports of their own depends on them, and
     // the first write of the maps must already say (a restart rewrites nothing).
-    let (listeners, service_ports) = start_activator(&activator, &cfg, &mut dp).await;
+    let (listeners, service_ports) =
+        crate::node_hooks::start_activator(&activator, &cfg, &mut dp).await;
     prog.set_service_ports(service_ports);
     apply(&mut prog, &cfg, desired(&kube, &serving, &cfg))?;
     if let Some(ports) = service_ports {
@@ -304,7 +304,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     att.sync(&mut dp, &cfg.node);
     if !att.held {
         dp.finish_migration();
-        hook_sockets(&mut dp, &cfg.node);
+        crate::node_hooks::hook_sockets(&mut dp, &cfg.node);
     }
 
     let agent_metrics = Arc::new(crate::metrics::AgentMetrics {
@@ -404,7 +404,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                                 att.held = false;
                                 att.sync(&mut dp, &cfg.node);
                                 dp.finish_migration();
-                                hook_sockets(&mut dp, &cfg.node);
+                                crate::node_hooks::hook_sockets(&mut dp, &cfg.node);
                             }
                             write_ready(&mut ready_file)?;
                             tracing::info!(
@@ -534,117 +534,6 @@ pub struct Uninstalled {
     pub links: usize,
     /// Pinned maps removed.
     pub maps: usize,
-}
-
-/// Starts the activator's listeners (`[activator] listen`) and, where the kernel has
-/// `sk_lookup` (5.9) and every activator address has a listener, steers the per-service
-/// ports (`[activator] service_ports`) to them. Returns the listener threads and the
-/// per-service ports in effect (`None`: every service on the listener's port).
-async fn start_activator(
-    activator: &Arc<Activator>,
-    cfg: &Config,
-    dp: &mut Datapath,
-) -> (Vec<std::thread::JoinHandle<()>>, Option<(u16, u16)>) {
-    let mut threads = Vec::new();
-    let mut sockets = Vec::new();
-    if !cfg.activator.listen {
-        return (threads, None);
-    }
-    for addr in &cfg.node.activator {
-        match crate::activator::spawn_listeners(activator.clone(), *addr).await {
-            Ok(l) => {
-                tracing::info!(%addr, threads = l.threads.len(), "activator listening");
-                threads.extend(l.threads);
-                sockets.push((*addr, l.socket));
-            }
-            Err(e) => tracing::error!(%addr, error = %e, "activator can't listen"),
-        }
-    }
-    let Some(ports) = cfg.activator.service_ports else {
-        return (threads, None);
-    };
-    let steered = if !crate::datapath::kernel().sk_lookup {
-        Err("the kernel has no sk_lookup (5.9)".to_owned())
-    } else if sockets.is_empty() || sockets.len() != cfg.node.activator.len() {
-        Err("not every activator address has a listener of this agent".to_owned())
-    } else {
-        let fds: Vec<_> = sockets.iter().map(|(a, s)| (*a, s.as_fd())).collect();
-        dp.steer_activator(&fds, ports).map_err(|e| e.to_string())
-    };
-    match steered {
-        Ok(()) => {
-            tracing::info!(
-                first = ports.0,
-                count = ports.1,
-                "activator ports per service: proxied flows never share a tuple"
-            );
-            (threads, Some(ports))
-        }
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "per-service activator ports off: every service on the listener's port"
-            );
-            (threads, None)
-        }
-    }
-}
-
-/// Attaches the socket hooks where `[node] cgroup` says, or logs why not: the packet path
-/// then serves every client (it always serves traffic from the network).
-fn hook_sockets(dp: &mut Datapath, node: &NodeConfig) {
-    use crate::{config::SocketCgroup, datapath::sockets};
-    let cgroup = match &node.cgroup {
-        SocketCgroup::Off => {
-            let n = sockets::detach_sockets(dp.pin_path());
-            tracing::info!(
-                detached = n,
-                "socket hooks off (node.cgroup = \"off\"): every client takes the packet path"
-            );
-            return;
-        }
-        // A hybrid host (cgroup v1 controllers) keeps the v2 hierarchy below `unified`.
-        SocketCgroup::Path(p)
-            if !sockets::is_cgroup2(p) && sockets::is_cgroup2(&p.join("unified")) =>
-        {
-            tracing::info!(cgroup = %p.display(), "not cgroup v2; using its unified hierarchy");
-            p.join("unified")
-        }
-        SocketCgroup::Path(p) => p.clone(),
-        SocketCgroup::Auto => match sockets::find_cgroup2() {
-            Some(p) => p,
-            None => {
-                tracing::warn!(
-                    "no cgroup v2 mount of the hierarchy's root: socket hooks off, every client \
-                     takes the packet path (mount one, or set node.cgroup)"
-                );
-                return;
-            }
-        },
-    };
-    if !crate::datapath::kernel().sock_addr {
-        tracing::warn!(
-            "the kernel has no cgroup sock_addr hooks: every client takes the packet path"
-        );
-        return;
-    }
-    match dp.attach_sockets(&cgroup) {
-        Ok(r) => {
-            tracing::info!(
-                cgroup = %cgroup.display(),
-                replaced = r.replaced,
-                attached = r.attached,
-                "socket hooks attached: connect() to a VIP goes straight to its target"
-            );
-            for (prog, why) in r.skipped {
-                tracing::warn!(program = prog, reason = %why, "optional socket hook not attached");
-            }
-        }
-        Err(e) => tracing::error!(
-            error = %e,
-            "socket hooks not attached: every client takes the packet path"
-        ),
-    }
 }
 
 /// Uninstalls: detaches every pinned link and removes the pinned maps. Removes nothing from

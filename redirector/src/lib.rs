@@ -12,6 +12,7 @@ pub mod knative;
 pub mod maglev;
 pub mod metrics;
 pub mod netlink;
+pub mod node_hooks;
 pub mod scaler;
 pub mod serving;
 pub mod status;
