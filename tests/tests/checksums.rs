@@ -3,7 +3,9 @@
 //! IPv4 and IPv6, local backend, remote backend and the node-local activator (their replies
 //! reverse-translated at tc egress) and hairpin. Run twice: with the node's
 //! forwarding (`host_routing = "kernel"`) and with translated packets handed straight to
-//! the local pod (`host_routing = "bpf"`), where the node must forward none of them.
+//! the local pod (`host_routing = "bpf"`), where the node must forward none of them. Both
+//! on nodes that carry kube-proxy's iptables rule set (its FORWARD drop of conntrack-INVALID
+//! packets included), as real nodes do.
 use std::collections::BTreeMap;
 
 use redirector_tests::{
@@ -12,6 +14,7 @@ use redirector_tests::{
         Cluster, Svc, ECHO_LOCAL, ECHO_PROXY, ECHO_REMOTE, ID_ACT_A, ID_BEA, ID_BEB, WEB_LOCAL,
         WEB_PROXY, WEB_REMOTE,
     },
+    kubeproxy::{KubeProxy, NetfilterMode},
     require_root,
     traffic::{csum_errors, run_client},
 };
@@ -128,8 +131,13 @@ fn checksums_offload_on_and_off_bpf_host_routing() {
 
 fn checksums(host_routing_bpf: bool) {
     let tag = if host_routing_bpf { "csb" } else { "cs" };
-    let c = Cluster::new_with(tag, bins!(), |cfg| cfg.host_routing_bpf = host_routing_bpf)
+    let mut c = Cluster::new_with(tag, bins!(), |cfg| cfg.host_routing_bpf = host_routing_bpf)
         .expect("cluster");
+    for (n, cfg) in c.topo.nodes.iter().zip(&c.configs) {
+        let kp = KubeProxy::install(&n.ns, NetfilterMode::Iptables, &cfg.services)
+            .expect("kube-proxy's rules");
+        c.kube_proxy.push(kp);
+    }
 
     let before = counters(&c);
     traffic(&c, "offload on");
