@@ -313,6 +313,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         flips: AtomicU64::new(0),
         map_update: Histogram::default(),
         pin_path: pin_path.clone(),
+        readiness: crate::metrics::Readiness::new(opts.kubernetes.as_ref().and_then(|k| {
+            let waker = k.waker.clone();
+            waker.connected().map(|_| {
+                Box::new(move || waker.connected().unwrap_or(true))
+                    as Box<dyn Fn() -> bool + Send + Sync>
+            })
+        })),
     });
     if let Some(addr) = cfg.node.metrics {
         let src: Arc<dyn crate::metrics::Source> = agent_metrics.clone();
@@ -344,6 +351,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     if kube.is_none() {
         serving.spares_prepared(Duration::from_secs(5)).await;
         write_ready(&mut ready_file)?;
+        agent_metrics.readiness.set_synced();
         tracing::info!(
             services = cfg.services.len(),
             interfaces = att.current.len(),
@@ -407,6 +415,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                                 crate::node_hooks::hook_sockets(&mut dp, &cfg.node);
                             }
                             write_ready(&mut ready_file)?;
+                            agent_metrics.readiness.set_synced();
                             tracing::info!(
                                 sks = kube.as_ref().and_then(KubeSource::sks_count).unwrap_or(0),
                                 interfaces = att.current.len(),
@@ -479,6 +488,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             }
         }
     }
+    if let Some(k) = &kube {
+        hand_over(k, &mut prog, &cfg);
+    }
     tracing::info!("stopping: draining the activator, stopping instances");
     // Scalers still report while they drain; acknowledge (the maps stay as they are).
     tokio::spawn(async move {
@@ -497,6 +509,32 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         pin_path.display()
     );
     Ok(())
+}
+
+/// Before the listener closes: Proxy to Knative's activators while no node-local activator
+/// listens (the next agent takes it back with its first write). Established flows keep
+/// their target and drain here.
+fn hand_over(k: &KubeSource, prog: &mut Programmer, cfg: &Config) {
+    let proxied = k
+        .desired()
+        .unwrap_or_default()
+        .iter()
+        .filter(|d| d.mode == redirector_common::MODE_PROXY)
+        .count();
+    match k.hand_over(&cfg.node.activator) {
+        Some((desired, n)) => match prog.apply(&desired) {
+            Ok(_) => tracing::info!(
+                services = n,
+                "Proxy handed over to Knative's activators until the next agent listens"
+            ),
+            Err(e) => tracing::error!(error = %e, "handing Proxy over to Knative's activators failed"),
+        },
+        None if proxied > 0 => tracing::warn!(
+            services = proxied,
+            "no ready Knative activator to hand Proxy over to: new Proxy connections are refused until the next agent listens"
+        ),
+        None => {}
+    }
 }
 
 /// Writes the ready file (once).

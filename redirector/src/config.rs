@@ -428,7 +428,17 @@ impl Config {
         path: &Path,
         running: Option<&MapSizes>,
     ) -> Result<Self, ConfigError> {
-        let at = At { text, path };
+        Self::parse_with_env(text, path, running, &|k| std::env::var(k).ok())
+    }
+
+    /// `parse_for`, with `env` for the variables the file may name (`$NODE_IP`).
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        running: Option<&MapSizes>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let at = At { text, path, env };
         let raw: RawFile =
             toml::from_str(text).map_err(|e| at.err(e.span(), e.message().to_owned()))?;
         let node = node(&at, raw.node)?;
@@ -476,6 +486,41 @@ impl Config {
     }
 }
 
+/// The environment variable a node address may name as its host (`"$NODE_IP:8012"`): the
+/// DaemonSet sets it from the downward API (`status.hostIP`).
+pub const NODE_IP_VAR: &str = "NODE_IP";
+
+/// A node address: `"10.0.0.1:80"`, `"[fd00::1]:80"`, or `"$NODE_IP:80"` (also
+/// `"${NODE_IP}:80"`), the host taken from the environment (an IPv6 one needs no brackets).
+fn parse_node_addr(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<SocketAddr, String> {
+    let var = format!("${NODE_IP_VAR}");
+    let braced = format!("${{{NODE_IP_VAR}}}");
+    let Some(rest) = s.strip_prefix(&braced).or_else(|| s.strip_prefix(&var)) else {
+        if s.contains('$') {
+            return Err(format!(
+                "{s:?}: only ${NODE_IP_VAR} is expanded, as the whole host (\"${NODE_IP_VAR}:8012\")"
+            ));
+        }
+        return parse_sockaddr(s);
+    };
+    let port = rest
+        .strip_prefix(':')
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| format!("{s:?}: a port must follow, as in \"${NODE_IP_VAR}:8012\""))?;
+    let value = env(NODE_IP_VAR)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "{s:?}: {NODE_IP_VAR} is not set in the environment (the DaemonSet sets it from status.hostIP)"
+            )
+        })?;
+    let ip: std::net::IpAddr = value
+        .parse()
+        .map_err(|_| format!("{s:?}: {NODE_IP_VAR}={value:?} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 fn parse_sockaddr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>().map_err(|_| {
         format!("{s:?} is not an address with a port (\"10.0.0.1:80\" or \"[fd00::1]:80\")")
@@ -493,6 +538,8 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub(crate) struct At<'a> {
     text: &'a str,
     path: &'a Path,
+    /// The environment, for `$NODE_IP`.
+    env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl At<'_> {
@@ -511,7 +558,7 @@ impl At<'_> {
 fn node(at: &At<'_>, raw: RawNode) -> Result<NodeConfig, ConfigError> {
     let mut activator = Vec::new();
     for (span, a) in raw.activator.map(spanned_items).unwrap_or_default() {
-        let sa = parse_sockaddr(&a)
+        let sa = parse_node_addr(&a, at.env)
             .map_err(|m| at.err(Some(span.clone()), format!("node.activator: {m}")))?;
         // Service entries carry it as a datapath endpoint, which keeps no zone.
         if a.contains('%') {
@@ -524,7 +571,7 @@ fn node(at: &At<'_>, raw: RawNode) -> Result<NodeConfig, ConfigError> {
     }
     let metrics = match raw.metrics {
         Some(m) => Some(
-            parse_sockaddr(m.get_ref())
+            parse_node_addr(m.get_ref(), at.env)
                 .map_err(|e| at.err(Some(m.span()), format!("node.metrics: {e}")))?,
         ),
         None => None,

@@ -787,6 +787,67 @@ mod agent_k8s {
         no_agent_errors(&k);
     }
 
+    /// SIGTERM: before its listener closes, the agent hands Proxy to Knative's activators
+    /// (`knative-serving/activator-service`); while no agent runs, new Proxy connections reach
+    /// Knative's activator instead of a closed port, and the next agent takes Proxy back.
+    #[test]
+    fn sigterm_hands_proxy_over_to_knatives_activator() {
+        require_root!();
+        let mut k = KubeNode::new("ho").unwrap();
+        // Knative's activator stand-in: a pod answering on the activator's port.
+        let p = k.add_pod(31).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let act = k.pods[p].v4();
+        k.api
+            .create(
+                &Res::services(),
+                objects::activator_service(ip("10.96.100.1")),
+            )
+            .unwrap();
+        k.api
+            .create(
+                &Res::endpoint_slices(),
+                objects::activator_slice("x1", &[Ep::ready(act)]),
+            )
+            .unwrap();
+        let vip = ip("10.96.0.37");
+        let rev = "handover-00001";
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let node_act = |s: &Value| {
+            entry(s, rev, vip).is_some_and(|e| {
+                e["mode"] == "proxy"
+                    && strings(&e["proxy_pool"]).is_empty()
+                    && e["activator"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with(&NODE_IP.to_string()))
+            })
+        };
+        k.wait_status("Proxy to the node-local activator", LONG, node_act)
+            .unwrap();
+
+        assert!(k.stop_agent(), "the agent exits on SIGTERM");
+        assert!(
+            k.log()
+                .contains("Proxy handed over to Knative's activators"),
+            "{}",
+            redirector_tests::kubeapi::node::tail(&k.log(), 30)
+        );
+        let pool = strings(&entry(&k.status().unwrap(), rev, vip).unwrap()["proxy_pool"]);
+        assert_eq!(pool, set(&[ep(act, QUEUE_PORT)]), "the pool is Knative's");
+        // No agent: a new connection through the VIP reaches Knative's activator.
+        for _ in 0..3 {
+            let r = k.get(SocketAddr::new(vip, 80), "/", LONG).unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            assert!(r.body.contains(&act.to_string()), "{r:?}");
+        }
+        // The next agent takes Proxy back once it listens.
+        k.start_agent(&AgentOpts::default()).unwrap();
+        k.wait_status("Proxy back at the node-local activator", LONG, node_act)
+            .unwrap();
+        no_agent_errors(&k);
+    }
+
     #[test]
     fn agent_dual_stack_public_service() {
         require_root!();
@@ -949,10 +1010,23 @@ mod agent_k8s {
             .filter(|l| l.contains("WARN") && l.contains("endpointslices"))
             .count();
         assert_eq!(warned, 1, "one warning per outage:\n{log}");
-        // Granted again: the agent lists and resumes.
+        // Not ready before the first full sync; alive all along.
+        assert_eq!(
+            (
+                k.agent_probe("/readyz").unwrap(),
+                k.agent_probe("/healthz").unwrap()
+            ),
+            (503, 200),
+            "readiness waits for the first full sync, liveness does not"
+        );
+        // Granted again: the agent lists and resumes, and is ready.
         k.api.set_forbidden("endpointslices", false);
         redirector_tests::netns::wait_for("the list succeeds", LONG, || {
             k.log().contains("kubernetes watch resumed").then_some(())
+        })
+        .unwrap();
+        redirector_tests::netns::wait_for("ready after the first sync", LONG, || {
+            (k.agent_probe("/readyz").ok() == Some(200)).then_some(())
         })
         .unwrap();
         no_agent_errors(&k);

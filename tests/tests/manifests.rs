@@ -3,9 +3,10 @@
 //! misspelt or misplaced field is caught through `serde_ignored`), every kustomization's
 //! resources exist and decode, and the invariants the agent relies on hold: host network,
 //! the capability set instead of privileged, the bpffs mount, NODE_NAME, probes on
-//! `/healthz` at the metrics port, RollingUpdate with maxUnavailable 1, read-only RBAC, a
-//! termination grace covering the activator drain, and a node config that redirector's own
-//! parser accepts once the init container has put the node IP in.
+//! `/readyz` and `/healthz` at the metrics port, RollingUpdate with maxUnavailable 1,
+//! read-only RBAC, a termination grace covering the activator drain, and a node config that
+//! redirector's own parser accepts with the node IP the DaemonSet puts in the environment
+//! (`$NODE_IP`).
 //!
 //! `kubectl kustomize` (or `kustomize build`) renders every kustomization when one is on
 //! PATH; without it the test checks the same files directly.
@@ -33,8 +34,6 @@ use serde::{de::DeserializeOwned, Deserialize};
 const NAMESPACE: &str = "redirector-system";
 const AGENT: &str = "redirector";
 const CONFIG_KEY: &str = "config.toml";
-/// The placeholder the `render-config` init container replaces with the node's IP.
-const NODE_IP_PLACEHOLDER: &str = "@NODE_IP@";
 /// YAML files under deploy/ that no kustomization lists, on purpose.
 const STANDALONE: &[&str] = &["uninstall/job-one-node.yaml"];
 
@@ -300,14 +299,6 @@ fn container<'a>(spec: &'a PodSpec, name: &str) -> &'a Container {
         .unwrap_or_else(|| panic!("no container {name}"))
 }
 
-fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
-    c.env
-        .iter()
-        .flatten()
-        .find(|e| e.name == name)
-        .and_then(|e| e.value.as_deref())
-}
-
 fn env_field_ref<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
     c.env
         .iter()
@@ -321,36 +312,14 @@ fn env_field_ref<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
 // ---------------------------------------------------------------------------------------
 // The node config
 
-/// Runs the `render-config` init container's script (with the system `sh` and `sed`, the way
-/// busybox runs it) on the ConfigMap's template for `node_ip`; returns the rendered TOML.
-fn render_config(script: &str, template: &str, node_ip: &str) -> String {
-    // One directory per call: the tests of this file run in parallel.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("redirector-manifests-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let tpl = dir.join("template.toml");
-    let out = dir.join(format!("config-{}.toml", node_ip.replace(':', "_")));
-    std::fs::write(&tpl, template).expect("write template");
-    let status = Command::new("sh")
-        .args(["-c", script])
-        .env("NODE_IP", node_ip)
-        .env("TEMPLATE", &tpl)
-        .env("CONFIG", &out)
-        .status()
-        .expect("sh runs");
-    assert!(status.success(), "render-config script failed: {status}");
-    let text = std::fs::read_to_string(&out).expect("rendered config");
-    let _ = std::fs::remove_dir_all(&dir);
-    text
-}
-
-/// The render-config script, and the env names it uses, from the agent DaemonSet.
-fn render_script(spec: &PodSpec) -> &str {
-    let c = container(spec, "render-config");
-    let cmd = c.command.as_ref().expect("render-config has a command");
-    assert_eq!(cmd[..2], ["sh".to_owned(), "-c".to_owned()], "{cmd:?}");
-    cmd[2].as_str()
+/// The ConfigMap's node config as the agent parses it on a node whose `NODE_IP` (the
+/// downward API's `status.hostIP`) is `node_ip`.
+fn parse_node_config(text: &str, node_ip: &str) -> redirector::config::Config {
+    let ip = node_ip.to_owned();
+    redirector::config::Config::parse_with_env(text, Path::new("configmap.yaml"), None, &|k| {
+        (k == redirector::config::NODE_IP_VAR).then(|| ip.clone())
+    })
+    .unwrap_or_else(|e| panic!("the ConfigMap's config for {node_ip}: {e}\n{text}"))
 }
 
 fn config_template(objects: &[&Object]) -> String {
@@ -666,10 +635,26 @@ fn agent_daemonset() {
 
     // NODE_NAME from the downward API; NODE_IP for the config.
     assert_eq!(env_field_ref(agent, "NODE_NAME"), Some("spec.nodeName"));
-    let render = container(spec, "render-config");
-    assert_eq!(env_field_ref(render, "NODE_IP"), Some("status.hostIP"));
+    // NODE_IP from the downward API wherever the config is read; no init container renders it.
+    assert_eq!(env_field_ref(agent, "POD_NAME"), Some("metadata.name"));
+    let check = container(spec, "check-config");
+    for c in [agent, check] {
+        assert_eq!(
+            env_field_ref(c, "NODE_IP"),
+            Some("status.hostIP"),
+            "{}",
+            c.name
+        );
+    }
+    assert!(
+        spec.init_containers
+            .iter()
+            .flatten()
+            .all(|c| c.name != "render-config"),
+        "no render-config init container"
+    );
 
-    // Probes on /healthz at the metrics port.
+    // Readiness on /readyz, liveness on /healthz, both at the metrics port.
     let ports: BTreeMap<&str, i32> = agent
         .ports
         .iter()
@@ -677,14 +662,14 @@ fn agent_daemonset() {
         .filter_map(|p| Some((p.name.as_deref()?, p.container_port)))
         .collect();
     let metrics_port = *ports.get("metrics").expect("a port named metrics");
-    for (which, probe) in [
-        ("readiness", agent.readiness_probe.as_ref()),
-        ("liveness", agent.liveness_probe.as_ref()),
+    for (which, probe, path) in [
+        ("readiness", agent.readiness_probe.as_ref(), "/readyz"),
+        ("liveness", agent.liveness_probe.as_ref(), "/healthz"),
     ] {
         let get = probe
             .and_then(|p| p.http_get.as_ref())
             .unwrap_or_else(|| panic!("{which} probe with httpGet"));
-        assert_eq!(get.path.as_deref(), Some("/healthz"), "{which}");
+        assert_eq!(get.path.as_deref(), Some(path), "{which}");
         let port = match &get.port {
             IntOrString::Int(p) => *p,
             IntOrString::String(name) => *ports
@@ -801,19 +786,9 @@ fn agent_daemonset() {
         .find(|m| Path::new(config_path).starts_with(&m.mount_path))
         .expect("the config file is on a mount");
     assert!(
-        container(spec, "render-config")
-            .volume_mounts
-            .iter()
-            .flatten()
-            .any(|m| m.name == config_mount.name && m.read_only != Some(true)),
-        "render-config writes the agent's config volume"
+        volumes[config_mount.name.as_str()].config_map.is_some(),
+        "the ConfigMap is mounted as it is (live reload)"
     );
-    assert_eq!(
-        env_value(render, "CONFIG"),
-        Some(config_path.as_str()),
-        "render-config writes the file the agent reads"
-    );
-    let check = container(spec, "check-config");
     assert_eq!(
         check.args.as_deref(),
         Some(
@@ -828,17 +803,6 @@ fn agent_daemonset() {
     // The node config: the template rendered by the init container's own script, for an
     // IPv4 and an IPv6 node, parsed by redirector.
     let template = config_template(&base);
-    let template_path = env_value(render, "TEMPLATE").expect("TEMPLATE");
-    assert!(
-        render
-            .volume_mounts
-            .iter()
-            .flatten()
-            .any(|m| Path::new(template_path).starts_with(&m.mount_path)
-                && volumes[m.name.as_str()].config_map.is_some()),
-        "the template comes from the ConfigMap"
-    );
-    let script = render_script(spec);
     let grace = spec
         .termination_grace_period_seconds
         .expect("terminationGracePeriodSeconds");
@@ -846,10 +810,7 @@ fn agent_daemonset() {
         ("192.0.2.10", "192.0.2.10:8012"),
         ("2001:db8::10", "[2001:db8::10]:8012"),
     ] {
-        let text = render_config(script, &template, node_ip);
-        assert!(!text.contains(NODE_IP_PLACEHOLDER), "{text}");
-        let cfg = redirector::config::Config::parse(&text, Path::new("configmap.yaml"))
-            .unwrap_or_else(|e| panic!("the ConfigMap's config for {node_ip}: {e}\n{text}"));
+        let cfg = parse_node_config(&template, node_ip);
         assert!(cfg.services.is_empty(), "services come from Kubernetes");
         assert_eq!(
             cfg.node.activator,
@@ -951,11 +912,7 @@ fn uninstall_manifests() {
     let files = decode_all();
     let base = objects_of(&files, "base/");
     let uninstall = objects_of(&files, "uninstall/");
-    let agent_spec = pod_spec(daemonset(&base, AGENT));
-    let template = config_template(&base);
-    let rendered = render_config(render_script(agent_spec), &template, "192.0.2.10");
-    let cfg = redirector::config::Config::parse(&rendered, Path::new("configmap.yaml"))
-        .expect("config parses");
+    let cfg = parse_node_config(&config_template(&base), "192.0.2.10");
     let pin = cfg.node.pin_path.to_string_lossy().into_owned();
 
     let mut specs: Vec<(&str, &PodSpec)> = Vec::new();
@@ -1098,17 +1055,13 @@ fn args_match_the_cli() {
     );
 
     let base = objects_of(&files, "base/");
-    let spec = pod_spec(daemonset(&base, AGENT));
     let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        render_config(render_script(spec), &config_template(&base), "192.0.2.10"),
-    )
-    .expect("write config");
+    std::fs::write(&config, config_template(&base)).expect("write config");
     let out = Command::new(&bin.0)
         .arg("check")
         .arg("--config")
         .arg(&config)
+        .env("NODE_IP", "192.0.2.10")
         .output()
         .expect("redirector check runs");
     assert!(

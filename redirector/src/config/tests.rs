@@ -367,3 +367,37 @@ fn socket_cgroup_and_service_ports() {
         "activator.service_ports: the range holds the listener's port (10.0.0.1:8012)",
     );
 }
+
+fn with_node_ip(text: &str, ip: Option<&str>) -> Result<Config, ConfigError> {
+    let ip = ip.map(str::to_owned);
+    Config::parse_with_env(text, Path::new("t.toml"), None, &move |k| {
+        (k == "NODE_IP").then(|| ip.clone()).flatten()
+    })
+}
+
+#[test]
+fn node_ip_from_the_environment() {
+    let text = "[node]\nactivator = [\"$NODE_IP:8012\"]\nmetrics = \"${NODE_IP}:9469\"\n";
+    for (ip, act, metrics) in [
+        ("192.0.2.10", "192.0.2.10:8012", "192.0.2.10:9469"),
+        ("2001:db8::10", "[2001:db8::10]:8012", "[2001:db8::10]:9469"),
+    ] {
+        let c = with_node_ip(text, Some(ip)).unwrap();
+        assert_eq!(c.node.activator, vec![act.parse().unwrap()]);
+        assert_eq!(c.node.metrics, Some(metrics.parse().unwrap()));
+    }
+    let e = with_node_ip(text, None).unwrap_err().to_string();
+    assert!(e.contains(":2:") && e.contains("NODE_IP is not set"), "{e}");
+    let e = with_node_ip(text, Some("node-a")).unwrap_err().to_string();
+    assert!(e.contains("is not an IP address"), "{e}");
+    for bad in ["$NODE_IP", "$NODE_IP:x", "$HOST_IP:80", "$NODE_IP8012"] {
+        let t = format!("[node]\nactivator = [\"{bad}\"]\n");
+        let e = with_node_ip(&t, Some("192.0.2.10"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":2:") && e.contains("node.activator"),
+            "{bad}: {e}"
+        );
+    }
+}

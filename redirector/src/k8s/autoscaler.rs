@@ -18,6 +18,10 @@ impl Waker for StatReporter {
         let (reporter, act) = (self.clone(), activator.clone());
         tokio::spawn(async move { reporter.run(move || activator_samples(&act)).await });
     }
+
+    fn connected(&self) -> Option<bool> {
+        Some(StatReporter::connected(self))
+    }
 }
 
 /// The waker for `--autoscaler-url`: a stat reporter to `url`; without one, to Knative's

@@ -230,6 +230,12 @@ fn vips_and_ports(svc: &Service) -> (Vec<IpAddr>, Vec<(String, u16)>) {
     (vips, ports)
 }
 
+/// Whether a public port carries TLS (Knative's `https` port, 443 → 8112 on the
+/// activator; `https-*` names too).
+fn is_tls_port(name: &str) -> bool {
+    name == "https" || name.starts_with("https-")
+}
+
 /// Knative's port name for a protocol (`networking.ServicePortName`).
 fn protocol_port_name(p: SksProtocol) -> &'static str {
     match p {
@@ -305,7 +311,13 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
                 port_name.as_str()
             };
             let serve = private.on_port(pname, None);
+            // TLS is never sent to the node-local activator's plaintext listener: in Proxy,
+            // https passes through to Knative's activators (which terminate it), and with
+            // none ready the port is left to the node's own path (Knative's public
+            // endpoints), not programmed.
+            let tls = is_tls_port(pname);
             let proxy = match source {
+                _ if tls => activators.on_port(pname, subset.as_ref()),
                 ActivatorSource::Node => BTreeSet::new(),
                 ActivatorSource::Knative => {
                     let by_name = activators.on_port(pname, subset.as_ref());
@@ -316,6 +328,9 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
                     }
                 }
             };
+            if tls && mode == SksMode::Proxy && proxy.is_empty() {
+                continue;
+            }
             summary.ready = summary.ready.max(serve.len());
             summary.activators = summary.activators.max(proxy.len());
             for vip in &vips {

@@ -311,3 +311,56 @@ fn missing_public_service_programs_nothing_and_output_is_stable() {
     let again = map(&snap, &node(), ActivatorSource::Node);
     assert_eq!(m.desired, again.desired);
 }
+
+/// https in Proxy passes through to Knative's activators (443 → 8112), in both activator
+/// modes: never to the node-local plaintext listener. With no Knative activator the port is
+/// not programmed (the node's own path carries it); in Serve it goes to the pods.
+#[test]
+fn https_in_proxy_passes_through_to_knatives_activators() {
+    let ports = [("http", 80), ("https", 443)];
+    let snap = |mode: &str, slices: Vec<Arc<EndpointSlice>>| Snapshot {
+        sks: vec![sks("default", "tls-00001", mode, "http1", 0)],
+        services: vec![service("default", "tls-00001", &["10.96.0.50"], &ports)],
+        slices,
+    };
+    let port = |m: &Mapped, p: u16| {
+        m.desired
+            .iter()
+            .find(|d| d.key.port == u16::to_be(p))
+            .cloned()
+    };
+    for source in [ActivatorSource::Node, ActivatorSource::Knative] {
+        let m = map(&snap("Proxy", vec![activator_slice(2)]), &node(), source);
+        let tls = port(&m, 443).expect("443 programmed");
+        assert_eq!(tls.mode, MODE_PROXY);
+        assert_eq!(
+            tls.proxy,
+            [sa("10.244.9.1:8112"), sa("10.244.9.2:8112")].into(),
+            "{source:?}"
+        );
+        let plain = port(&m, 80).expect("80 programmed");
+        assert_eq!(plain.proxy.is_empty(), source == ActivatorSource::Node);
+    }
+    let m = map(&snap("Proxy", vec![]), &node(), ActivatorSource::Node);
+    assert!(
+        port(&m, 443).is_none(),
+        "no activator for TLS: not programmed"
+    );
+    assert!(port(&m, 80).is_some());
+    let private = slice(
+        "default",
+        "tls-00001-private",
+        "IPv4",
+        &[("http", 8012), ("https", 8112)],
+        &[("10.244.5.1", true, false)],
+    );
+    let m = map(
+        &snap("Serve", vec![private]),
+        &node(),
+        ActivatorSource::Node,
+    );
+    assert_eq!(
+        port(&m, 443).expect("443 in Serve").serve,
+        [sa("10.244.5.1:8112")].into()
+    );
+}

@@ -39,6 +39,11 @@ pub trait Waker: Send + Sync {
     fn attach(&self, activator: &Arc<crate::activator::Activator>) {
         let _ = activator;
     }
+
+    /// Whether its connection is up, for readiness (`None`: it has none).
+    fn connected(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// Wakes nobody (the revision scales up only by Knative's own means).

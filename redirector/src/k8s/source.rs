@@ -61,6 +61,28 @@ impl KubeSource {
         true
     }
 
+    /// Shutdown: the proxied services' entries leading to Knative's activators
+    /// (`knative-serving/activator-service`) instead of this node's, which is about to stop
+    /// listening, so that new Proxy connections are not refused until the next agent listens.
+    /// The desired state and how many services were handed over; `None` when there is
+    /// nothing to hand over to (already Knative's, nothing listed, no ready activator).
+    pub fn hand_over(
+        &self,
+        node_activators: &[SocketAddr],
+    ) -> Option<(Vec<DesiredService>, usize)> {
+        if self.opts.activator != mapping::ActivatorSource::Node {
+            return None;
+        }
+        let snap = self.snapshot.as_ref()?;
+        let m = mapping::map(snap, node_activators, mapping::ActivatorSource::Knative);
+        let handed = m
+            .desired
+            .iter()
+            .filter(|d| d.mode == redirector_common::MODE_PROXY && !d.proxy.is_empty())
+            .count();
+        (handed > 0).then_some((m.desired, handed))
+    }
+
     /// The desired map state; `None` until the cluster has been listed (never an empty
     /// state for lack of data).
     pub fn desired(&self) -> Option<&[DesiredService]> {

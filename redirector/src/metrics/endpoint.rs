@@ -1,4 +1,4 @@
-//! The HTTP endpoint: `/metrics`, `/status` and `/healthz` on `node.metrics`, kept
+//! The HTTP endpoint: `/metrics`, `/status`, `/healthz` and `/readyz` on `node.metrics`, kept
 //! answering under abuse: accept errors (out of file descriptors) are waited out, request
 //! heads and idle connections time out, a client that does not read is dropped, and past
 //! `MAX_CONNS` connections the oldest is closed (after any answer in progress), so a
@@ -29,7 +29,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Serves the endpoints until the process ends.
 pub async fn serve(addr: SocketAddr, source: Arc<dyn Source>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics on /metrics, /status, /healthz");
+    tracing::info!(%addr, "metrics on /metrics, /status, /healthz, /readyz");
     // Close requests for the open connections, oldest first.
     let mut open: VecDeque<oneshot::Sender<()>> = VecDeque::new();
     loop {
@@ -88,7 +88,7 @@ async fn serve_conn(
     let _ = tokio::time::timeout(WRITE_TIMEOUT, conn).await;
 }
 
-fn answer(source: &dyn Source, path: &str) -> Response<Full<Bytes>> {
+pub(super) fn answer(source: &dyn Source, path: &str) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match path {
         "/metrics" => (
             StatusCode::OK,
@@ -97,6 +97,14 @@ fn answer(source: &dyn Source, path: &str) -> Response<Full<Bytes>> {
         ),
         "/status" => (StatusCode::OK, "application/json", source.status_json()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" => match source.ready() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -110,6 +110,44 @@ fn esc(v: &str) -> String {
 pub trait Source: Send + Sync + 'static {
     fn metrics(&self) -> String;
     fn status_json(&self) -> String;
+    /// `/readyz`: `Err(why)` while the agent is not ready.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What `/readyz` waits for: the first full programming of the maps (the config file's
+/// services, or the cluster's state after every watch listed), and, when the agent reports to
+/// Knative's autoscaler, a connected websocket. `/healthz` (liveness) waits for nothing.
+#[derive(Default)]
+pub struct Readiness {
+    synced: std::sync::atomic::AtomicBool,
+    /// Whether the autoscaler's websocket is up (`None`: no autoscaler configured).
+    autoscaler: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+}
+
+impl Readiness {
+    pub fn new(autoscaler: Option<Box<dyn Fn() -> bool + Send + Sync>>) -> Self {
+        Self {
+            synced: Default::default(),
+            autoscaler,
+        }
+    }
+
+    /// The maps hold the first full state.
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if !self.synced.load(Ordering::Relaxed) {
+            return Err("waiting for the first full sync of the maps".into());
+        }
+        match &self.autoscaler {
+            Some(up) if !up() => Err("the autoscaler's websocket is down".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The agent's /metrics and /status.
@@ -119,9 +157,14 @@ pub struct AgentMetrics {
     pub flips: AtomicU64,
     pub map_update: Histogram,
     pub pin_path: PathBuf,
+    pub readiness: Readiness,
 }
 
 impl Source for AgentMetrics {
+    fn ready(&self) -> Result<(), String> {
+        self.readiness.check()
+    }
+
     fn metrics(&self) -> String {
         let mut out = String::new();
         let reg = self.activator.registry();

@@ -32,7 +32,27 @@ fn agent() -> AgentMetrics {
         flips: AtomicU64::new(0),
         map_update: Histogram::default(),
         pin_path: PathBuf::from("/nonexistent/redirector-test"),
+        readiness: Readiness::default(),
     }
+}
+
+/// `/readyz` waits for the first sync and for the autoscaler's websocket; `/healthz` never.
+#[test]
+fn readiness_waits_for_the_sync_and_the_autoscaler() {
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = up.clone();
+    let r = Readiness::new(Some(Box::new(move || seen.load(Ordering::Relaxed))));
+    assert!(r.check().unwrap_err().contains("first full sync"));
+    r.set_synced();
+    assert!(r.check().unwrap_err().contains("autoscaler"));
+    up.store(true, Ordering::Relaxed);
+    assert_eq!(r.check(), Ok(()));
+    let a = agent();
+    assert!(a.ready().is_err());
+    let status = |p: &str| super::endpoint::answer(&a, p).status().as_u16();
+    assert_eq!((status("/readyz"), status("/healthz")), (503, 200));
+    a.readiness.set_synced();
+    assert_eq!(status("/readyz"), 200);
 }
 
 #[test]

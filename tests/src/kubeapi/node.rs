@@ -218,6 +218,13 @@ impl KubeNode {
         Ok(())
     }
 
+    /// SIGTERM to the agent; true once it exited (within 40 s, its drain included).
+    pub fn stop_agent(&mut self) -> bool {
+        self.agent
+            .take()
+            .is_some_and(|mut p| p.signal_and_wait(libc::SIGTERM, Duration::from_secs(40)))
+    }
+
     pub fn agent_alive(&mut self) -> bool {
         self.agent.as_mut().is_some_and(|p| p.alive())
     }
@@ -281,6 +288,17 @@ impl KubeNode {
             bail!("/status answered {}: {}", r.status, r.body);
         }
         Ok(serde_json::from_str(&r.body)?)
+    }
+
+    /// The status code of `GET path` on the agent's metrics endpoint (from inside the node).
+    pub fn agent_probe(&self, path: &str) -> Result<u16> {
+        let r = crate::coldstart::net::get(
+            &self.node.name,
+            METRICS.parse()?,
+            path,
+            Duration::from_secs(5),
+        )?;
+        Ok(r.status)
     }
 
     /// Adds revision pod `h` (namespace + veth, both families); no app yet.
