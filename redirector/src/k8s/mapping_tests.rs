@@ -294,7 +294,7 @@ fn missing_public_service_programs_nothing_and_output_is_stable() {
             "b",
             "two",
             &["10.96.0.2"],
-            &[("http", 80), ("https", 443)],
+            &[("http", 80), ("http2", 81)],
         )],
         slices: vec![],
     };
