@@ -2,7 +2,9 @@
 //! `hello from <addr>`, or with `MODE=line` a line protocol that echoes lines upper-cased.
 //! `STARTUP_DELAY_MS` simulates a slow start. A request with `K-Network-Probe: queue` gets
 //! `queue`, as from Knative's queue-proxy.
-//! Paths: `/` hello, `/healthz` 200, `/sleep?ms=N` answers after N ms, `/crash` exits.
+//! Paths: `/` hello, `/healthz` 200, `/sleep?ms=N` answers after N ms, `/crash` exits,
+//! `/max-in-flight` the most requests it has had in progress at once (probes and this path
+//! not counted), for containerConcurrency checks.
 //! On SIGTERM it stops accepting, finishes requests in flight (answering them with
 //! `Connection: close`), closes idle keep-alive connections and exits — like a pod behind
 //! Knative's queue-proxy.
@@ -17,6 +19,9 @@ use std::{
 static TERM: AtomicBool = AtomicBool::new(false);
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static LISTENER_FD: AtomicI32 = AtomicI32::new(-1);
+/// Requests in progress now, and the most at once so far.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static MAX_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_term(_: libc::c_int) {
     TERM.store(true, Ordering::SeqCst);
@@ -162,8 +167,15 @@ fn http(stream: TcpStream) {
         }
         let close = close || TERM.load(Ordering::SeqCst);
         let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let counted = !queue_probe && path != "/max-in-flight";
+        if counted {
+            let now = IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
+            MAX_IN_FLIGHT.fetch_max(now, Ordering::SeqCst);
+        }
         let text = if queue_probe {
             "queue".to_owned()
+        } else if path == "/max-in-flight" {
+            format!("{}\n", MAX_IN_FLIGHT.load(Ordering::SeqCst))
         } else if path.starts_with("/crash") {
             std::process::exit(3);
         } else if let Some(ms) = path.strip_prefix("/sleep?ms=").and_then(|v| v.parse().ok()) {
@@ -172,6 +184,9 @@ fn http(stream: TcpStream) {
         } else {
             format!("hello from {me}\n")
         };
+        if counted {
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        }
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{text}",
             text.len(),

@@ -1200,4 +1200,164 @@ mod agent_k8s {
             .unwrap();
         no_agent_errors(&k);
     }
+
+    /// A Knative Revision object for revision `name` in [`NS`].
+    fn create_revision_object(k: &KubeNode, name: &str, spec: Value) {
+        k.api
+            .create(
+                &Res::new("serving.knative.dev", "v1", "revisions"),
+                objects::revision(NS, name, spec),
+            )
+            .unwrap();
+    }
+
+    /// `GET path` from the client pod on its own thread.
+    fn get_in_background(
+        k: &KubeNode,
+        addr: SocketAddr,
+        path: &str,
+        timeout: Duration,
+    ) -> JoinHandle<anyhow::Result<Resp>> {
+        let (client, path) = (k.client.name.clone(), path.to_owned());
+        std::thread::spawn(move || {
+            redirector_tests::coldstart::net::get(&client, addr, &path, timeout)
+        })
+    }
+
+    /// Waits until the agent applied the Revision's settings (they may trail the SKS).
+    fn wait_settings(k: &KubeNode, rev: &str) {
+        let want = format!("revision={NS}/{rev}");
+        redirector_tests::netns::wait_for("the Revision's settings applied", LONG, || {
+            k.log()
+                .lines()
+                .any(|l| l.contains("the Revision's settings applied") && l.contains(&want))
+                .then_some(())
+        })
+        .unwrap();
+    }
+
+    /// containerConcurrency 1 from the Revision: a cold burst of 50 is held, then reaches the
+    /// one pod one request at a time, as Knative's throttler does: 50 × 200, never two in
+    /// flight on the pod (queue-proxy would answer 503 beyond 10 × containerConcurrency).
+    #[test]
+    fn revision_container_concurrency_one_cold_burst() {
+        require_root!();
+        let mut k = KubeNode::new("cc").unwrap();
+        let vip = ip("10.96.0.38");
+        let rev = "cc-00001";
+        create_revision_object(&k, rev, json!({"containerConcurrency": 1}));
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        k.wait_status("the SKS in proxy", LONG, |s| {
+            is(s, rev, vip, "proxy", &BTreeSet::new())
+        })
+        .unwrap();
+        wait_settings(&k, rev);
+        let burst: Vec<_> = (0..50)
+            .map(|_| {
+                get_in_background(
+                    &k,
+                    SocketAddr::new(vip, 80),
+                    "/sleep?ms=20",
+                    Duration::from_secs(60),
+                )
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(burst.iter().all(|h| !h.is_finished()), "held while no pod");
+        let p = k.add_pod(33).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod_ip = k.pods[p].v4();
+        set_endpoints(&k, rev, "a", &[Ep::ready(pod_ip)]);
+        let statuses: Vec<u16> = burst
+            .into_iter()
+            .map(|h| h.join().unwrap().map(|r| r.status).unwrap_or(0))
+            .collect();
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        let r = k
+            .get(SocketAddr::new(pod_ip, QUEUE_PORT), "/max-in-flight", LONG)
+            .unwrap();
+        assert_eq!(r.body.trim(), "1", "requests in flight at once on the pod");
+        no_agent_errors(&k);
+    }
+
+    /// A startup probe gates the revision's readiness: no request is forwarded on a
+    /// successful network probe, only once Kubernetes reports the endpoint ready.
+    #[test]
+    fn revision_startup_probe_waits_for_the_ready_endpoint() {
+        require_root!();
+        let mut k = KubeNode::new("sp").unwrap();
+        let vip = ip("10.96.0.39");
+        let rev = "sp-00001";
+        create_revision_object(
+            &k,
+            rev,
+            json!({"containers": [{"name": "user-container", "image": "example.com/hello",
+                                   "startupProbe": {"tcpSocket": {"port": 8080}}}]}),
+        );
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        k.wait_status("the SKS in proxy", LONG, |s| {
+            is(s, rev, vip, "proxy", &BTreeSet::new())
+        })
+        .unwrap();
+        wait_settings(&k, rev);
+        // The pod answers the queue probe, but Kubernetes does not report it ready yet.
+        let p = k.add_pod(34).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod_ip = k.pods[p].v4();
+        set_endpoints(&k, rev, "a", &[Ep::not_ready(pod_ip)]);
+        let held = request_in_background(&k, SocketAddr::new(vip, 80));
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(
+            !held.is_finished(),
+            "forwarded before the endpoint was ready: {:?}",
+            held.join()
+        );
+        set_endpoints(&k, rev, "a", &[Ep::ready(pod_ip)]);
+        let r = held.join().unwrap().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.body.contains(&pod_ip.to_string()), "{r:?}");
+        no_agent_errors(&k);
+    }
+
+    /// timeoutSeconds bounds the wait for a pod (answered 503, as Knative's activator does)
+    /// and responseStartTimeoutSeconds the wait for the pod's response to start (504).
+    #[test]
+    fn revision_timeouts_are_applied() {
+        require_root!();
+        let mut k = KubeNode::new("to").unwrap();
+        let vip = ip("10.96.0.40");
+        let rev = "to-00001";
+        create_revision_object(
+            &k,
+            rev,
+            json!({"timeoutSeconds": 3, "responseStartTimeoutSeconds": 1}),
+        );
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        k.wait_status("the SKS in proxy", LONG, |s| {
+            is(s, rev, vip, "proxy", &BTreeSet::new())
+        })
+        .unwrap();
+        wait_settings(&k, rev);
+        // No pod: the queue times out after timeoutSeconds (the default would hold 300 s,
+        // past this client's 20 s).
+        let svc = SocketAddr::new(vip, 80);
+        let r = k.get(svc, "/", Duration::from_secs(20)).unwrap();
+        assert_eq!(r.status, 503, "{r:?}");
+        // A pod whose response starts after 2 s: past responseStartTimeoutSeconds.
+        let p = k.add_pod(35).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        set_endpoints(&k, rev, "a", &[Ep::ready(k.pods[p].v4())]);
+        let r = k
+            .get(svc, "/sleep?ms=2000", Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(r.status, 504, "{r:?}");
+        let r = k
+            .get(svc, "/sleep?ms=100", Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        no_agent_errors(&k);
+    }
 }

@@ -873,6 +873,7 @@ fn rbac_is_read_only() {
             ("networking.internal.knative.dev", "serverlessservices"),
             ("", "services"),
             ("discovery.k8s.io", "endpointslices"),
+            ("serving.knative.dev", "revisions"),
         ])
     );
     // No other role anywhere.

@@ -313,7 +313,9 @@ impl Fast {
     ) -> std::io::Result<bool> {
         let inst = slot.instance.clone();
         let inst = &*inst;
-        let deadline = tokio::time::Instant::now() + svc.timeout;
+        // The response must start within the revision's responseStartTimeoutSeconds (at most
+        // its timeoutSeconds).
+        let deadline = tokio::time::Instant::now() + svc.response_start_timeout();
         let host = if req.has_host {
             String::new()
         } else {

@@ -242,7 +242,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
         );
     };
     let arrived = tokio::time::Instant::now();
-    let deadline = arrived + svc.timeout;
+    let deadline = arrived + svc.timeout();
     // Warm: an instance has a free slot now, the request is never held.
     let (slot, cold) = match svc.try_acquire() {
         Some(slot) => (slot, false),
@@ -280,7 +280,10 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
                 .map(|(r, c)| (r, Some(c)))
         }
     };
-    let (mut resp, upstream_conn) = match tokio::time::timeout_at(deadline, sent).await {
+    // The response must start within responseStartTimeoutSeconds of going out, and the
+    // whole request within timeoutSeconds of arriving.
+    let head_deadline = deadline.min(tokio::time::Instant::now() + svc.response_start_timeout());
+    let (mut resp, upstream_conn) = match tokio::time::timeout_at(head_deadline, sent).await {
         Err(_) => {
             svc.timed_out.fetch_add(1, Ordering::Relaxed);
             return text(
@@ -412,7 +415,8 @@ async fn hold(
         Err(_) => {
             svc.timed_out.fetch_add(1, Ordering::Relaxed);
             Err(text(
-                StatusCode::GATEWAY_TIMEOUT,
+                StatusCode::from_u16(svc.queue_timeout_status())
+                    .unwrap_or(StatusCode::GATEWAY_TIMEOUT),
                 "redirector activator: no instance became ready in time",
             ))
         }

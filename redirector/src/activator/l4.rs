@@ -17,7 +17,7 @@ pub async fn handle(act: Arc<Activator>, svc: Arc<ServiceState>, mut client: Tcp
     let Ok(held) = svc.admit(&act.global, &limits, 0) else {
         return; // full: close at once
     };
-    let deadline = tokio::time::sleep(svc.timeout);
+    let deadline = tokio::time::sleep(svc.timeout());
     tokio::pin!(deadline);
     let mut early = Vec::new();
     let mut buf = [0u8; 4096];

@@ -3,7 +3,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -23,6 +23,8 @@ pub struct Instance {
     pub in_flight: AtomicUsize,
     /// containerConcurrency slots (None = unlimited).
     pub slots: Option<Arc<Semaphore>>,
+    /// The containerConcurrency it was made with (0 = unlimited).
+    pub concurrency: u32,
     /// When a connection to it last failed (ms on the process clock, 0 = never): it is
     /// skipped for `FAILED_PAUSE`, so requests arriving right after an instance died wait for
     /// the scaler's next set instead of failing on it too.
@@ -50,6 +52,7 @@ impl Instance {
             in_flight: AtomicUsize::new(0),
             slots: (container_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(container_concurrency as usize))),
+            concurrency: container_concurrency,
             failed_at_ms: AtomicU64::new(0),
         })
     }
@@ -85,8 +88,15 @@ pub enum Rejected {
 pub struct ServiceState {
     pub name: String,
     pub protocol: Protocol,
-    pub timeout: Duration,
-    pub container_concurrency: u32,
+    /// The whole request, queueing included (ms; a Revision's settings may change it).
+    timeout_ms: AtomicU64,
+    /// Until the instance's response starts (ms, at most the timeout).
+    response_start_ms: AtomicU64,
+    /// Requests in flight per instance; 0 = unlimited.
+    container_concurrency: AtomicU32,
+    /// The status of a request that waited its whole timeout for an instance: 504, or 503
+    /// as Knative's activator answers (`set_knative_queue_timeout`).
+    queue_timeout_status: AtomicU32,
     pub held: AtomicUsize,
     pub held_bytes: AtomicU64,
     pub in_flight: AtomicUsize,
@@ -118,8 +128,10 @@ impl ServiceState {
         Self {
             name,
             protocol,
-            timeout,
-            container_concurrency,
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
+            response_start_ms: AtomicU64::new(timeout.as_millis() as u64),
+            container_concurrency: AtomicU32::new(container_concurrency),
+            queue_timeout_status: AtomicU32::new(504),
             held: AtomicUsize::new(0),
             held_bytes: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
@@ -133,6 +145,49 @@ impl ServiceState {
             rr: AtomicUsize::new(0),
             seed: AtomicU64::new(0x2545_f491_4f6c_dd1d),
         }
+    }
+
+    /// The whole request's deadline, queueing included.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// How long the instance may take to start its response.
+    pub fn response_start_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_start_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn container_concurrency(&self) -> u32 {
+        self.container_concurrency.load(Ordering::Relaxed)
+    }
+
+    /// New limits (a Revision's settings arrived or changed). Instances made for another
+    /// containerConcurrency must be replaced by the caller (see [`Instance::concurrency`]).
+    pub fn set_limits(
+        &self,
+        container_concurrency: u32,
+        timeout: Duration,
+        response_start: Duration,
+    ) {
+        self.container_concurrency
+            .store(container_concurrency, Ordering::Relaxed);
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+        self.response_start_ms.store(
+            response_start.min(timeout).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Answer a request that waited its whole timeout for an instance as Knative's activator
+    /// does: 503 (its throttler's deadline), not 504.
+    pub fn set_knative_queue_timeout(&self) {
+        self.queue_timeout_status.store(503, Ordering::Relaxed);
+    }
+
+    /// 504, or 503 after `set_knative_queue_timeout`.
+    pub fn queue_timeout_status(&self) -> u16 {
+        self.queue_timeout_status.load(Ordering::Relaxed) as u16
     }
 
     /// Observed concurrency (held + in flight), what the scaler reads.
@@ -193,7 +248,7 @@ impl ServiceState {
             return None;
         }
         let n = set.len();
-        let cc = self.container_concurrency;
+        let cc = self.container_concurrency();
         if cc == 0 {
             if n == 1 {
                 return Some(Slot::new(self.clone(), set[0].clone(), None));
@@ -215,10 +270,14 @@ impl ServiceState {
         };
         for i in 0..n {
             let inst = &set[(start + i) % n];
-            if let Some(sem) = &inst.slots {
-                if let Ok(p) = sem.clone().try_acquire_owned() {
-                    return Some(Slot::new(self.clone(), inst.clone(), Some(p)));
+            match &inst.slots {
+                Some(sem) => {
+                    if let Ok(p) = sem.clone().try_acquire_owned() {
+                        return Some(Slot::new(self.clone(), inst.clone(), Some(p)));
+                    }
                 }
+                // Made before the limit was known; replaced by one with slots shortly.
+                None => return Some(Slot::new(self.clone(), inst.clone(), None)),
             }
         }
         None

@@ -20,7 +20,10 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use redirector_common::{ServiceKey, MODE_PROXY, MODE_SERVE, PROTO_TCP};
 
-use super::sks::{ServerlessService, SksMode, SksProtocol};
+use super::{
+    revision::{Revision, RevisionSettings},
+    sks::{ServerlessService, SksMode, SksProtocol},
+};
 use crate::{
     addr::{ip_words, port_wire},
     config::Protocol,
@@ -49,6 +52,8 @@ pub struct Snapshot {
     pub sks: Vec<Arc<ServerlessService>>,
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
+    /// Knative Revisions, for their settings (may lag behind the rest, or stay empty).
+    pub revisions: Vec<Arc<Revision>>,
 }
 
 /// A kube-sourced service as the node-local activator sees it.
@@ -67,8 +72,11 @@ pub struct ActivatorService {
     /// forwards.
     pub instances: Vec<SocketAddr>,
     /// Endpoints Kubernetes doesn't report ready yet: the activator probes them
-    /// (`K-Network-Probe: queue`) and forwards as soon as one answers.
+    /// (`K-Network-Probe: queue`) and forwards as soon as one answers. Empty when a startup
+    /// or exec readiness probe gates the revision's readiness.
     pub pending: Vec<SocketAddr>,
+    /// The Revision's settings; `None`: the Revision was not seen (Knative's defaults apply).
+    pub settings: Option<RevisionSettings>,
 }
 
 /// One SKS in a line of the log.
@@ -265,6 +273,11 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
     let activators = ready
         .get(&(ACTIVATOR_NAMESPACE.into(), ACTIVATOR_SERVICE.into()))
         .unwrap_or(&empty);
+    let settings_of: HashMap<(&str, &str), RevisionSettings> = snap
+        .revisions
+        .iter()
+        .map(|r| ((r.namespace(), r.name()), r.settings()))
+        .collect();
     let mut sks_sorted: Vec<&ServerlessService> = snap
         .sks
         .iter()
@@ -358,6 +371,7 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
                 });
             }
         }
+        let settings = settings_of.get(&(ns, sks.revision())).copied();
         out.activator.push(ActivatorService {
             name: format!("{ns}/{}", sks.revision()),
             namespace: ns.to_owned(),
@@ -370,7 +384,12 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
             vips,
             ports: ports.iter().map(|(_, p)| *p).collect(),
             instances: private.on_port(proto_port, None).into_iter().collect(),
-            pending: private.pending_on_port(proto_port).into_iter().collect(),
+            pending: if settings.is_some_and(|s| s.readiness_gated) {
+                Vec::new()
+            } else {
+                private.pending_on_port(proto_port).into_iter().collect()
+            },
+            settings,
         });
         out.summary.insert(name, summary);
     }

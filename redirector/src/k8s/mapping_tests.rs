@@ -174,6 +174,7 @@ fn serve_maps_public_ports_to_ready_private_endpoints() {
                 &[("fd00:244::5", true, false)],
             ),
         ],
+        revisions: vec![],
     };
     let m = map(&snap, &node(), ActivatorSource::Node);
     assert_eq!(m.desired.len(), 2);
@@ -216,6 +217,7 @@ fn h2c_uses_http2_ports_and_none_cluster_ip_is_skipped() {
             &[("http", 8012), ("http2", 8013)],
             &[("10.244.2.2", true, false)],
         )],
+        revisions: vec![],
     };
     let m = map(&snap, &node(), ActivatorSource::Node);
     assert_eq!(m.desired.len(), 1);
@@ -255,6 +257,7 @@ fn knative_activators_subset_by_num_activators() {
             service("default", "all-00001", &["10.96.0.40"], &[("http2", 81)]),
         ],
         slices: vec![activator_slice(8)],
+        revisions: vec![],
     };
     let m = map(&snap, &node(), ActivatorSource::Knative);
     let hello = m
@@ -297,6 +300,7 @@ fn missing_public_service_programs_nothing_and_output_is_stable() {
             &[("http", 80), ("http2", 81)],
         )],
         slices: vec![],
+        revisions: vec![],
     };
     let m = map(&snap, &node(), ActivatorSource::Node);
     assert_eq!(m.desired.len(), 2);
@@ -322,6 +326,7 @@ fn https_in_proxy_passes_through_to_knatives_activators() {
         sks: vec![sks("default", "tls-00001", mode, "http1", 0)],
         services: vec![service("default", "tls-00001", &["10.96.0.50"], &ports)],
         slices,
+        revisions: vec![],
     };
     let port = |m: &Mapped, p: u16| {
         m.desired

@@ -1,5 +1,5 @@
 //! Kubernetes/Knative as the source of desired state (`redirector agent --kubernetes`):
-//! kube-rs watches of ServerlessServices, Services and EndpointSlices ([`watch`]), turned
+//! kube-rs watches of ServerlessServices, Services, EndpointSlices and Revisions ([`watch`]), turned
 //! into map entries and activator services by pure functions ([`mapping`]), handed to the
 //! agent as [`Snapshot`]s over a watch channel (so a test can publish its own), and the
 //! node-local activator's side of kube-sourced services ([`registry`]): their held requests
@@ -7,6 +7,7 @@
 pub mod autoscaler;
 pub mod mapping;
 pub mod registry;
+pub mod revision;
 pub mod sks;
 pub mod source;
 pub mod watch;

@@ -14,18 +14,22 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{mapping::ActivatorService, Waker};
+use super::{mapping::ActivatorService, revision::RevisionSettings, Waker};
 use crate::{
     activator::{Instance, Instances, ServiceState},
     config::Protocol,
 };
 
-/// How long the activator holds and forwards a request for a kube-sourced revision
-/// (Knative's default revision timeout).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the activator holds and forwards a request for a revision whose Revision was
+/// not seen (Knative's default revision timeout).
+pub const REQUEST_TIMEOUT: Duration = super::revision::DEFAULT_TIMEOUT;
 
 struct Entry {
     protocol: Protocol,
+    /// The settings applied (`None`: Knative's defaults, the Revision not seen yet).
+    settings: Option<RevisionSettings>,
+    /// Told the feeder's containerConcurrency (instances are rebuilt when it changes).
+    concurrency: watch::Sender<u32>,
     state: Arc<ServiceState>,
     /// Endpoints Kubernetes reports ready count at once; the others are probed
     /// (`K-Network-Probe: queue`) and join as soon as they answer, like Knative's activator.
@@ -87,6 +91,9 @@ impl KubeServices {
                     rx,
                     wake.clone(),
                 ));
+                // Knative's activator answers a queue timeout with 503.
+                state.set_knative_queue_timeout();
+                let (cc_tx, cc_rx) = watch::channel(0u32);
                 let task = spawn_waker(
                     Arc::downgrade(&state),
                     wake,
@@ -99,11 +106,13 @@ impl KubeServices {
                         trust_ready: true,
                         ..Default::default()
                     });
-                let feeder = spawn_feeder(prober.subscribe(), tx);
+                let feeder = spawn_feeder(prober.subscribe(), cc_rx, tx);
                 self.entries.insert(
                     s.name.clone(),
                     Entry {
                         protocol: s.protocol,
+                        settings: None,
+                        concurrency: cc_tx,
                         state,
                         prober,
                         waker: task,
@@ -111,7 +120,29 @@ impl KubeServices {
                     },
                 );
             }
-            let e = &self.entries[&s.name];
+            let Some(e) = self.entries.get_mut(&s.name) else {
+                continue;
+            };
+            if e.settings != s.settings {
+                let set = s.settings.unwrap_or_default();
+                e.state.set_limits(
+                    set.container_concurrency,
+                    set.timeout,
+                    set.response_start_timeout,
+                );
+                e.concurrency.send_replace(set.container_concurrency);
+                if s.settings.is_some() {
+                    tracing::debug!(
+                        revision = %s.name,
+                        container_concurrency = set.container_concurrency,
+                        timeout_secs = set.timeout.as_secs(),
+                        response_start_timeout_secs = set.response_start_timeout.as_secs(),
+                        readiness_gated = set.readiness_gated,
+                        "the Revision's settings applied"
+                    );
+                }
+                e.settings = s.settings;
+            }
             e.prober
                 .set_endpoints(s.instances.iter().copied(), s.pending.iter().copied());
             out.push(RegistryEntry {
@@ -141,33 +172,42 @@ impl KubeServices {
 }
 
 /// Feeds the prober's ready set to the activator, keeping the in-flight counts of instances
-/// that stay.
+/// that stay; instances are made anew (with their slots) when containerConcurrency changes.
 fn spawn_feeder(
     mut ready: watch::Receiver<Arc<Vec<SocketAddr>>>,
+    mut concurrency: watch::Receiver<u32>,
     tx: watch::Sender<Instances>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let set = ready.borrow_and_update().clone();
+            let cc = *concurrency.borrow_and_update();
             let current = tx.borrow().clone();
             let same = current.len() == set.len()
-                && current.iter().zip(set.iter()).all(|(i, a)| i.addr == *a);
+                && current
+                    .iter()
+                    .zip(set.iter())
+                    .all(|(i, a)| i.addr == *a && i.concurrency == cc);
             if !same {
-                let by_addr: HashMap<SocketAddr, &Arc<Instance>> =
-                    current.iter().map(|i| (i.addr, i)).collect();
+                let by_addr: HashMap<SocketAddr, &Arc<Instance>> = current
+                    .iter()
+                    .filter(|i| i.concurrency == cc)
+                    .map(|i| (i.addr, i))
+                    .collect();
                 let next: Vec<Arc<Instance>> = set
                     .iter()
                     .map(|a| {
                         by_addr
                             .get(a)
                             .map(|i| Arc::clone(i))
-                            .unwrap_or_else(|| Instance::new(*a, 0))
+                            .unwrap_or_else(|| Instance::new(*a, cc))
                     })
                     .collect();
                 let _ = tx.send(Arc::new(next));
             }
-            if ready.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = ready.changed() => if r.is_err() { return },
+                r = concurrency.changed() => if r.is_err() { return },
             }
         }
     })
@@ -221,6 +261,7 @@ mod tests {
             ports: vec![80],
             instances: instances.iter().map(|a| a.parse().unwrap()).collect(),
             pending: Vec::new(),
+            settings: None,
         }
     }
 
@@ -256,5 +297,38 @@ mod tests {
         // Gone from the cluster: gone from the registry.
         assert!(k.sync(&[], &waker).is_empty());
         assert!(k.is_empty());
+    }
+
+    /// A Revision's containerConcurrency seen after the SKS: the same state takes the limit,
+    /// its instances get their slots, and the timeouts follow.
+    #[tokio::test]
+    async fn revision_settings_apply_in_place() {
+        let waker: Arc<dyn Waker> = Arc::new(Recorder::default());
+        let mut k = KubeServices::default();
+        let first = k.sync(&[svc(&["10.244.1.5:8012"])], &waker);
+        let st = first[0].state.clone();
+        let mut with = svc(&["10.244.1.5:8012"]);
+        with.settings = Some(RevisionSettings {
+            container_concurrency: 1,
+            timeout: Duration::from_secs(30),
+            response_start_timeout: Duration::from_secs(5),
+            ..Default::default()
+        });
+        let second = k.sync(&[with], &waker);
+        assert!(Arc::ptr_eq(&second[0].state, &st));
+        assert_eq!(st.container_concurrency(), 1);
+        assert_eq!(st.timeout(), Duration::from_secs(30));
+        assert_eq!(st.response_start_timeout(), Duration::from_secs(5));
+        for _ in 0..200 {
+            let set = st.instances.borrow().clone();
+            if !set.is_empty() && set.iter().all(|i| i.concurrency == 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let one = st.try_acquire().expect("a free slot");
+        assert!(st.try_acquire().is_none(), "one request in flight per pod");
+        drop(one);
+        assert!(st.try_acquire().is_some());
     }
 }

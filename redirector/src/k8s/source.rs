@@ -17,6 +17,8 @@ pub struct KubeSource {
     watch: ClusterWatch,
     snapshot: Option<Arc<Snapshot>>,
     mapped: Option<Mapped>,
+    /// Revisions without a Revision object at the last mapping (logged when it changes).
+    unseen: usize,
 }
 
 impl KubeSource {
@@ -38,6 +40,7 @@ impl KubeSource {
             watch,
             snapshot: None,
             mapped: None,
+            unseen: 0,
         }
     }
 
@@ -57,6 +60,18 @@ impl KubeSource {
         };
         let m = mapping::map(snap, node_activators, self.opts.activator);
         log_changes(self.mapped.as_ref().map(|m| &m.summary), &m.summary);
+        let unseen = m.activator.iter().filter(|a| a.settings.is_none()).count();
+        if unseen != self.unseen {
+            if unseen > 0 {
+                tracing::info!(
+                    revisions = unseen,
+                    "Revision objects not seen (yet): Knative's defaults for them (containerConcurrency 0, timeoutSeconds 300)"
+                );
+            } else {
+                tracing::info!("every revision's settings come from its Revision object");
+            }
+            self.unseen = unseen;
+        }
         self.mapped = Some(m);
         true
     }
@@ -191,6 +206,7 @@ mod tests {
                 &[("http", 80)],
             )],
             slices: vec![],
+            revisions: vec![],
         };
         tx.send(Some(Arc::new(snap))).unwrap();
         s.changed().await;

@@ -1,6 +1,9 @@
-//! Reflector stores for SKS (all namespaces), Services and EndpointSlices, fed by kube-rs
-//! watchers, and a coordinator that publishes a [`Snapshot`] of all three on every change
-//! (debounced by [`DEBOUNCE`]) once every store has finished its initial list.
+//! Reflector stores for SKS (all namespaces), Services, EndpointSlices and Knative Revisions,
+//! fed by kube-rs watchers, and a coordinator that publishes a [`Snapshot`] of them on every
+//! change (debounced by [`DEBOUNCE`]) once the first three have finished their initial list.
+//! Revisions only carry per-revision settings: they never hold the first snapshot back (a
+//! cluster without the Revision CRD, or RBAC without it, still gets its maps programmed,
+//! with Knative's default settings).
 //!
 //! Failure behaviour: a store changes only on watch events, and a re-list swaps its content
 //! in one step when the list is complete (kube's reflector buffers `Init`..`InitDone`). So
@@ -27,7 +30,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{mapping::Snapshot, sks::ServerlessService};
+use super::{mapping::Snapshot, revision::Revision, sks::ServerlessService};
 
 /// How long a change waits for more before the snapshot is published.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -48,6 +51,7 @@ enum Kind {
     Sks = 0,
     Services = 1,
     Slices = 2,
+    Revisions = 3,
 }
 
 impl Kind {
@@ -56,6 +60,7 @@ impl Kind {
             Kind::Sks => "serverlessservices",
             Kind::Services => "services",
             Kind::Slices => "endpointslices",
+            Kind::Revisions => "revisions",
         }
     }
 }
@@ -98,10 +103,12 @@ pub fn start(client: Client) -> ClusterWatch {
     let sks = Writer::<ServerlessService>::default();
     let svc = Writer::<Service>::default();
     let eps = Writer::<EndpointSlice>::default();
+    let revs = Writer::<Revision>::default();
     let stores = Stores {
         sks: sks.as_reader(),
         services: svc.as_reader(),
         slices: eps.as_reader(),
+        revisions: revs.as_reader(),
     };
     let tasks = vec![
         tokio::spawn(run_resource(
@@ -116,7 +123,13 @@ pub fn start(client: Client) -> ClusterWatch {
             Kind::Services,
             ch_tx.clone(),
         )),
-        tokio::spawn(run_resource(Api::all(client), eps, Kind::Slices, ch_tx)),
+        tokio::spawn(run_resource(
+            Api::all(client.clone()),
+            eps,
+            Kind::Slices,
+            ch_tx.clone(),
+        )),
+        tokio::spawn(run_resource(Api::all(client), revs, Kind::Revisions, ch_tx)),
         tokio::spawn(coordinate(ch_rx, stores, tx)),
     ];
     ClusterWatch {
@@ -129,6 +142,7 @@ struct Stores {
     sks: Store<ServerlessService>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    revisions: Store<Revision>,
 }
 
 impl Stores {
@@ -137,6 +151,7 @@ impl Stores {
             sks: self.sks.state(),
             services: self.services.state(),
             slices: self.slices.state(),
+            revisions: self.revisions.state(),
         }
     }
 }
@@ -144,7 +159,8 @@ impl Stores {
 /// Publishes a snapshot at most every [`DEBOUNCE`] while changes come in, and only once
 /// every store has been listed.
 async fn coordinate(mut rx: mpsc::UnboundedReceiver<Changed>, stores: Stores, tx: SnapshotTx) {
-    let mut listed = [false; 3];
+    // Revisions (the last kind) are not waited for.
+    let mut listed = [false; 4];
     let mut announced = false;
     while let Some(c) = rx.recv().await {
         listed[c.kind as usize] |= c.listed;
@@ -159,7 +175,7 @@ async fn coordinate(mut rx: mpsc::UnboundedReceiver<Changed>, stores: Stores, tx
                 _ = &mut deadline => break,
             }
         }
-        if !listed.iter().all(|l| *l) {
+        if !listed[..Kind::Revisions as usize].iter().all(|l| *l) {
             continue;
         }
         let snap = stores.snapshot();
@@ -276,17 +292,21 @@ mod tests {
         s
     }
 
-    /// Nothing is published until every store has been listed; then every change is, and a
-    /// broken watch (no events) publishes nothing.
+    /// Nothing is published until SKS, Services and EndpointSlices have been listed (the
+    /// Revisions are not waited for); then every change is, and a broken watch (no events)
+    /// publishes nothing.
     #[tokio::test]
     async fn publishes_only_after_every_initial_list() {
         let mut sks_w = Writer::<ServerlessService>::default();
         let mut svc_w = Writer::<Service>::default();
         let mut eps_w = Writer::<EndpointSlice>::default();
+        // Revisions are never listed here: they must not hold the snapshot back.
+        let rev_w = Writer::<Revision>::default();
         let stores = Stores {
             sks: sks_w.as_reader(),
             services: svc_w.as_reader(),
             slices: eps_w.as_reader(),
+            revisions: rev_w.as_reader(),
         };
         let (tx, mut rx) = channel();
         let (ch_tx, ch_rx) = mpsc::unbounded_channel();

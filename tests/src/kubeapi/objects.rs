@@ -346,6 +346,32 @@ pub fn choose_subset(from: &[String], n: usize, target: &str) -> BTreeSet<String
         .collect()
 }
 
+/// A Knative Revision `name` in `ns` (`serving.knative.dev/v1`) with `spec` merged over a
+/// minimal one (one user container on 8080), as Knative's configuration reconciler writes it.
+pub fn revision(ns: &str, name: &str, spec: Value) -> Value {
+    let mut s = json!({
+        "containerConcurrency": 0,
+        "timeoutSeconds": 300,
+        "containers": [{"name": "user-container", "image": "example.com/hello",
+                        "ports": [{"containerPort": 8080}]}],
+    });
+    if let (Some(base), Some(over)) = (s.as_object_mut(), spec.as_object()) {
+        for (k, v) in over {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    json!({
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Revision",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"serving.knative.dev/configuration": name.rsplit_once('-').map_or(name, |p| p.0)},
+        },
+        "spec": s,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
