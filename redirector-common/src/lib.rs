@@ -50,6 +50,15 @@ pub const SVC_PROXY_SMALL: u8 = 1 << 1;
 /// own (`ACT_PORTS`): flows to it never share a tuple with another service's, and the
 /// activator knows the service from the port.
 pub const SVC_ACT_PORT: u8 = 1 << 2;
+/// `ServiceValue::flags`: the key is a real endpoint (a revision's pod, or Knative's
+/// activator), not a VIP: connections to it that were never translated exist (opened before
+/// the entry, or while it said Serve), so only a bare SYN opens a flow here, and any other
+/// packet without conntrack state passes as it is.
+pub const SVC_ENDPOINT: u8 = 1 << 3;
+/// `ServiceValue::flags` (with `SVC_ENDPOINT`): an endpoint shared by every revision
+/// (Knative's activator): the node-local activator finds the revision from the request's
+/// headers, so the entry leads to its listener, never to a port of the service's own.
+pub const SVC_SHARED: u8 = 1 << 4;
 
 /// Conntrack flags.
 pub const CT_REPLY: u16 = 1 << 0;

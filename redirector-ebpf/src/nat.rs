@@ -9,7 +9,7 @@ use redirector_common::{
     CLOCK_EPOCH_NS, CONFIG_KEY, CT_CLOSING, CT_FIN, CT_HAIRPIN, CT_PROXIED, CT_REFRESH_JIFFIES,
     CT_REPLY, CT_SEEN_REPLY, CT_SYN_TIMEOUT_NS, G_BIG_TCP, G_CT_FULL, G_HAIRPIN, G_NAT_FORWARD,
     G_NAT_REPLY, G_NO_BACKEND, MAGLEV_M, MAGLEV_M_SMALL, MODE_PROXY, PROTO_TCP, SET_PROXY,
-    SET_SERVE, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
+    SET_SERVE, SVC_ENDPOINT, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
 };
 
 use crate::{
@@ -213,6 +213,14 @@ fn open_flow(p: &Parsed, jiffies: u32) -> Option<CtValue> {
     }
     // One copy: the agent may replace the element while we read it.
     let svc = *svc;
+    // A real endpoint's address: a packet of a connection made to it directly (not a new
+    // one) is not ours.
+    if svc.flags & SVC_ENDPOINT != 0
+        && p.key.proto == PROTO_TCP
+        && p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    {
+        return None;
+    }
     new_flow(p, &svc, jiffies)
 }
 

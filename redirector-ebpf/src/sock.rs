@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use redirector_common::{
     CtKey, Endpoint, ServiceKey, SockFlow, SockUdpKey, FAMILY_V4, FAMILY_V6, G_SOCK_REVERSED,
-    G_SOCK_TRANSLATED, PROTO_TCP, PROTO_UDP, SOCK_PROXIED, SVC_ACT_PORT,
+    G_SOCK_TRANSLATED, PROTO_TCP, PROTO_UDP, SOCK_PROXIED, SVC_ACT_PORT, SVC_ENDPOINT,
 };
 
 use crate::{
@@ -122,6 +122,12 @@ fn translate(ctx: &SockAddrContext, v6: bool, ck: u64) -> Option<(Named, SockFlo
     // The node-local activator finds a flow's service from its own port (SVC_ACT_PORT);
     // without one it needs the packet path's conntrack entry.
     if is_proxied(&svc) && svc.proxy_count == 0 && svc.flags & SVC_ACT_PORT == 0 {
+        return None;
+    }
+    // A real endpoint (a pod's address, Knative's activator's) is switched by the packet
+    // path, at the client's interface: the node-local activator's own connections to the
+    // pods, made from this cgroup too, must reach them.
+    if svc.flags & SVC_ENDPOINT != 0 {
         return None;
     }
     // The pick hashes the socket and the VIP: stable for a socket's datagrams to one VIP

@@ -13,7 +13,8 @@ use aya::maps::MapError;
 use redirector_common::{
     DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey, ServiceMeta,
     ServiceValue, CONFIG_KEY, MAGLEV_M, MAGLEV_M_SMALL, MAGLEV_SMALL_MAX, MODE_PROXY, MODE_SERVE,
-    PROTO_TCP, PROTO_UDP, SET_PROXY, SET_SERVE, SVC_ACT_PORT, SVC_PROXY_SMALL, SVC_SERVE_SMALL,
+    PROTO_TCP, PROTO_UDP, SET_PROXY, SET_SERVE, SVC_ACT_PORT, SVC_ENDPOINT, SVC_PROXY_SMALL,
+    SVC_SERVE_SMALL, SVC_SHARED,
 };
 
 use crate::{
@@ -47,6 +48,41 @@ fn werr(map: &'static str) -> impl FnOnce(MapError) -> ControlError {
     move |source| ControlError::Map { map, source }
 }
 
+/// What a service entry's key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryKind {
+    /// A VIP (a ClusterIP): every flow to it is translated.
+    #[default]
+    Vip,
+    /// A revision's pod address (where Knative's ingress sends in Serve): only new
+    /// connections are switched (`SVC_ENDPOINT`), and only while the revision is proxied.
+    Endpoint,
+    /// Knative's activator address, shared by every revision: new connections go to the
+    /// node-local activator's listener, which reads the revision from the headers
+    /// (`SVC_ENDPOINT | SVC_SHARED`).
+    Shared,
+}
+
+impl EntryKind {
+    /// Its `ServiceValue::flags` bits.
+    pub fn flags(self) -> u8 {
+        match self {
+            EntryKind::Vip => 0,
+            EntryKind::Endpoint => SVC_ENDPOINT,
+            EntryKind::Shared => SVC_ENDPOINT | SVC_SHARED,
+        }
+    }
+
+    /// From `ServiceValue::flags`.
+    pub fn from_flags(flags: u8) -> Self {
+        match (flags & SVC_ENDPOINT != 0, flags & SVC_SHARED != 0) {
+            (false, _) => EntryKind::Vip,
+            (true, false) => EntryKind::Endpoint,
+            (true, true) => EntryKind::Shared,
+        }
+    }
+}
+
 /// One map entry's worth of desired state: a VIP:port:proto and where it leads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredService {
@@ -58,6 +94,7 @@ pub struct DesiredService {
     /// Proxy pool (Knative activators); empty → the node-local activator.
     pub proxy: BTreeSet<SocketAddr>,
     pub activator: Option<SocketAddr>,
+    pub kind: EntryKind,
 }
 
 /// Fills a Maglev table's slots with backend ids (`ids[k]` is the id of `names[k]`).
@@ -116,6 +153,7 @@ pub fn desired_from_config(cfg: &Config) -> Vec<DesiredService> {
                 serve: s.backends.iter().filter(same).copied().collect(),
                 proxy: s.activators.iter().filter(same).copied().collect(),
                 activator: cfg.node.activator.iter().find(same).copied(),
+                kind: EntryKind::Vip,
             });
         }
     }
@@ -195,7 +233,7 @@ impl Programmer {
     /// as written (on the service's own port or not), so an adopted entry (whose recorded
     /// activator is the written one) is not rewritten by a restart.
     fn same_entry(&self, old: &Installed, d: &DesiredService) -> bool {
-        let (activator, flag) = self.activator_of(d.activator, old.value.id);
+        let (activator, flag) = self.activator_of(d, old.value.id);
         let mut want = d.clone();
         want.activator = old.desired.activator;
         old.desired == want
@@ -203,13 +241,14 @@ impl Programmer {
             && old.value.flags & SVC_ACT_PORT == flag
     }
 
-    /// The activator endpoint and flag of service `id`.
-    fn activator_of(&self, base: Option<SocketAddr>, id: u32) -> (Endpoint, u8) {
-        let Some(base) = base else {
+    /// The activator endpoint and flag of `d` as service `id`: a shared endpoint's always
+    /// on the listener's port.
+    fn activator_of(&self, d: &DesiredService, id: u32) -> (Endpoint, u8) {
+        let Some(base) = d.activator else {
             return (Endpoint::default(), 0);
         };
         match self.service_ports {
-            Some((first, count)) if id < count as u32 => (
+            Some((first, count)) if id < count as u32 && d.kind != EntryKind::Shared => (
                 endpoint(SocketAddr::new(base.ip(), first + id as u16)),
                 SVC_ACT_PORT,
             ),
@@ -504,7 +543,8 @@ impl Programmer {
             },
         };
         // 2. the service entry: one write (a flip is exactly this).
-        let (activator, mut flags) = self.activator_of(d.activator, id);
+        let (activator, mut flags) = self.activator_of(d, id);
+        flags |= d.kind.flags();
         if serve_small {
             flags |= SVC_SERVE_SMALL;
         }

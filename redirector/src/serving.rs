@@ -165,6 +165,9 @@ impl Serving {
             for port in &e.ports {
                 registry.insert(e.state.clone(), &e.vips, *port);
             }
+            for ep in &e.endpoints {
+                registry.insert(e.state.clone(), &[ep.ip()], ep.port());
+            }
         }
         self.activator.set_registry(registry);
         if let Ok(mut l) = self.activator.limits.write() {

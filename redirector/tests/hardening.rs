@@ -104,6 +104,7 @@ fn serve(name: &str, vip: &str, backends: &[SocketAddr]) -> DesiredService {
         serve: backends.iter().copied().collect(),
         proxy: BTreeSet::new(),
         activator: None,
+        kind: Default::default(),
     }
 }
 

@@ -1360,4 +1360,136 @@ mod agent_k8s {
         assert_eq!(r.status, 200, "{r:?}");
         no_agent_errors(&k);
     }
+
+    /// The status entry of `name` keyed by `addr` (a pod's or an activator's address).
+    fn entry_at(st: &Value, name: &str, addr: SocketAddr) -> Option<Value> {
+        st["services"].as_array()?.iter().find_map(|s| {
+            (s["name"] == name
+                && s["vip"] == addr.ip().to_string().as_str()
+                && s["port"] == addr.port())
+            .then(|| s.clone())
+        })
+    }
+
+    /// One request on a kept-alive connection; the response read by its Content-Length.
+    fn keepalive_get(s: &mut std::net::TcpStream, headers: &[(&str, &str)]) -> Resp {
+        use std::io::{Read, Write};
+        let mut req = "GET / HTTP/1.1\r\nHost: x\r\n".to_owned();
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.set_read_timeout(Some(LONG)).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).expect("reading the response");
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&raw));
+            raw.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if raw.len() >= end + 4 + len {
+                    return redirector_tests::coldstart::net::parse(&raw).unwrap();
+                }
+            }
+        }
+    }
+
+    /// Knative's ingress sends to the pods (Serve) or to Knative's activators (Proxy), never
+    /// to the VIP: redirector switches those destinations with the same map write. While
+    /// the revision is proxied, a new connection to its pod's address goes to the node-local
+    /// activator, while one made before the flip keeps going to the pod; a connection to
+    /// Knative's activator is served by the node-local activator, which finds the revision
+    /// by the ingress's headers, and Knative's activator gets nothing.
+    #[test]
+    fn ingress_destinations_follow_the_map() {
+        require_root!();
+        let mut k = KubeNode::new("ig").unwrap();
+        let a = k.add_pod(36).unwrap();
+        k.start_hello(a, QUEUE_PORT, &[]).unwrap();
+        let act = SocketAddr::new(k.pods[a].v4(), QUEUE_PORT);
+        k.api
+            .create(
+                &Res::services(),
+                objects::activator_service(ip("10.96.100.1")),
+            )
+            .unwrap();
+        k.api
+            .create(
+                &Res::endpoint_slices(),
+                objects::activator_slice("x1", &[Ep::ready(act.ip())]),
+            )
+            .unwrap();
+        let vip = ip("10.96.0.41");
+        let rev = "ig-00001";
+        let p = k.add_pod(37).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod = SocketAddr::new(k.pods[p].v4(), QUEUE_PORT);
+        create_revision(&k, rev, &[vip], Mode::Serve, &[Ep::ready(pod.ip())]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let name = format!("{NS}/{rev}");
+        k.wait_status("serve", LONG, |s| {
+            is(s, rev, vip, "serve", &set(&[ep(pod.ip(), QUEUE_PORT)]))
+        })
+        .unwrap();
+        let client = k.client.name.clone();
+        let headers = [
+            ("Knative-Serving-Revision", rev),
+            ("Knative-Serving-Namespace", NS),
+        ];
+        let get = |to: SocketAddr| {
+            redirector_tests::coldstart::net::http(&client, to, "GET", "/", &headers, LONG).unwrap()
+        };
+        let from_pod = |r: &Resp| r.status == 200 && r.body.contains(&pod.ip().to_string());
+
+        // Serve: the pod's address is the pod's.
+        assert!(from_pod(&get(pod)));
+        assert!(entry_at(&k.status().unwrap(), &name, pod).is_none());
+        let mut kept = redirector_tests::coldstart::net::connect(&client, pod, LONG).unwrap();
+        assert!(from_pod(&keepalive_get(&mut kept, &headers)));
+
+        // Proxy in redirector's view (Knative's public endpoints would still say the pod).
+        set_mode(&k, rev, Mode::Proxy);
+        let st = k
+            .wait_status("the pod's address proxied", LONG, |s| {
+                entry_at(s, &name, pod).is_some_and(|e| e["mode"] == "proxy")
+            })
+            .unwrap();
+        let before = entry_at(&st, &name, pod).unwrap()["proxied_flows"]
+            .as_u64()
+            .unwrap_or(0);
+        // The connection made before the flip keeps its target.
+        assert!(from_pod(&keepalive_get(&mut kept, &headers)));
+        drop(kept);
+        // New ones go through the node-local activator (which forwards to the ready pod).
+        for _ in 0..3 {
+            assert!(from_pod(&get(pod)));
+        }
+        let after = entry_at(&k.status().unwrap(), &name, pod).unwrap()["proxied_flows"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(after >= before + 3, "proxied flows {before} → {after}");
+        // Knative's activator's address: the node-local activator answers, by the headers.
+        for _ in 0..3 {
+            let r = get(act);
+            assert!(from_pod(&r), "{r:?}");
+        }
+        // Serve again: the pod's address is left alone.
+        set_mode(&k, rev, Mode::Serve);
+        k.wait_status("the pod's address not proxied", LONG, |s| {
+            entry_at(s, &name, pod).is_none()
+        })
+        .unwrap();
+        assert!(from_pod(&get(pod)));
+        no_agent_errors(&k);
+    }
 }

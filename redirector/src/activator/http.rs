@@ -36,6 +36,10 @@ use crate::config::ActivatorConfig;
 pub const MAX_HEAD: usize = 64 * 1024;
 
 const K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
+/// The kubelet's readiness probe of Knative's activator pods. Connections to Knative's
+/// activator endpoints come here (they are switched like the ingress's), so this node's
+/// kubelet probing an activator pod on it is answered by the activator that serves them.
+const K_KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
 const K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
 const KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
 const KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
@@ -232,6 +236,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
         .headers()
         .get(K_NETWORK_PROBE)
         .is_some_and(|v| v == "activator")
+        || req.headers().contains_key(K_KUBELET_PROBE)
     {
         return text(StatusCode::OK, "activator");
     }

@@ -150,6 +150,7 @@ pub fn request(buf: &[u8], out: &mut Vec<u8>) -> Parsed {
             || is(n, "upgrade")
             || is(n, "expect")
             || (is(n, "k-network-probe") && v == b"activator")
+            || is(n, "k-kubelet-probe")
         {
             return Parsed::Hyper;
         } else if is(n, "connection") {

@@ -90,6 +90,7 @@ impl Programmer {
                 serve,
                 proxy,
                 activator: endpoint_addr(&value.activator),
+                kind: crate::control::EntryKind::from_flags(value.flags),
             };
             if stale {
                 tracing::warn!(service = %desired.name, id = value.id, "pinned Maglev table doesn't match its service entry: rewriting it");

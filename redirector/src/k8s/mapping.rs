@@ -27,7 +27,7 @@ use super::{
 use crate::{
     addr::{ip_words, port_wire},
     config::Protocol,
-    control::DesiredService,
+    control::{DesiredService, EntryKind},
 };
 
 /// Namespace and Service of Knative's activator.
@@ -77,6 +77,9 @@ pub struct ActivatorService {
     pub pending: Vec<SocketAddr>,
     /// The Revision's settings; `None`: the Revision was not seen (Knative's defaults apply).
     pub settings: Option<RevisionSettings>,
+    /// Its pods' addresses (what Knative's ingress sends to in Serve): switched to the
+    /// activator, as the VIPs are, while the revision is proxied.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// One SKS in a line of the log.
@@ -368,7 +371,32 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
                     serve: serve.iter().filter(same).copied().collect(),
                     proxy: proxy.iter().filter(same).copied().collect(),
                     activator: node_activators.iter().find(same).copied(),
+                    kind: EntryKind::Vip,
                 });
+            }
+        }
+        // Knative's ingress sends to the pods (the public EndpointSlices in Serve), not to
+        // the VIP: while redirector says Proxy, new connections to them are switched too.
+        let endpoints: BTreeSet<SocketAddr> = private
+            .on_port(proto_port, None)
+            .union(&private.pending_on_port(proto_port))
+            .copied()
+            .collect();
+        if mode == SksMode::Proxy {
+            let proxy = match source {
+                ActivatorSource::Node => BTreeSet::new(),
+                ActivatorSource::Knative => activators.on_port(proto_port, subset.as_ref()),
+            };
+            for ep in &endpoints {
+                push_endpoint(
+                    &mut out,
+                    &mut keys,
+                    *ep,
+                    &name,
+                    &proxy,
+                    node_activators,
+                    EntryKind::Endpoint,
+                );
             }
         }
         let settings = settings_of.get(&(ns, sks.revision())).copied();
@@ -390,10 +418,71 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
                 private.pending_on_port(proto_port).into_iter().collect()
             },
             settings,
+            endpoints: endpoints.into_iter().collect(),
         });
         out.summary.insert(name, summary);
     }
+    // The ingress's other destination, Knative's activators (the public EndpointSlices in
+    // Proxy): with the node-local activator, new connections to them go to its listener,
+    // which reads the revision from the ingress's headers.
+    if source == ActivatorSource::Node {
+        let shared: BTreeSet<SocketAddr> = activators
+            .on_port("http", None)
+            .union(&activators.pending_on_port("http"))
+            .copied()
+            .collect();
+        let name = format!("{ACTIVATOR_NAMESPACE}/{ACTIVATOR_SERVICE}");
+        for ep in shared {
+            push_endpoint(
+                &mut out,
+                &mut keys,
+                ep,
+                &name,
+                &BTreeSet::new(),
+                node_activators,
+                EntryKind::Shared,
+            );
+        }
+    }
     out
+}
+
+/// A proxied entry for the real endpoint `ep` (`kind`: a revision's pod, or Knative's
+/// activator), unless its address is taken or no node-local activator has its family.
+fn push_endpoint(
+    out: &mut Mapped,
+    keys: &mut HashSet<ServiceKey>,
+    ep: SocketAddr,
+    name: &str,
+    proxy: &BTreeSet<SocketAddr>,
+    node_activators: &[SocketAddr],
+    kind: EntryKind,
+) {
+    let same = |a: &&SocketAddr| a.is_ipv4() == ep.is_ipv4();
+    let activator = node_activators.iter().find(same).copied();
+    let proxy: BTreeSet<SocketAddr> = proxy.iter().filter(same).copied().collect();
+    if activator.is_none() && proxy.is_empty() {
+        return;
+    }
+    let (addr, family) = ip_words(ep.ip());
+    let key = ServiceKey {
+        addr,
+        port: port_wire(ep.port()),
+        proto: PROTO_TCP,
+        family,
+    };
+    if !keys.insert(key) {
+        return;
+    }
+    out.desired.push(DesiredService {
+        key,
+        name: name.to_owned(),
+        mode: MODE_PROXY,
+        serve: BTreeSet::new(),
+        proxy,
+        activator,
+        kind,
+    });
 }
 
 const START_SALT: &str = "start-angle-salt";

@@ -57,6 +57,8 @@ pub struct RegistryEntry {
     pub state: Arc<ServiceState>,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<u16>,
+    /// Its pods' addresses, switched like the VIPs while it is proxied.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 impl KubeServices {
@@ -149,6 +151,7 @@ impl KubeServices {
                 state: e.state.clone(),
                 vips: s.vips.clone(),
                 ports: s.ports.clone(),
+                endpoints: s.endpoints.clone(),
             });
         }
         self.entries.retain(|name, e| {
@@ -262,6 +265,7 @@ mod tests {
             instances: instances.iter().map(|a| a.parse().unwrap()).collect(),
             pending: Vec::new(),
             settings: None,
+            endpoints: Vec::new(),
         }
     }
 

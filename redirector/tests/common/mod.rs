@@ -250,5 +250,6 @@ pub fn service(
         serve: set(backends),
         proxy: set(pool),
         activator: Some(packet::sa(activator)),
+        kind: Default::default(),
     }
 }

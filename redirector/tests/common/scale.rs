@@ -45,6 +45,7 @@ pub fn maglev_consistency() {
         serve: bes.iter().copied().collect(),
         proxy: BTreeSet::new(),
         activator: Some("10.0.0.1:8012".parse().unwrap()),
+        kind: Default::default(),
     };
     b.apply(&[desired(&backends)]);
     let ports: Vec<u16> = (0..FLOWS as u16).map(|i| 20_000 + i).collect();
@@ -126,6 +127,7 @@ pub fn maglev_tiers() {
         serve: bes.iter().copied().collect(),
         proxy: BTreeSet::new(),
         activator: Some("10.0.0.1:8012".parse().unwrap()),
+        kind: Default::default(),
     };
     let mut next_port = 30_000u16;
     for (step, n) in [3usize, 12, 2, 9, 8].into_iter().enumerate() {
@@ -229,6 +231,7 @@ pub fn ten_thousand_services() -> Vec<DesiredService> {
                     .collect(),
                 proxy: BTreeSet::new(),
                 activator: Some("10.0.0.1:8012".parse().unwrap()),
+                kind: Default::default(),
             }
         })
         .collect()
