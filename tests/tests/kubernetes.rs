@@ -544,8 +544,10 @@ mod agent_k8s {
             objects::private_slice(NS, name, "a", eps),
         )
         .unwrap();
-        api.create(&Res::sks(), objects::sks(NS, name, mode, 0))
-            .unwrap();
+        // As Knative does: the SKS, then its status through the status subresource.
+        let sks = objects::sks(NS, name, mode, 0);
+        api.create(&Res::sks(), sks.clone()).unwrap();
+        api.update_status(&Res::sks(), sks).unwrap();
     }
 
     fn set_mode(k: &KubeNode, name: &str, mode: Mode) {

@@ -158,6 +158,22 @@ fn route(path: &str) -> Option<Route> {
     })
 }
 
+/// 404 (`NotFound` with the real server's message) unless the route names a served
+/// resource and, for a subresource, one it has (`status`).
+fn served(shared: &Shared, r: &Route) -> Result<(), ApiError> {
+    let (res, sub) = match r {
+        Route::Collection(res, _) => (res, None),
+        Route::Object(res, _, _, sub) => (res, sub.as_deref()),
+        _ => return Ok(()),
+    };
+    let ty = shared.store.lock().unwrap().type_of(res)?;
+    match sub {
+        None => Ok(()),
+        Some("status") if ty.status => Ok(()),
+        Some(_) => Err(ApiError::not_served()),
+    }
+}
+
 fn selectors(q: &HashMap<String, String>) -> Result<Selectors, ApiError> {
     let labels = LabelSelector::parse(q.get("labelSelector").map_or("", |s| s.as_str()))
         .map_err(ApiError::bad_request)?;
@@ -214,7 +230,7 @@ fn discovery(shared: &Shared, r: &Route) -> Value {
                         v["apiVersion"] = json!("v1");
                         v
                     }
-                    None => ApiError::not_found(format!("group {g}")).status(),
+                    None => ApiError::not_served().status(),
                 }
             } else {
                 json!({"kind": "APIGroupList", "apiVersion": "v1",
@@ -222,18 +238,29 @@ fn discovery(shared: &Shared, r: &Route) -> Value {
             }
         }
         Route::Resources(g, v) => {
-            let resources: Vec<Value> = store
-                .resources_of(g, v)
-                .into_iter()
-                .map(|(r, t)| {
-                    json!({
-                        "name": r.resource, "singularName": t.kind.to_lowercase(),
+            let served = store.resources_of(g, v);
+            if served.is_empty() {
+                return ApiError::not_served().status();
+            }
+            let mut resources: Vec<Value> = Vec::new();
+            for (r, t) in served {
+                let mut main = json!({
+                    "name": r.resource, "singularName": t.singular,
+                    "namespaced": t.namespaced, "kind": t.kind,
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                });
+                if !t.short_names.is_empty() {
+                    main["shortNames"] = json!(t.short_names);
+                }
+                resources.push(main);
+                if t.status {
+                    resources.push(json!({
+                        "name": format!("{}/status", r.resource), "singularName": "",
                         "namespaced": t.namespaced, "kind": t.kind,
-                        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
-                        "shortNames": t.short_names,
-                    })
-                })
-                .collect();
+                        "verbs": ["get", "patch", "update"],
+                    }));
+                }
+            }
             let gv = if g.is_empty() {
                 v.clone()
             } else {
@@ -296,6 +323,9 @@ async fn dispatch(
             ));
         }
     }
+    if let Err(e) = served(shared, &r) {
+        return error_response(&e);
+    }
     let parse_body = || -> Result<Value, ApiError> {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("request body is not JSON: {e}")))
@@ -337,17 +367,19 @@ async fn dispatch(
             match *m {
                 Method::GET => current().map(|v| (200, v)),
                 Method::PUT => parse_body().and_then(|mut obj| {
-                    obj["metadata"]["name"] = json!(name);
-                    if sub.as_deref() == Some("status") {
-                        // Only the status of the stored object changes.
-                        let mut cur = current()?;
-                        cur["status"] = obj["status"].clone();
-                        cur["metadata"]["resourceVersion"] =
-                            obj["metadata"]["resourceVersion"].clone();
-                        obj = cur;
+                    if !obj.is_object() {
+                        return Err(ApiError::bad_request("object is not a JSON object"));
                     }
+                    obj["metadata"]["name"] = json!(name);
                     shared
-                        .mutate(|st| st.update(res, &ns, obj))
+                        .mutate(|st| {
+                            if sub.is_some() {
+                                // Only the status of the stored object changes.
+                                st.update_status(res, &ns, obj)
+                            } else {
+                                st.update(res, &ns, obj)
+                            }
+                        })
                         .map(|v| (200, v))
                 }),
                 Method::PATCH => {
@@ -362,8 +394,10 @@ async fn dispatch(
                         // Merge, strategic merge and apply patches are all applied as JSON
                         // merge patches here.
                         parse_body().and_then(|mut p| {
-                            if sub.as_deref() == Some("status") {
-                                p = json!({"status": p["status"].clone()});
+                            if sub.is_some() {
+                                return shared
+                                    .mutate(|st| st.patch_status(res, &ns, name, &p))
+                                    .map(|v| (200, v));
                             }
                             let created =
                                 current().is_err() && content_type.contains("apply-patch");
@@ -394,7 +428,7 @@ async fn dispatch(
         ) => {
             let v = discovery(shared, &r);
             if v["code"] == 404 {
-                Err(ApiError::not_found(path.to_owned()))
+                Err(ApiError::not_served())
             } else {
                 Ok((200, v))
             }
@@ -437,7 +471,10 @@ fn watch_response(
     changed.borrow_and_update();
     let (kind, start) = {
         let mut st = shared.store.lock().unwrap();
-        let kind = st.type_of(res).kind;
+        let kind = match st.type_of(res) {
+            Ok(t) => t.kind,
+            Err(e) => return error_response(&e),
+        };
         // sendInitialEvents: the current state first, then a bookmark marking its end.
         let start = if initial_events {
             st.watch_start(res, ns, &sel, None)
