@@ -40,6 +40,7 @@
 //! [`ApiServer::start_again`] simulate an API server restart (same port, same store: every
 //! open watch is cut).
 pub mod autoscaler;
+pub mod error;
 pub mod http;
 pub mod node;
 pub mod objects;
@@ -47,6 +48,7 @@ pub mod registry;
 pub mod schema;
 pub mod selector;
 pub mod store;
+pub mod watches;
 
 use std::{
     net::{SocketAddr, TcpListener},
