@@ -337,6 +337,13 @@ fn kubeapi_status_subresource_of_the_sks() {
     });
     let stored = server.get(&Res::sks(), "ns", "r").unwrap();
     assert_eq!(stored["status"]["serviceName"], "other");
+    // The test's own controller path: create, then the status through /status.
+    let got = server
+        .create_with_status(&Res::sks(), objects::sks("ns", "q", Mode::Serve, 1))
+        .unwrap();
+    assert_eq!(got["status"]["privateServiceName"], "q-private");
+    assert_eq!(got["spec"]["mode"], "Serve");
+    assert_eq!(got["metadata"]["generation"], 1);
 }
 
 #[test]

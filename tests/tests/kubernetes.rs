@@ -545,9 +545,8 @@ mod agent_k8s {
         )
         .unwrap();
         // As Knative does: the SKS, then its status through the status subresource.
-        let sks = objects::sks(NS, name, mode, 0);
-        api.create(&Res::sks(), sks.clone()).unwrap();
-        api.update_status(&Res::sks(), sks).unwrap();
+        api.create_with_status(&Res::sks(), objects::sks(NS, name, mode, 0))
+            .unwrap();
     }
 
     fn set_mode(k: &KubeNode, name: &str, mode: Mode) {

@@ -362,6 +362,18 @@ impl ApiServer {
         Ok(self.shared.mutate(|s| s.create(res, "", obj))?)
     }
 
+    /// Creates an object and then writes its `.status` through the status subresource, as
+    /// a controller does (a create alone drops the status of a resource with `/status`).
+    pub fn create_with_status(&self, res: &Res, obj: Value) -> Result<Value> {
+        let created = self.create(res, obj.clone())?;
+        if obj.get("status").is_none() || !self.shared.store.lock().unwrap().type_of(res)?.status {
+            return Ok(created);
+        }
+        let mut with_status = created;
+        with_status["status"] = obj["status"].clone();
+        self.update_status(res, with_status)
+    }
+
     /// Creates or replaces an object.
     pub fn apply(&self, res: &Res, obj: Value) -> Result<Value> {
         Ok(self.shared.mutate(|s| s.apply(res, "", obj))?)
