@@ -115,6 +115,15 @@ fn kubeapi_unknown_resources_groups_and_versions_answer_404() {
     ] {
         assert_not_found(path, raw(&server, "GET", path, None));
     }
+    // A namespace's status is the namespaces resource's subresource.
+    server
+        .create(
+            &Res::core("namespaces"),
+            json!({"metadata": {"name": "ns"}}),
+        )
+        .unwrap();
+    let (code, got) = raw(&server, "GET", "/api/v1/namespaces/ns/status", None);
+    assert_eq!((code, &got["kind"]), (200, &json!("Namespace")), "{got}");
     let (code, v1) = raw(&server, "GET", "/api/v1", None);
     assert_eq!(code, 200);
     assert!(!v1.to_string().contains("widgets"), "{v1}");
@@ -391,6 +400,21 @@ fn kubeapi_prunes_unknown_fields_and_rejects_wrong_types() {
         "{got}"
     );
     assert_eq!(got["spec"]["containers"][0]["image"], "x");
+    // A /status write is checked on what is stored: the spec in its body does not count.
+    let body = json!({"metadata": {"name": "p"}, "spec": "ignored",
+                      "status": {"serviceName": "p", "bogus": 1}});
+    let (code, got) = raw(&server, "PUT", &format!("{base}/p/status"), Some(&body));
+    assert_eq!(code, 200, "{got}");
+    assert_eq!(got["status"]["serviceName"], "p");
+    assert!(got["status"].get("bogus").is_none(), "{got}");
+    assert_eq!(got["spec"]["numActivators"], 1);
+    let body = json!({"metadata": {"name": "p"}, "status": {"observedGeneration": "x"}});
+    let (code, st) = raw(&server, "PUT", &format!("{base}/p/status"), Some(&body));
+    assert_eq!(code, 422, "{st}");
+    assert_eq!(
+        st["details"]["causes"][0]["field"],
+        "status.observedGeneration"
+    );
 }
 
 #[test]

@@ -140,6 +140,10 @@ fn route(path: &str) -> Option<Route> {
     let r = |name: &str| Res::new(group, version, name);
     Some(match rest {
         [] => Route::Resources(group.into(), version.into()),
+        // A namespace's status (namespaces are cluster-scoped objects under /namespaces).
+        ["namespaces", ns, "status"] if group.is_empty() => {
+            Route::Object(r("namespaces"), None, ns.to_string(), Some("status".into()))
+        }
         ["namespaces", ns, res] => Route::Collection(r(res), Some(ns.to_string())),
         ["namespaces", ns, res, name] => {
             Route::Object(r(res), Some(ns.to_string()), name.to_string(), None)

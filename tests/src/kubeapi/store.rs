@@ -198,14 +198,23 @@ impl Store {
         if obj["kind"].as_str().unwrap_or("").is_empty() {
             obj["kind"] = json!(ty.kind);
         }
-        if let Some(schema) = &ty.schema {
-            let causes = prune_and_check(schema, &mut obj);
-            if !causes.is_empty() {
-                let name = meta_str(&obj, "name").to_owned();
-                return Err(ApiError::invalid(res, &ty.kind, &name, &causes));
-            }
-        }
         Ok(obj)
+    }
+
+    /// The CRD schema applied to the object to be stored: unknown fields pruned, 422 for
+    /// a wrong type or a missing required field.
+    fn check_schema(&self, res: &Res, obj: &mut Value) -> Result<(), ApiError> {
+        let ty = self.type_of(res)?;
+        let Some(schema) = &ty.schema else {
+            return Ok(());
+        };
+        let causes = prune_and_check(schema, obj);
+        if causes.is_empty() {
+            Ok(())
+        } else {
+            let name = meta_str(obj, "name").to_owned();
+            Err(ApiError::invalid(res, &ty.kind, &name, &causes))
+        }
     }
 
     fn key(obj: &Value) -> (String, String) {
@@ -225,6 +234,7 @@ impl Store {
                 m.remove("status");
             }
         }
+        self.check_schema(res, &mut obj)?;
         let key = Self::key(&obj);
         if self.objects.get(res).is_some_and(|m| m.contains_key(&key)) {
             return Err(ApiError::new(
@@ -326,6 +336,7 @@ impl Store {
                 }
             }
         }
+        self.check_schema(res, &mut obj)?;
         let want = meta_str(&obj, "resourceVersion");
         if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
             return Err(ApiError::new(
