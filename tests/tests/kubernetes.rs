@@ -544,7 +544,8 @@ mod agent_k8s {
             objects::private_slice(NS, name, "a", eps),
         )
         .unwrap();
-        api.create(&Res::sks(), objects::sks(NS, name, mode, 0))
+        // As Knative does: the SKS, then its status through the status subresource.
+        api.create_with_status(&Res::sks(), objects::sks(NS, name, mode, 0))
             .unwrap();
     }
 

@@ -7,14 +7,13 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{
     body::{Frame, Incoming},
-    Method, Request, Response, StatusCode,
+    Method, Request, Response,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -22,7 +21,7 @@ use tokio::sync::mpsc;
 use super::{
     selector::{FieldSelector, LabelSelector, Selectors},
     store::{ApiError, Res},
-    RequestRecord, Shared,
+    watches, RequestRecord, Shared,
 };
 
 /// A response body: all at once, or a stream of chunks (a watch).
@@ -50,7 +49,7 @@ impl hyper::body::Body for Body {
     }
 }
 
-fn json_response(code: u16, v: &Value) -> Response<Body> {
+pub(super) fn json_response(code: u16, v: &Value) -> Response<Body> {
     let mut body = serde_json::to_vec(v).unwrap_or_default();
     body.push(b'\n');
     Response::builder()
@@ -60,7 +59,7 @@ fn json_response(code: u16, v: &Value) -> Response<Body> {
         .expect("response")
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
+pub(super) fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code, &e.status())
 }
 
@@ -141,6 +140,10 @@ fn route(path: &str) -> Option<Route> {
     let r = |name: &str| Res::new(group, version, name);
     Some(match rest {
         [] => Route::Resources(group.into(), version.into()),
+        // A namespace's status (namespaces are cluster-scoped objects under /namespaces).
+        ["namespaces", ns, "status"] if group.is_empty() => {
+            Route::Object(r("namespaces"), None, ns.to_string(), Some("status".into()))
+        }
         ["namespaces", ns, res] => Route::Collection(r(res), Some(ns.to_string())),
         ["namespaces", ns, res, name] => {
             Route::Object(r(res), Some(ns.to_string()), name.to_string(), None)
@@ -158,7 +161,97 @@ fn route(path: &str) -> Option<Route> {
     })
 }
 
-fn selectors(q: &HashMap<String, String>) -> Result<Selectors, ApiError> {
+/// 404 (`NotFound` with the real server's message) unless the route names a served
+/// resource and, for a subresource, one it has (`status`).
+fn served(shared: &Shared, r: &Route) -> Result<(), ApiError> {
+    let (res, sub) = match r {
+        Route::Collection(res, _) => (res, None),
+        Route::Object(res, _, _, sub) => (res, sub.as_deref()),
+        _ => return Ok(()),
+    };
+    let ty = shared.store.lock().unwrap().type_of(res)?;
+    match sub {
+        None => Ok(()),
+        Some("status") if ty.status => Ok(()),
+        Some(_) => Err(ApiError::not_served()),
+    }
+}
+
+/// A request for one object (`status`: its status subresource).
+#[allow(clippy::too_many_arguments)]
+fn object(
+    shared: &Arc<Shared>,
+    method: &Method,
+    res: &Res,
+    ns: &str,
+    name: &str,
+    status: bool,
+    content_type: &str,
+    parse_body: impl Fn() -> Result<Value, ApiError>,
+) -> Result<(u16, Value), ApiError> {
+    let current = || {
+        shared
+            .store
+            .lock()
+            .unwrap()
+            .get(res, ns, name)
+            .ok_or_else(|| ApiError::not_found(format!("{} {name:?}", res.resource)))
+    };
+    match *method {
+        Method::GET => current().map(|v| (200, v)),
+        Method::PUT => parse_body().and_then(|mut obj| {
+            if !obj.is_object() {
+                return Err(ApiError::bad_request("object is not a JSON object"));
+            }
+            obj["metadata"]["name"] = json!(name);
+            shared
+                .mutate(|st| {
+                    if status {
+                        // Only the status of the stored object changes.
+                        st.update_status(res, ns, obj)
+                    } else {
+                        st.update(res, ns, obj)
+                    }
+                })
+                .map(|v| (200, v))
+        }),
+        Method::PATCH => {
+            if content_type.contains("json-patch") {
+                Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    "JSON patch is not supported by the test API server; use a merge \
+                     patch",
+                ))
+            } else {
+                // Merge, strategic merge and apply patches are all applied as JSON
+                // merge patches here.
+                parse_body().and_then(|mut p| {
+                    if status {
+                        return shared
+                            .mutate(|st| st.patch_status(res, ns, name, &p))
+                            .map(|v| (200, v));
+                    }
+                    let created = current().is_err() && content_type.contains("apply-patch");
+                    if created {
+                        p["metadata"]["name"] = json!(name);
+                        shared.mutate(|st| st.create(res, ns, p)).map(|v| (201, v))
+                    } else {
+                        shared
+                            .mutate(|st| st.patch(res, ns, name, &p))
+                            .map(|v| (200, v))
+                    }
+                })
+            }
+        }
+        Method::DELETE => shared
+            .mutate(|st| st.delete(res, ns, name))
+            .map(|v| (200, v)),
+        _ => Err(ApiError::new(405, "MethodNotAllowed", "method not allowed")),
+    }
+}
+
+pub(super) fn selectors(q: &HashMap<String, String>) -> Result<Selectors, ApiError> {
     let labels = LabelSelector::parse(q.get("labelSelector").map_or("", |s| s.as_str()))
         .map_err(ApiError::bad_request)?;
     let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", |s| s.as_str()))
@@ -166,7 +259,7 @@ fn selectors(q: &HashMap<String, String>) -> Result<Selectors, ApiError> {
     Ok(Selectors { labels, fields })
 }
 
-fn parse_rv(q: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+pub(super) fn parse_rv(q: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
     match q.get("resourceVersion").map(|s| s.as_str()) {
         None | Some("") => Ok(None),
         Some(s) => s
@@ -214,7 +307,7 @@ fn discovery(shared: &Shared, r: &Route) -> Value {
                         v["apiVersion"] = json!("v1");
                         v
                     }
-                    None => ApiError::not_found(format!("group {g}")).status(),
+                    None => ApiError::not_served().status(),
                 }
             } else {
                 json!({"kind": "APIGroupList", "apiVersion": "v1",
@@ -222,18 +315,29 @@ fn discovery(shared: &Shared, r: &Route) -> Value {
             }
         }
         Route::Resources(g, v) => {
-            let resources: Vec<Value> = store
-                .resources_of(g, v)
-                .into_iter()
-                .map(|(r, t)| {
-                    json!({
-                        "name": r.resource, "singularName": t.kind.to_lowercase(),
+            let served = store.resources_of(g, v);
+            if served.is_empty() {
+                return ApiError::not_served().status();
+            }
+            let mut resources: Vec<Value> = Vec::new();
+            for (r, t) in served {
+                let mut main = json!({
+                    "name": r.resource, "singularName": t.singular,
+                    "namespaced": t.namespaced, "kind": t.kind,
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                });
+                if !t.short_names.is_empty() {
+                    main["shortNames"] = json!(t.short_names);
+                }
+                resources.push(main);
+                if t.status {
+                    resources.push(json!({
+                        "name": format!("{}/status", r.resource), "singularName": "",
                         "namespaced": t.namespaced, "kind": t.kind,
-                        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
-                        "shortNames": t.short_names,
-                    })
-                })
-                .collect();
+                        "verbs": ["get", "patch", "update"],
+                    }));
+                }
+            }
             let gv = if g.is_empty() {
                 v.clone()
             } else {
@@ -296,6 +400,9 @@ async fn dispatch(
             ));
         }
     }
+    if let Err(e) = served(shared, &r) {
+        return error_response(&e);
+    }
     let parse_body = || -> Result<Value, ApiError> {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("request body is not JSON: {e}")))
@@ -304,7 +411,7 @@ async fn dispatch(
         (Route::Collection(res, ns), &Method::GET) => {
             let watch = matches!(q.get("watch").map(|s| s.as_str()), Some("true" | "1"));
             if watch {
-                return watch_response(shared, res, ns.as_deref(), q);
+                return watches::watch_response(shared, res, ns.as_deref(), q);
             }
             let limit = q.get("limit").and_then(|l| l.parse().ok());
             selectors(q).and_then(|sel| {
@@ -324,66 +431,16 @@ async fn dispatch(
                 .mutate(|st| st.create(res, ns.as_deref().unwrap_or(""), obj))
                 .map(|v| (201, v))
         }),
-        (Route::Object(res, ns, name, sub), m) => {
-            let ns = ns.clone().unwrap_or_default();
-            let current = || {
-                shared
-                    .store
-                    .lock()
-                    .unwrap()
-                    .get(res, &ns, name)
-                    .ok_or_else(|| ApiError::not_found(format!("{} {name:?}", res.resource)))
-            };
-            match *m {
-                Method::GET => current().map(|v| (200, v)),
-                Method::PUT => parse_body().and_then(|mut obj| {
-                    obj["metadata"]["name"] = json!(name);
-                    if sub.as_deref() == Some("status") {
-                        // Only the status of the stored object changes.
-                        let mut cur = current()?;
-                        cur["status"] = obj["status"].clone();
-                        cur["metadata"]["resourceVersion"] =
-                            obj["metadata"]["resourceVersion"].clone();
-                        obj = cur;
-                    }
-                    shared
-                        .mutate(|st| st.update(res, &ns, obj))
-                        .map(|v| (200, v))
-                }),
-                Method::PATCH => {
-                    if content_type.contains("json-patch") {
-                        Err(ApiError::new(
-                            415,
-                            "UnsupportedMediaType",
-                            "JSON patch is not supported by the test API server; use a merge \
-                             patch",
-                        ))
-                    } else {
-                        // Merge, strategic merge and apply patches are all applied as JSON
-                        // merge patches here.
-                        parse_body().and_then(|mut p| {
-                            if sub.as_deref() == Some("status") {
-                                p = json!({"status": p["status"].clone()});
-                            }
-                            let created =
-                                current().is_err() && content_type.contains("apply-patch");
-                            if created {
-                                p["metadata"]["name"] = json!(name);
-                                shared.mutate(|st| st.create(res, &ns, p)).map(|v| (201, v))
-                            } else {
-                                shared
-                                    .mutate(|st| st.patch(res, &ns, name, &p))
-                                    .map(|v| (200, v))
-                            }
-                        })
-                    }
-                }
-                Method::DELETE => shared
-                    .mutate(|st| st.delete(res, &ns, name))
-                    .map(|v| (200, v)),
-                _ => Err(ApiError::new(405, "MethodNotAllowed", "method not allowed")),
-            }
-        }
+        (Route::Object(res, ns, name, sub), m) => object(
+            shared,
+            m,
+            res,
+            &ns.clone().unwrap_or_default(),
+            name,
+            sub.is_some(),
+            content_type,
+            parse_body,
+        ),
         (
             Route::Version
             | Route::CoreVersions
@@ -394,7 +451,7 @@ async fn dispatch(
         ) => {
             let v = discovery(shared, &r);
             if v["code"] == 404 {
-                Err(ApiError::not_found(path.to_owned()))
+                Err(ApiError::not_served())
             } else {
                 Ok((200, v))
             }
@@ -404,173 +461,6 @@ async fn dispatch(
     match result {
         Ok((code, v)) => json_response(code, &v),
         Err(e) => error_response(&e),
-    }
-}
-
-fn line(v: &Value) -> Bytes {
-    let mut b = serde_json::to_vec(v).unwrap_or_default();
-    b.push(b'\n');
-    b.into()
-}
-
-fn watch_response(
-    shared: &Arc<Shared>,
-    res: &Res,
-    ns: Option<&str>,
-    q: &HashMap<String, String>,
-) -> Response<Body> {
-    let sel = match selectors(q) {
-        Ok(s) => s,
-        Err(e) => return error_response(&e),
-    };
-    let rv = match parse_rv(q) {
-        Ok(rv) => rv,
-        Err(e) => return error_response(&e),
-    };
-    let bookmarks = q.get("allowWatchBookmarks").map(|s| s.as_str()) == Some("true");
-    let initial_events = q.get("sendInitialEvents").map(|s| s.as_str()) == Some("true");
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let mut changed = shared.changed.subscribe();
-    changed.borrow_and_update();
-    let (kind, start) = {
-        let mut st = shared.store.lock().unwrap();
-        let kind = st.type_of(res).kind;
-        // sendInitialEvents: the current state first, then a bookmark marking its end.
-        let start = if initial_events {
-            st.watch_start(res, ns, &sel, None)
-        } else {
-            st.watch_start(res, ns, &sel, rv)
-        };
-        (kind, start)
-    };
-    let gone_as_http = *shared.gone_as_http.lock().unwrap();
-    if matches!(&start, Err(e) if e.code == 410) {
-        shared
-            .gone
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    let start = match start {
-        Ok(s) => s,
-        Err(e) if e.code == 410 && gone_as_http => return error_response(&e),
-        Err(e) => {
-            // The real API server answers 200 and sends one ERROR event with the Status.
-            let (tx, rx) = mpsc::channel(1);
-            let _ = tx.try_send(line(&json!({"type": "ERROR", "object": e.status()})));
-            return Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/json")
-                .body(Body::Stream(rx))
-                .expect("response");
-        }
-    };
-    let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let shared = shared.clone();
-    let res = res.clone();
-    let ns = ns.map(str::to_owned);
-    let api_version = res.api_version();
-    let bookmark = move |rv: u64, initial_end: bool| {
-        let mut meta = json!({"resourceVersion": rv.to_string()});
-        if initial_end {
-            meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-        }
-        line(&json!({"type": "BOOKMARK",
-                     "object": {"kind": kind, "apiVersion": api_version, "metadata": meta}}))
-    };
-    shared
-        .active_watches
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let guard = WatchGuard(shared.clone());
-    tokio::spawn(async move {
-        let _guard = guard;
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        for e in start.initial {
-            if tx.send(line(&e)).await.is_err() {
-                return;
-            }
-        }
-        let mut cursor = start.cursor;
-        if initial_events && tx.send(bookmark(cursor, true)).await.is_err() {
-            return;
-        }
-        let interval = *shared.bookmark_interval.lock().unwrap();
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let end = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(end);
-        loop {
-            tokio::select! {
-                r = changed.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    changed.borrow_and_update();
-                    let got = shared
-                        .store
-                        .lock()
-                        .unwrap()
-                        .events_since(&res, ns.as_deref(), &sel, cursor);
-                    match got {
-                        Ok((evs, c)) => {
-                            cursor = c;
-                            for e in evs {
-                                if tx.send(line(&e)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let err = json!({"type": "ERROR", "object": e.status()});
-                            let _ = tx.send(line(&err)).await;
-                            return;
-                        }
-                    }
-                }
-                _ = ticks.tick(), if bookmarks => {
-                    // Everything of this watch up to the store's version is sent first, so
-                    // the bookmark may carry that version.
-                    let got = shared
-                        .store
-                        .lock()
-                        .unwrap()
-                        .events_since(&res, ns.as_deref(), &sel, cursor);
-                    if let Ok((evs, c)) = got {
-                        for e in evs {
-                            if tx.send(line(&e)).await.is_err() {
-                                return;
-                            }
-                        }
-                        cursor = c;
-                        if tx.send(bookmark(cursor, false)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                _ = &mut end => return,
-                _ = tx.closed() => return,
-            }
-        }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json")
-        .body(Body::Stream(rx))
-        .expect("response")
-}
-
-struct WatchGuard(Arc<Shared>);
-
-impl Drop for WatchGuard {
-    fn drop(&mut self) {
-        self.0
-            .active_watches
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1,5 +1,21 @@
-//! A test Kubernetes API server: the real list/watch protocol over plain HTTP for any
-//! resource path, backed by an in-memory store (see [`store`]).
+//! A test Kubernetes API server: the real list/watch protocol over plain HTTP for the
+//! resources a real cluster with Knative serves, backed by an in-memory store (see
+//! [`store`]).
+//!
+//! - Served resources ([`registry`]): the built-ins the agent and the tests use (core v1
+//!   services, endpoints, pods, nodes, namespaces, configmaps, events; discovery.k8s.io/v1
+//!   endpointslices; coordination.k8s.io/v1 leases; events.k8s.io/v1 events) and Knative's
+//!   CRDs read from their real files (`KNATIVE_CRD_DIR`, default
+//!   `<workspace>/../shared/knative`; a missing file fails [`ApiServer::start`]): SKS
+//!   (networking.internal.knative.dev/v1alpha1) and Revision (serving.knative.dev/v1). Any
+//!   other resource, group or version answers 404 with a `NotFound` `Status`, like the real
+//!   server; [`ApiServer::register`] serves more.
+//! - The status subresource: a write to the main resource keeps the stored `.status` (a
+//!   create drops it), `PUT`/`PATCH .../status` changes only `.status`
+//!   ([`ApiServer::update_status`], [`ApiServer::patch_status`]); 404 on `/status` of a
+//!   resource without one.
+//! - CRD schemas ([`schema`]): unknown fields are pruned, a wrong type or a missing
+//!   required field answers 422 `Invalid`.
 //!
 //! - `GET /api/v1/{resource}`, `/api/v1/namespaces/{ns}/{resource}`,
 //!   `/apis/{group}/{version}/{resource}` and the namespaced form: `{kind}List` with
@@ -15,7 +31,8 @@
 //!   supported too.
 //! - get / create (POST) / replace (PUT, also `/status`) / merge patch / delete of single
 //!   objects, so an agent that records Events or patches status does not fail.
-//! - `GET /version`, `/api`, `/apis`, `/apis/{group}`, `/api/v1`, `/apis/{group}/{version}`.
+//! - `GET /version`, `/api`, `/apis`, `/apis/{group}`, `/api/v1`, `/apis/{group}/{version}`
+//!   list exactly the served resources (verbs, scope, kind, `*/status` entries).
 //!
 //! The server runs on its own thread with a current-thread tokio runtime, optionally inside a
 //! network namespace (`setns` before binding `127.0.0.1`), so an agent started with
@@ -23,11 +40,15 @@
 //! [`ApiServer::start_again`] simulate an API server restart (same port, same store: every
 //! open watch is cut).
 pub mod autoscaler;
+pub mod error;
 pub mod http;
 pub mod node;
 pub mod objects;
+pub mod registry;
+pub mod schema;
 pub mod selector;
 pub mod store;
+pub mod watches;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -45,7 +66,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
-pub use store::{ApiError, Res, Store};
+pub use store::{ApiError, Res, Store, TypeInfo};
 
 /// One request the server answered (for assertions on what the client asked).
 #[derive(Debug, Clone)]
@@ -160,7 +181,7 @@ impl ApiServer {
     pub fn start_in(netns: Option<&str>) -> Result<Self> {
         let (changed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
-            store: Mutex::new(Store::new()),
+            store: Mutex::new(Store::new()?),
             changed,
             bookmark_interval: Mutex::new(Duration::from_secs(2)),
             gone_as_http: Mutex::new(false),
@@ -314,14 +335,24 @@ impl ApiServer {
         *self.shared.gone_as_http.lock().unwrap() = on;
     }
 
-    /// Declares a resource (kind, scope) for lists and discovery. Unknown resources also
-    /// work: they are taken as namespaced with a kind guessed from the plural.
+    /// Serves one more resource (kind, scope; no status subresource, no schema), for lists,
+    /// watches, writes and discovery. Unregistered resources answer 404.
     pub fn register(&self, res: Res, kind: &str, namespaced: bool) {
         self.shared
             .store
             .lock()
             .unwrap()
-            .register(res, kind, namespaced, &[]);
+            .register(res, TypeInfo::simple(kind, namespaced, &[], false));
+    }
+
+    /// Serves the resource versions of a CRD file (YAML), as `kubectl apply -f` of it would.
+    pub fn register_crd(&self, path: &Path) -> Result<()> {
+        let types = registry::load_crd(path)?;
+        let mut st = self.shared.store.lock().unwrap();
+        for (res, ty) in types {
+            st.register(res, ty);
+        }
+        Ok(())
     }
 
     // --- objects -------------------------------------------------------------------------
@@ -329,6 +360,18 @@ impl ApiServer {
     /// Creates an object (namespace from `metadata.namespace`, else "default").
     pub fn create(&self, res: &Res, obj: Value) -> Result<Value> {
         Ok(self.shared.mutate(|s| s.create(res, "", obj))?)
+    }
+
+    /// Creates an object and then writes its `.status` through the status subresource, as
+    /// a controller does (a create alone drops the status of a resource with `/status`).
+    pub fn create_with_status(&self, res: &Res, obj: Value) -> Result<Value> {
+        let created = self.create(res, obj.clone())?;
+        if obj.get("status").is_none() || !self.shared.store.lock().unwrap().type_of(res)?.status {
+            return Ok(created);
+        }
+        let mut with_status = created;
+        with_status["status"] = obj["status"].clone();
+        self.update_status(res, with_status)
     }
 
     /// Creates or replaces an object.
@@ -339,6 +382,19 @@ impl ApiServer {
     /// Replaces an existing object (a `metadata.resourceVersion` in `obj` must match).
     pub fn update(&self, res: &Res, obj: Value) -> Result<Value> {
         Ok(self.shared.mutate(|s| s.update(res, "", obj))?)
+    }
+
+    /// Replaces the `.status` of an existing object (the `/status` subresource: nothing
+    /// else changes), as a controller writes status.
+    pub fn update_status(&self, res: &Res, obj: Value) -> Result<Value> {
+        Ok(self.shared.mutate(|s| s.update_status(res, "", obj))?)
+    }
+
+    /// JSON merge patch of the `/status` subresource (only `.status` changes).
+    pub fn patch_status(&self, res: &Res, ns: &str, name: &str, patch: Value) -> Result<Value> {
+        Ok(self
+            .shared
+            .mutate(|s| s.patch_status(res, ns, name, &patch))?)
     }
 
     /// JSON merge patch of an existing object.

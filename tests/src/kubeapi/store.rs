@@ -1,85 +1,20 @@
 //! The in-memory object store behind the test API server: objects keyed by resource
 //! (group/version/resource), namespace and name; one global, monotonically increasing
 //! resourceVersion; a bounded history of watch events; compaction (410 Gone for watches
-//! from before it).
+//! from before it). Only registered resources (see [`super::registry`]) are served; their
+//! status subresource and CRD schema apply to every write.
 use std::{
     collections::{BTreeMap, VecDeque},
-    fmt,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{json, Map, Value};
 
-use super::selector::Selectors;
-
-/// A resource: API group ("" for core), version and plural name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Res {
-    pub group: String,
-    pub version: String,
-    pub resource: String,
-}
-
-impl Res {
-    pub fn new(group: &str, version: &str, resource: &str) -> Self {
-        Self {
-            group: group.into(),
-            version: version.into(),
-            resource: resource.into(),
-        }
-    }
-
-    /// A core (`/api/v1`) resource.
-    pub fn core(resource: &str) -> Self {
-        Self::new("", "v1", resource)
-    }
-
-    /// `services` (core/v1).
-    pub fn services() -> Self {
-        Self::core("services")
-    }
-
-    /// `endpointslices` (discovery.k8s.io/v1).
-    pub fn endpoint_slices() -> Self {
-        Self::new("discovery.k8s.io", "v1", "endpointslices")
-    }
-
-    /// `serverlessservices` (networking.internal.knative.dev/v1alpha1).
-    pub fn sks() -> Self {
-        Self::new(
-            "networking.internal.knative.dev",
-            "v1alpha1",
-            "serverlessservices",
-        )
-    }
-
-    /// `apiVersion` of objects of this resource (`v1`, `discovery.k8s.io/v1`).
-    pub fn api_version(&self) -> String {
-        if self.group.is_empty() {
-            self.version.clone()
-        } else {
-            format!("{}/{}", self.group, self.version)
-        }
-    }
-}
-
-impl fmt::Display for Res {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.group.is_empty() {
-            write!(f, "{}/{}", self.version, self.resource)
-        } else {
-            write!(f, "{}/{}/{}", self.group, self.version, self.resource)
-        }
-    }
-}
-
-/// What the server knows about a resource type (for list kinds and discovery).
-#[derive(Debug, Clone)]
-pub struct TypeInfo {
-    pub kind: String,
-    pub namespaced: bool,
-    pub short_names: Vec<String>,
-}
+pub use super::{
+    error::ApiError,
+    registry::{Res, TypeInfo},
+};
+use super::{registry::default_types, schema::prune_and_check, selector::Selectors};
 
 /// Watch event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,54 +45,6 @@ struct HistEvent {
     prev: Option<Value>,
 }
 
-/// Why a request failed, as an HTTP status code and a message (turned into a `Status`).
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub code: u16,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason,
-            message: message.into(),
-        }
-    }
-    pub fn not_found(what: impl fmt::Display) -> Self {
-        Self::new(404, "NotFound", format!("{what} not found"))
-    }
-    pub fn gone(message: impl Into<String>) -> Self {
-        Self::new(410, "Expired", message)
-    }
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(400, "BadRequest", message)
-    }
-
-    /// The `Status` object the API server sends for this error.
-    pub fn status(&self) -> Value {
-        json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.reason,
-            "code": self.code,
-        })
-    }
-}
-
-impl fmt::Display for ApiError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.code, self.reason, self.message)
-    }
-}
-
-impl std::error::Error for ApiError {}
-
 /// The store. Everything is behind one mutex in [`super::Shared`].
 #[derive(Debug)]
 pub struct Store {
@@ -171,20 +58,6 @@ pub struct Store {
     /// The next this-many watches (with a resourceVersion) get 410 Gone regardless.
     pub force_gone: u32,
     uid: u64,
-}
-
-/// `kind` guessed from a plural resource name (`widgets` -> `Widget`).
-fn guess_kind(resource: &str) -> String {
-    let singular = resource
-        .strip_suffix("ies")
-        .map(|s| format!("{s}y"))
-        .or_else(|| resource.strip_suffix("ses").map(|s| format!("{s}s")))
-        .or_else(|| resource.strip_suffix('s').map(str::to_owned))
-        .unwrap_or_else(|| resource.to_owned());
-    let mut c = singular.chars();
-    c.next()
-        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
-        .unwrap_or_default()
 }
 
 /// RFC 3339 UTC timestamp of now, whole seconds (as Kubernetes writes them).
@@ -242,16 +115,12 @@ pub struct WatchStart {
     pub cursor: u64,
 }
 
-impl Default for Store {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Store {
-    pub fn new() -> Self {
-        let mut s = Store {
-            types: BTreeMap::new(),
+    /// A store serving the built-in resources and Knative's CRDs (read from their files;
+    /// an error names the missing file).
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Store {
+            types: default_types()?,
             objects: BTreeMap::new(),
             rv: 1,
             history: VecDeque::new(),
@@ -259,53 +128,20 @@ impl Store {
             compacted: 0,
             force_gone: 0,
             uid: 0,
-        };
-        let builtin: [(Res, &str, bool, &[&str]); 9] = [
-            (Res::services(), "Service", true, &["svc"]),
-            (Res::core("endpoints"), "Endpoints", true, &["ep"]),
-            (Res::core("pods"), "Pod", true, &["po"]),
-            (Res::core("namespaces"), "Namespace", false, &["ns"]),
-            (Res::core("nodes"), "Node", false, &["no"]),
-            (Res::core("events"), "Event", true, &["ev"]),
-            (Res::core("configmaps"), "ConfigMap", true, &["cm"]),
-            (Res::endpoint_slices(), "EndpointSlice", true, &[]),
-            (Res::sks(), "ServerlessService", true, &["sks"]),
-        ];
-        for (res, kind, namespaced, short) in builtin {
-            s.register(res, kind, namespaced, short);
-        }
-        s.register(
-            Res::new("events.k8s.io", "v1", "events"),
-            "Event",
-            true,
-            &["ev"],
-        );
-        s
+        })
     }
 
-    /// Declares a resource type (kind for lists, scope, discovery).
-    pub fn register(&mut self, res: Res, kind: &str, namespaced: bool, short_names: &[&str]) {
-        self.types.insert(
-            res,
-            TypeInfo {
-                kind: kind.into(),
-                namespaced,
-                short_names: short_names.iter().map(|s| s.to_string()).collect(),
-            },
-        );
+    /// Serves a resource type (kind, scope, subresources, schema; discovery lists it).
+    pub fn register(&mut self, res: Res, ty: TypeInfo) {
+        self.types.insert(res, ty);
     }
 
-    /// The type of `res`; unknown resources are registered on first use (namespaced, kind
-    /// guessed from the plural) so any resource path works.
-    pub fn type_of(&mut self, res: &Res) -> TypeInfo {
+    /// The type of `res`: 404 (as the real server answers) when it is not served.
+    pub fn type_of(&self, res: &Res) -> Result<TypeInfo, ApiError> {
         self.types
-            .entry(res.clone())
-            .or_insert_with(|| TypeInfo {
-                kind: guess_kind(&res.resource),
-                namespaced: true,
-                short_names: Vec::new(),
-            })
-            .clone()
+            .get(res)
+            .cloned()
+            .ok_or_else(ApiError::not_served)
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -331,7 +167,7 @@ impl Store {
     }
 
     fn normalize(&mut self, res: &Res, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
-        let ty = self.type_of(res);
+        let ty = self.type_of(res)?;
         if !obj.is_object() {
             return Err(ApiError::bad_request("object is not a JSON object"));
         }
@@ -365,6 +201,22 @@ impl Store {
         Ok(obj)
     }
 
+    /// The CRD schema applied to the object to be stored: unknown fields pruned, 422 for
+    /// a wrong type or a missing required field.
+    fn check_schema(&self, res: &Res, obj: &mut Value) -> Result<(), ApiError> {
+        let ty = self.type_of(res)?;
+        let Some(schema) = &ty.schema else {
+            return Ok(());
+        };
+        let causes = prune_and_check(schema, obj);
+        if causes.is_empty() {
+            Ok(())
+        } else {
+            let name = meta_str(obj, "name").to_owned();
+            Err(ApiError::invalid(res, &ty.kind, &name, &causes))
+        }
+    }
+
     fn key(obj: &Value) -> (String, String) {
         (
             meta_str(obj, "namespace").to_owned(),
@@ -373,8 +225,16 @@ impl Store {
     }
 
     /// Creates an object (namespace from `ns` or the object; "default" if neither).
+    /// With the status subresource the given `.status` is dropped, as on the real server
+    /// (write it with [`Self::update_status`]).
     pub fn create(&mut self, res: &Res, ns: &str, obj: Value) -> Result<Value, ApiError> {
         let mut obj = self.normalize(res, ns, obj)?;
+        if self.type_of(res)?.reset_status_on_create {
+            if let Some(m) = obj.as_object_mut() {
+                m.remove("status");
+            }
+        }
+        self.check_schema(res, &mut obj)?;
         let key = Self::key(&obj);
         if self.objects.get(res).is_some_and(|m| m.contains_key(&key)) {
             return Err(ApiError::new(
@@ -406,13 +266,77 @@ impl Store {
     }
 
     /// Replaces an existing object. A non-empty `metadata.resourceVersion` in `obj` must
-    /// match the stored one (optimistic concurrency), as on the real server.
+    /// match the stored one (optimistic concurrency), as on the real server. With the
+    /// status subresource the stored `.status` is kept.
     pub fn update(&mut self, res: &Res, ns: &str, obj: Value) -> Result<Value, ApiError> {
+        self.write(res, ns, obj, false)
+    }
+
+    /// Replaces the `.status` of an existing object (the `/status` subresource): everything
+    /// else is kept. 404 when `res` has no status subresource.
+    pub fn update_status(&mut self, res: &Res, ns: &str, obj: Value) -> Result<Value, ApiError> {
+        if !self.type_of(res)?.status {
+            return Err(ApiError::not_served());
+        }
+        self.write(res, ns, obj, true)
+    }
+
+    /// A JSON merge patch of the `.status` of an existing object (the `/status`
+    /// subresource); other fields in `patch` are ignored.
+    pub fn patch_status(
+        &mut self,
+        res: &Res,
+        ns: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Result<Value, ApiError> {
+        let mut obj = self
+            .get(res, ns, name)
+            .ok_or_else(|| ApiError::not_found(format!("{} {name:?}", res.resource)))?;
+        merge_patch(&mut obj, patch);
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+        self.update_status(res, ns, obj)
+    }
+
+    /// An update of the main resource (`status_only` false) or of its status subresource.
+    fn write(
+        &mut self,
+        res: &Res,
+        ns: &str,
+        obj: Value,
+        status_only: bool,
+    ) -> Result<Value, ApiError> {
+        let ty = self.type_of(res)?;
         let mut obj = self.normalize(res, ns, obj)?;
         let key = Self::key(&obj);
         let Some(old) = self.objects.get(res).and_then(|m| m.get(&key)).cloned() else {
             return Err(ApiError::not_found(format!("{} {:?}", res.resource, key.1)));
         };
+        if status_only {
+            let mut merged = old.clone();
+            merged["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"].clone();
+            match obj.get("status") {
+                Some(st) => merged["status"] = st.clone(),
+                None => {
+                    if let Some(m) = merged.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            obj = merged;
+        } else if ty.status {
+            match old.get("status") {
+                Some(st) => obj["status"] = st.clone(),
+                None => {
+                    if let Some(m) = obj.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+        }
+        self.check_schema(res, &mut obj)?;
         let want = meta_str(&obj, "resourceVersion");
         if !want.is_empty() && want != meta_str(&old, "resourceVersion") {
             return Err(ApiError::new(
@@ -483,7 +407,11 @@ impl Store {
     }
 
     pub fn delete(&mut self, res: &Res, ns: &str, name: &str) -> Result<Value, ApiError> {
-        let ns = if self.type_of(res).namespaced { ns } else { "" };
+        let ns = if self.type_of(res)?.namespaced {
+            ns
+        } else {
+            ""
+        };
         let key = (ns.to_owned(), name.to_owned());
         let Some(mut obj) = self.objects.get_mut(res).and_then(|m| m.remove(&key)) else {
             return Err(ApiError::not_found(format!("{} {name:?}", res.resource)));
@@ -539,7 +467,7 @@ impl Store {
         limit: Option<usize>,
         cont: Option<&str>,
     ) -> Result<Value, ApiError> {
-        let ty = self.type_of(res);
+        let ty = self.type_of(res)?;
         let (list_rv, after) = match cont.filter(|c| !c.is_empty()) {
             Some(c) => {
                 let mut parts = c.splitn(3, '|');
@@ -586,7 +514,7 @@ impl Store {
         sel: &Selectors,
         rv: Option<u64>,
     ) -> Result<WatchStart, ApiError> {
-        self.type_of(res);
+        self.type_of(res)?;
         match rv.filter(|&v| v != 0) {
             None => {
                 let initial = self
@@ -663,96 +591,5 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn svc(ns: &str, name: &str, app: &str) -> Value {
-        json!({"metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
-               "spec": {"ports": [{"port": 80}]}})
-    }
-
-    #[test]
-    fn list_watch_and_gone() {
-        let mut s = Store::new();
-        let r = Res::services();
-        let sel = Selectors::default();
-        let a = s.create(&r, "", svc("a", "one", "x")).unwrap();
-        assert_eq!(a["kind"], "Service");
-        assert_eq!(a["apiVersion"], "v1");
-        s.create(&r, "b", svc("b", "two", "y")).unwrap();
-        let l = s.list(&r, None, &sel, None, None).unwrap();
-        assert_eq!(l["kind"], "ServiceList");
-        assert_eq!(l["items"].as_array().unwrap().len(), 2);
-        let rv: u64 = l["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let l = s.list(&r, Some("a"), &sel, None, None).unwrap();
-        assert_eq!(l["items"].as_array().unwrap().len(), 1);
-        // Pages.
-        let p1 = s.list(&r, None, &sel, Some(1), None).unwrap();
-        assert_eq!(p1["items"].as_array().unwrap().len(), 1);
-        let c = p1["metadata"]["continue"].as_str().unwrap().to_owned();
-        let p2 = s.list(&r, None, &sel, Some(1), Some(&c)).unwrap();
-        assert_eq!(p2["items"][0]["metadata"]["name"], "two");
-        assert!(p2["metadata"]["continue"].is_null());
-
-        s.patch(
-            &r,
-            "a",
-            "one",
-            &json!({"metadata": {"labels": {"app": "y"}}}),
-        )
-        .unwrap();
-        s.delete(&r, "b", "two").unwrap();
-        let w = s.watch_start(&r, None, &sel, Some(rv)).unwrap();
-        let types: Vec<_> = w.initial.iter().map(|e| e["type"].clone()).collect();
-        assert_eq!(types, vec!["MODIFIED", "DELETED"]);
-        // Label selector app=x: the relabel is a DELETED for that watch.
-        let selx = Selectors {
-            labels: super::super::selector::LabelSelector::parse("app=x").unwrap(),
-            ..Default::default()
-        };
-        let w = s.watch_start(&r, None, &selx, Some(rv)).unwrap();
-        assert_eq!(w.initial.len(), 1);
-        assert_eq!(w.initial[0]["type"], "DELETED");
-
-        s.expire_history();
-        assert_eq!(
-            s.watch_start(&r, None, &sel, Some(rv)).err().unwrap().code,
-            410
-        );
-        let cur = s.resource_version();
-        assert!(s.watch_start(&r, None, &sel, Some(cur)).is_ok());
-        s.force_gone = 1;
-        assert!(s.watch_start(&r, None, &sel, Some(cur)).is_err());
-        assert!(s.watch_start(&r, None, &sel, Some(cur)).is_ok());
-    }
-
-    #[test]
-    fn bounded_history() {
-        let mut s = Store::new();
-        s.history_limit = 3;
-        let r = Res::services();
-        let first = s.resource_version();
-        for i in 0..5 {
-            s.create(&r, "a", svc("a", &format!("s{i}"), "x")).unwrap();
-        }
-        let sel = Selectors::default();
-        assert!(s.watch_start(&r, None, &sel, Some(first)).is_err());
-        let w = s
-            .watch_start(&r, None, &sel, Some(s.resource_version() - 3))
-            .unwrap();
-        assert_eq!(w.initial.len(), 3);
-    }
-
-    #[test]
-    fn timestamps_and_kinds() {
-        let t = rfc3339_now();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(t.starts_with("20"), "{t}");
-        assert_eq!(guess_kind("widgets"), "Widget");
-        assert_eq!(guess_kind("policies"), "Policy");
-    }
-}
+#[path = "store_tests.rs"]
+mod tests;
