@@ -151,12 +151,23 @@ pub fn builtins() -> Vec<(Res, TypeInfo)> {
 /// The CRD files registered by default (in the Knative CRD directory).
 pub const KNATIVE_CRDS: [&str; 2] = ["serverlessservice-crd.yaml", "revision-crd.yaml"];
 
+/// Where the machines this project runs on keep Knative's CRD files, for a checkout that is
+/// not beside them (a CI clone elsewhere).
+const MACHINE_CRD_DIR: &str = "/work/shared/knative";
+
 /// The directory of Knative's CRD files: `KNATIVE_CRD_DIR`, else
-/// `<workspace root>/../shared/knative`.
+/// `<workspace root>/../shared/knative`, else the machine's [`MACHINE_CRD_DIR`].
 pub fn knative_crd_dir() -> PathBuf {
     match std::env::var_os("KNATIVE_CRD_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/knative"),
+        _ => {
+            let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/knative");
+            if !beside.exists() && Path::new(MACHINE_CRD_DIR).exists() {
+                PathBuf::from(MACHINE_CRD_DIR)
+            } else {
+                beside
+            }
+        }
     }
 }
 
