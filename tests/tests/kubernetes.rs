@@ -1493,4 +1493,96 @@ mod agent_k8s {
         assert!(from_pod(&get(pod)));
         no_agent_errors(&k);
     }
+
+    /// Rolling restarts of the agent under Proxy and Serve load: zero failed requests. On
+    /// SIGTERM the agent hands Proxy to Knative's activators before its listener closes
+    /// (its held and in-flight requests drain), and the next agent takes it back.
+    #[test]
+    fn rolling_restart_under_proxy_and_serve_load_fails_nothing() {
+        use std::sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc, Mutex,
+        };
+        require_root!();
+        let mut k = KubeNode::new("rr").unwrap();
+        let a = k.add_pod(38).unwrap();
+        k.start_hello(a, QUEUE_PORT, &[]).unwrap();
+        let act = k.pods[a].v4();
+        k.api
+            .create(
+                &Res::services(),
+                objects::activator_service(ip("10.96.100.1")),
+            )
+            .unwrap();
+        k.api
+            .create(
+                &Res::endpoint_slices(),
+                objects::activator_slice("x1", &[Ep::ready(act)]),
+            )
+            .unwrap();
+        let p = k.add_pod(39).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod = k.pods[p].v4();
+        let (proxied, served) = (ip("10.96.0.42"), ip("10.96.0.43"));
+        create_revision(&k, "rrp-00001", &[proxied], Mode::Proxy, &[Ep::ready(pod)]);
+        create_revision(&k, "rrs-00001", &[served], Mode::Serve, &[Ep::ready(pod)]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let want = set(&[ep(pod, QUEUE_PORT)]);
+        k.wait_status("both revisions", LONG, |s| {
+            is(s, "rrp-00001", proxied, "proxy", &want)
+                && is(s, "rrs-00001", served, "serve", &want)
+        })
+        .unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let loops: Vec<_> = [proxied, served, proxied]
+            .into_iter()
+            .map(|vip| {
+                let (stop, failures, done) = (stop.clone(), failures.clone(), done.clone());
+                let client = k.client.name.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let to = SocketAddr::new(vip, 80);
+                        match redirector_tests::coldstart::net::get(&client, to, "/", LONG) {
+                            Ok(r) if r.status == 200 => {}
+                            Ok(r) => failures.lock().unwrap().push(format!("{vip}: {r:?}")),
+                            Err(e) => failures.lock().unwrap().push(format!("{vip}: {e:#}")),
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            })
+            .collect();
+        for round in 0..3 {
+            std::thread::sleep(Duration::from_millis(700));
+            assert!(k.stop_agent(), "round {round}: the agent exits on SIGTERM");
+            std::thread::sleep(Duration::from_millis(700));
+            k.start_agent(&AgentOpts::default()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, Ordering::Relaxed);
+        for l in loops {
+            l.join().unwrap();
+        }
+        let failures = failures.lock().unwrap();
+        let n = done.load(Ordering::Relaxed);
+        assert!(n > 100, "only {n} requests");
+        assert!(
+            failures.is_empty(),
+            "{} of {n} failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(10)]
+        );
+        let log = k.log();
+        assert_eq!(
+            log.matches("Proxy handed over to Knative's activators")
+                .count(),
+            3,
+            "every stop hands over"
+        );
+        no_agent_errors(&k);
+    }
 }
