@@ -480,7 +480,7 @@ mod agent_k8s {
         kubeapi::{
             autoscaler::Autoscaler,
             node::{AgentOpts, KubeNode, ACTIVATOR_PORT, NODE_IP},
-            objects::{self, Ep, Mode, QUEUE_PORT},
+            objects::{self, Ep, Mode, QUEUE_HTTPS_PORT, QUEUE_PORT},
             Res,
         },
         require_root,
@@ -1583,6 +1583,87 @@ mod agent_k8s {
             3,
             "every stop hands over"
         );
+        no_agent_errors(&k);
+    }
+
+    /// The public `https` port (443 → 8112) is never sent to the node-local activator's
+    /// plaintext listener: in Serve it reaches the pods' 8112, in Proxy it passes through to
+    /// Knative's activators' 8112 (which terminate TLS); `http` keeps going to the node-local
+    /// activator. (Plain HTTP stands in for TLS on 8112: what is tested is where it goes.)
+    #[test]
+    fn https_public_port_in_serve_and_proxy() {
+        require_root!();
+        let mut k = KubeNode::new("tl").unwrap();
+        let a = k.add_pod(40).unwrap();
+        k.start_hello(a, QUEUE_HTTPS_PORT, &[]).unwrap();
+        let act = k.pods[a].v4();
+        k.api
+            .create(
+                &Res::services(),
+                objects::activator_service(ip("10.96.100.1")),
+            )
+            .unwrap();
+        k.api
+            .create(
+                &Res::endpoint_slices(),
+                objects::activator_slice("x1", &[Ep::ready(act)]),
+            )
+            .unwrap();
+        let p = k.add_pod(41).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        let pod = k.pods[p].v4();
+        // The pod's TLS port, a second listener in the pod.
+        let mut tls = k.pods[p]
+            .ns
+            .command(
+                redirector_tests::kubeapi::node::hello_bin()
+                    .to_str()
+                    .unwrap(),
+            )
+            .env("PORT", QUEUE_HTTPS_PORT.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let vip = ip("10.96.0.44");
+        let rev = "tls-00001";
+        create_revision(&k, rev, &[vip], Mode::Serve, &[Ep::ready(pod)]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let at = |port: u16| SocketAddr::new(vip, port);
+        let https = |s: &Value| {
+            s["services"].as_array().and_then(|a| {
+                a.iter()
+                    .find(|e| e["vip"] == vip.to_string().as_str() && e["port"] == 443)
+                    .cloned()
+            })
+        };
+        k.wait_status("443 to the pod's 8112", LONG, |s| {
+            https(s).is_some_and(|e| strings(&e["backends"]) == set(&[ep(pod, QUEUE_HTTPS_PORT)]))
+        })
+        .unwrap();
+        let from = |r: &Resp, who: IpAddr| r.status == 200 && r.body.contains(&who.to_string());
+        redirector_tests::netns::wait_for("443 answered by the pod", LONG, || {
+            k.get(at(443), "/", LONG).ok().filter(|r| from(r, pod))
+        })
+        .unwrap();
+
+        set_mode(&k, rev, Mode::Proxy);
+        k.wait_status("443 to Knative's activator", LONG, |s| {
+            https(s).is_some_and(|e| {
+                e["mode"] == "proxy"
+                    && strings(&e["proxy_pool"]) == set(&[ep(act, QUEUE_HTTPS_PORT)])
+            })
+        })
+        .unwrap();
+        for _ in 0..3 {
+            let r = k.get(at(443), "/", LONG).unwrap();
+            assert!(from(&r, act), "https in Proxy: {r:?}");
+            // http still goes to the node-local activator, which forwards to the ready pod.
+            let r = k.get(at(80), "/", LONG).unwrap();
+            assert!(from(&r, pod), "http in Proxy: {r:?}");
+        }
+        let _ = tls.kill();
+        let _ = tls.wait();
         no_agent_errors(&k);
     }
 }

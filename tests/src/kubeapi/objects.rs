@@ -15,6 +15,8 @@ pub const ACTIVATOR_SERVICE: &str = "activator-service";
 pub const QUEUE_PORT: u16 = 8012;
 /// The queue-proxy's h2c port.
 pub const QUEUE_H2C_PORT: u16 = 8013;
+/// The queue-proxy's (and Knative's activator's) TLS port, behind the public `https` 443.
+pub const QUEUE_HTTPS_PORT: u16 = 8112;
 
 /// SKS operation mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,14 +103,14 @@ pub fn public_service(ns: &str, name: &str, ips: &[IpAddr]) -> Value {
             "ipFamilyPolicy": if ips.len() > 1 { "PreferDualStack" } else { "SingleStack" },
             "ports": [
                 {"name": "http", "protocol": "TCP", "port": 80, "targetPort": QUEUE_PORT},
-                {"name": "https", "protocol": "TCP", "port": 443, "targetPort": 8112},
+                {"name": "https", "protocol": "TCP", "port": 443, "targetPort": QUEUE_HTTPS_PORT},
             ],
         },
     })
 }
 
 /// The private Service of a revision (`<name>-private`): selects the revision's pods,
-/// `http` 80 → the queue-proxy port 8012.
+/// `http` 80 → the queue-proxy port 8012, `https` 443 → 8112.
 pub fn private_service(ns: &str, revision: &str, ips: &[IpAddr]) -> Value {
     let ips_s: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
     json!({
@@ -131,6 +133,7 @@ pub fn private_service(ns: &str, revision: &str, ips: &[IpAddr]) -> Value {
             "selector": {"serving.knative.dev/revision": revision},
             "ports": [
                 {"name": "http", "protocol": "TCP", "port": 80, "targetPort": QUEUE_PORT},
+                {"name": "https", "protocol": "TCP", "port": 443, "targetPort": QUEUE_HTTPS_PORT},
                 {"name": "queue-metrics", "protocol": "TCP", "port": 9090, "targetPort": "queue-metrics"},
                 {"name": "http-usermetric", "protocol": "TCP", "port": 9091, "targetPort": "http-usermetric"},
                 {"name": "http-queueadm", "protocol": "TCP", "port": 8022, "targetPort": 8022},
@@ -243,6 +246,7 @@ pub fn private_slice(ns: &str, revision: &str, suffix: &str, eps: &[Ep]) -> Valu
         eps,
         &[
             ("http", QUEUE_PORT),
+            ("https", QUEUE_HTTPS_PORT),
             ("queue-metrics", 9090),
             ("http-usermetric", 9091),
             ("http-queueadm", 8022),
@@ -265,6 +269,7 @@ pub fn activator_service(ip: IpAddr) -> Value {
             "ports": [
                 {"name": "http", "protocol": "TCP", "port": 80, "targetPort": QUEUE_PORT},
                 {"name": "http2", "protocol": "TCP", "port": 81, "targetPort": QUEUE_H2C_PORT},
+                {"name": "https", "protocol": "TCP", "port": 443, "targetPort": QUEUE_HTTPS_PORT},
                 {"name": "http-metrics", "protocol": "TCP", "port": 9090, "targetPort": 9090},
             ],
         },
@@ -281,6 +286,7 @@ pub fn activator_slice(suffix: &str, eps: &[Ep]) -> Value {
         &[
             ("http", QUEUE_PORT),
             ("http2", QUEUE_H2C_PORT),
+            ("https", QUEUE_HTTPS_PORT),
             ("http-metrics", 9090),
         ],
     )
