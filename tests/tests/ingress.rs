@@ -221,11 +221,17 @@ fn start_pod(k: &mut KubeNode, h: u8) -> Backend {
     Backend::start(&k.pods[i].ns.name, k.pods[i].v4(), QUEUE_PORT).unwrap()
 }
 
-fn failures(recs: &[Rec], sides: &Sides) -> Vec<Rec> {
-    recs.iter()
-        .filter(|r| sides.of(r) == Side::Failed)
-        .cloned()
-        .collect()
+/// Asserts no request in `recs` was served as `bad` says; the message has the count and
+/// the first three.
+fn assert_none(recs: &[Rec], sides: &Sides, what: &str, bad: impl Fn(Side) -> bool) {
+    let hits: Vec<&Rec> = recs.iter().filter(|r| bad(sides.of(r))).collect();
+    assert!(
+        hits.is_empty(),
+        "{} of {} requests {what}; first: {:#?}",
+        hits.len(),
+        recs.len(),
+        &hits[..hits.len().min(3)]
+    );
 }
 
 /// The harness without an agent: the gateway follows the public EndpointSlices — requests
@@ -255,11 +261,7 @@ fn ingress_harness_gateway_follows_public_slices_without_agent() {
         "harness (no agent): requests through the gateway per flip",
         &flip_rows(&recs, &flips, &sides),
     );
-    assert!(
-        failures(&recs, &sides).is_empty(),
-        "{:?}",
-        failures(&recs, &sides)
-    );
+    assert_none(&recs, &sides, "failed", |s| s == Side::Failed);
 
     for (i, f) in flips.iter().enumerate() {
         let mode = if f.to_proxy { "Proxy" } else { "Serve" };
@@ -411,19 +413,10 @@ fn ingress_agent_flips_under_load_without_failures() {
     let rows = flip_rows(&recs, &flips, &sides);
     print_rows("agent: 20 flips under load through the gateway", &rows);
     assert!(recs.len() > 100, "load ran: {} requests", recs.len());
-    assert!(
-        failures(&recs, &sides).is_empty(),
-        "{:?}",
-        failures(&recs, &sides)
-    );
-    let knative: Vec<&Rec> = recs
-        .iter()
-        .filter(|r| sides.of(r) == Side::Knative)
-        .collect();
-    assert!(
-        knative.is_empty(),
-        "answered by Knative's activator: {knative:?}"
-    );
+    assert_none(&recs, &sides, "failed", |s| s == Side::Failed);
+    assert_none(&recs, &sides, "answered by Knative's activator", |s| {
+        s == Side::Knative
+    });
     assert_eq!(c.knative.requests(), 0);
 }
 
@@ -448,25 +441,22 @@ fn ingress_agent_map_write_decides_after_each_flip() {
         "agent: time until requests stop reaching the pod directly",
         &rows,
     );
-    assert!(
-        failures(&recs, &sides).is_empty(),
-        "{:?}",
-        failures(&recs, &sides)
-    );
+    assert_none(&recs, &sides, "failed", |s| s == Side::Failed);
+    assert_none(&recs, &sides, "answered by Knative's activator", |s| {
+        s == Side::Knative
+    });
     for (i, f) in flips.iter().enumerate().filter(|(_, f)| f.to_proxy) {
         let (agent_at, next) = (f.agent_at.unwrap(), flips.get(i + 1).map(|n| n.at));
-        for r in &recs {
-            if r.start >= agent_at && next.is_none_or(|n| r.start < n) {
-                assert!(
-                    matches!(sides.of(r), Side::ViaNode(_)),
-                    "flip {i}: after the maps said Proxy: {r:?}"
-                );
-            }
-        }
+        let after: Vec<Rec> = recs
+            .iter()
+            .filter(|r| r.start >= agent_at && next.is_none_or(|n| r.start < n))
+            .cloned()
+            .collect();
+        let what = format!(
+            "started after the maps showed Proxy (flip {}) and not through the node-local activator",
+            i + 1
+        );
+        assert_none(&after, &sides, &what, |s| !matches!(s, Side::ViaNode(_)));
     }
-    assert!(
-        rows.iter().all(|r| r.knative == 0),
-        "answered by Knative's activator"
-    );
     assert_eq!(c.knative.requests(), 0);
 }
