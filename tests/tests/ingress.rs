@@ -270,7 +270,7 @@ fn ingress_harness_gateway_follows_public_slices_without_agent() {
             .write_after(NS, REV, mode, f.at)
             .expect("the public slice write");
         assert!(
-            w.written.duration_since(f.at) >= DEFAULT_DELAY,
+            w.started.duration_since(f.at) >= DEFAULT_DELAY,
             "flip {i}: the reconciler wrote before its delay"
         );
         let (old, new) = if f.to_proxy {
@@ -280,7 +280,7 @@ fn ingress_harness_gateway_follows_public_slices_without_agent() {
         };
         let next = flips.get(i + 1).map(|n| n.at);
         for r in &recs {
-            if r.start >= f.at && r.end < w.written {
+            if r.start >= f.at && r.end < w.started {
                 assert_eq!(
                     sides.of(r),
                     old,

@@ -303,3 +303,36 @@ impl Gateway {
 fn ready(store: &reflector::Store<EndpointSlice>) -> bool {
     futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubeapi::objects::{self, Ep};
+
+    #[test]
+    fn ready_http_addresses_of_the_service() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let slice = |ns: &str, svc: &str, name: &str, eps: &[Ep]| {
+            let v =
+                objects::endpoint_slice(ns, svc, name, eps, &[("metrics", 9090), ("http", 8012)]);
+            Arc::new(serde_json::from_value::<EndpointSlice>(v).unwrap())
+        };
+        let slices = vec![
+            slice(
+                "rt",
+                "rev",
+                "rev-a",
+                &[Ep::ready(ip("10.0.0.2")), Ep::not_ready(ip("10.0.0.3"))],
+            ),
+            slice("rt", "rev", "rev-b", &[Ep::ready(ip("10.0.0.1"))]),
+            slice("rt", "other", "other-a", &[Ep::ready(ip("10.0.0.9"))]),
+            slice("ns2", "rev", "rev-a", &[Ep::ready(ip("10.0.0.8"))]),
+        ];
+        let want: Vec<SocketAddr> = vec![
+            "10.0.0.1:8012".parse().unwrap(),
+            "10.0.0.2:8012".parse().unwrap(),
+        ];
+        assert_eq!(addresses(&slices, "rt", "rev"), want);
+        assert!(addresses(&slices, "rt", "none").is_empty());
+    }
+}

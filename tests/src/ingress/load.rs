@@ -276,3 +276,73 @@ pub fn print_rows(title: &str, rows: &[FlipRow]) {
          gateway; Proxy→Serve = start of the first)"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(start: Instant, status: u16, from: &str, peer: &str) -> Rec {
+        Rec {
+            start,
+            end: start,
+            status,
+            body: format!("hello from {from}\n"),
+            peer: peer.parse().ok(),
+            upstream: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn sides_and_flip_rows() {
+        let sides = Sides {
+            gateway: "10.244.2.40".parse().unwrap(),
+            knative_activator: "10.244.2.31".parse().unwrap(),
+        };
+        let pod: IpAddr = "10.244.2.3".parse().unwrap();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let recs = vec![
+            rec(at(0), 200, "10.244.2.3", "10.244.2.40"),
+            rec(at(50), 200, "10.244.2.3", "10.244.2.40"),
+            rec(at(80), 200, "10.244.2.3", "10.244.0.1"),
+            rec(at(120), 200, "10.244.2.31", "10.244.2.40"),
+            rec(at(130), 502, "10.244.2.3", "10.244.2.40"),
+            rec(at(200), 200, "10.244.2.31", "10.244.2.40"),
+            rec(at(260), 200, "10.244.2.3", "10.244.2.40"),
+        ];
+        assert_eq!(sides.of(&recs[0]), Side::Direct(pod));
+        assert_eq!(sides.of(&recs[2]), Side::ViaNode(pod));
+        assert_eq!(sides.of(&recs[3]), Side::Knative);
+        assert_eq!(sides.of(&recs[4]), Side::Failed);
+        // "hello from 10.244.2.30" is not the pod 10.244.2.3.
+        assert_eq!(
+            sides.of(&rec(at(0), 200, "10.244.2.30", "10.244.2.40")),
+            Side::Direct("10.244.2.30".parse().unwrap())
+        );
+        let flips = [
+            Flip {
+                at: at(10),
+                to_proxy: true,
+                agent_at: Some(at(30)),
+                gateway_at: None,
+            },
+            Flip {
+                at: at(150),
+                to_proxy: false,
+                agent_at: None,
+                gateway_at: Some(at(250)),
+            },
+        ];
+        let rows = flip_rows(&recs, &flips, &sides);
+        assert_eq!(rows.len(), 2);
+        let r = &rows[0];
+        assert_eq!((r.direct, r.via_node, r.knative, r.failed), (1, 1, 1, 1));
+        assert_eq!((r.agent_ms, r.direct_ms), (Some(20), Some(40)));
+        let r = &rows[1];
+        assert_eq!(
+            (r.direct, r.knative, r.gateway_ms, r.direct_ms),
+            (1, 1, Some(100), Some(110))
+        );
+    }
+}

@@ -38,8 +38,10 @@ pub struct PublicWrite {
     /// `spec.mode` when the change was seen.
     pub mode: String,
     pub ips: Vec<IpAddr>,
-    /// When the reconciler saw the change, and when it wrote the slice.
+    /// When the reconciler saw the change, when it started writing the slice (the API
+    /// server stored it after this) and when the write returned.
     pub seen: Instant,
+    pub started: Instant,
     pub written: Instant,
 }
 
@@ -164,12 +166,15 @@ impl Reconciler {
                         }
                     }
                     while pending.front().is_some_and(|p| p.0 <= Instant::now()) {
-                        let Some((_, (ns, rev), mode, ips, seen)) = pending.pop_front() else {
+                        let Some((due, (ns, rev), mode, ips, seen)) = pending.pop_front() else {
                             break;
                         };
+                        let started = Instant::now();
                         if let Err(e) = write(&client, &ns, &rev, &ips).await {
+                            // Retried on the next tick, in order.
                             eprintln!("sks reconciler: writing {ns}/{rev}: {e:#}");
-                            continue;
+                            pending.push_front((due, (ns, rev), mode, ips, seen));
+                            break;
                         }
                         let written = Instant::now();
                         w.lock().unwrap().push(PublicWrite {
@@ -178,6 +183,7 @@ impl Reconciler {
                             mode,
                             ips,
                             seen,
+                            started,
                             written,
                         });
                     }
