@@ -272,8 +272,10 @@ pub fn print_rows(title: &str, rows: &[FlipRow]) {
         );
     }
     eprintln!(
-        "(direct ms: Serve→Proxy = start of the last request the pod got straight from the \
-         gateway; Proxy→Serve = start of the first)"
+        "(ms after the SKS write. agent: when `redirector status` first showed the mode (an \
+         upper bound of the map write); gateway: when its addresses changed; direct: \
+         Serve→Proxy = start of the last request the pod got straight from the gateway, \
+         Proxy→Serve = start of the first)"
     );
 }
 
