@@ -223,6 +223,7 @@ fn start_pod(k: &mut KubeNode, h: u8) -> Backend {
 
 /// Asserts no request in `recs` was served as `bad` says; the message has the count and
 /// the first three.
+#[track_caller]
 fn assert_none(recs: &[Rec], sides: &Sides, what: &str, bad: impl Fn(Side) -> bool) {
     let hits: Vec<&Rec> = recs.iter().filter(|r| bad(sides.of(r))).collect();
     assert!(
