@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod cluster;
 pub mod coldstart;
+pub mod ingress;
 pub mod kubeapi;
 pub mod kubeproxy;
 pub mod load;
