@@ -170,6 +170,17 @@ pub fn decide(
         }
         // Expired, or a new connection on the same tuple.
         cold();
+        if egress {
+            return None;
+        }
+        let opened = open_flow(p, jiffies);
+        if opened.is_none() {
+            // No flow opened in its place (the address is no service any more, or a real
+            // endpoint's entry was deleted by a flip back to Serve): the old flow's entry
+            // must not give this connection's next packets the old target.
+            let _ = CONNTRACK.remove(&p.key);
+        }
+        return opened;
     }
     if egress {
         return None;

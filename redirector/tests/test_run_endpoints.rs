@@ -7,7 +7,7 @@
 mod common;
 
 use common::{
-    packet::{sa, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN},
+    packet::{sa, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     Bench, Hook,
 };
 use redirector::control::EntryKind;
@@ -66,6 +66,57 @@ fn endpoint_entries_switch_only_new_connections() {
                 assert!(
                     out.pkt == ack.with_dst(sa(act)).build(),
                     "{what}: the switched flow lost its target"
+                );
+            }
+        }
+    }
+}
+
+/// A switched connection closes, the flip back to Serve deletes the endpoint's entry, and
+/// the client reuses its port for a new connection to the pod: the SYN and every packet
+/// after it reach the pod, none follows the old flow's entry to the activator.
+#[test]
+fn reused_port_after_the_entry_is_gone_reaches_the_pod() {
+    require_root!();
+    let _g = common::serial();
+    let mut port = 43_000;
+    for hook in [Hook::Xdp, Hook::TcIngress] {
+        for (pod, act, client) in CASES {
+            let what = format!("{pod} via {hook:?}");
+            let mut b = Bench::new();
+            let mut d = common::service(pod, common::packet::TCP, true, &[], &[], act);
+            d.kind = EntryKind::Endpoint;
+            b.apply(std::slice::from_ref(&d));
+            port += 1;
+            let from = sa(&format!("{client}:{port}"));
+            let syn = Spec::new(common::packet::TCP, from, sa(pod)).with_flags(TCP_SYN);
+            let out = b.run(hook, &syn.build());
+            assert!(
+                out.pkt == syn.clone().with_dst(sa(act)).build(),
+                "{what}: switched"
+            );
+            // The activator answers, then resets the flow (closed on both entries).
+            let reply = syn
+                .clone()
+                .with_dst(sa(act))
+                .reply()
+                .with_flags(TCP_SYN | TCP_ACK);
+            b.run(Hook::TcEgress, &reply.build());
+            let rst = syn.clone().with_flags(TCP_RST | TCP_ACK);
+            b.run(hook, &rst.build());
+            // Serve again: the entry is deleted.
+            b.apply(&[]);
+            for (flags, name) in [
+                (TCP_SYN, "SYN"),
+                (TCP_ACK, "ACK"),
+                (TCP_ACK | TCP_PSH, "data"),
+            ] {
+                let pkt = syn.clone().with_flags(flags).build();
+                let out = b.run(hook, &pkt);
+                assert_eq!(out.ret, hook.pass(), "{what}: {name}");
+                assert!(
+                    out.pkt == pkt,
+                    "{what}: the new connection's {name} was rewritten"
                 );
             }
         }

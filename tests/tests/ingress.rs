@@ -369,7 +369,16 @@ fn ingress_agent_cold_start_warm_and_scale_to_zero() {
         "Proxy: through the node-local activator: {r:?}"
     );
     c.wait_gateway(c.knative.ip);
+    // Kubernetes takes a deleted pod's endpoint out first; the pod's process goes after
+    // its grace period (queue-proxy drains), by which time every agent has seen it.
+    let seen = c.k.log().matches("ready_endpoints=0").count();
     c.set_endpoints(&[]);
+    redirector_tests::netns::wait_for(
+        "the agent sees the endpoint gone",
+        Duration::from_secs(10),
+        || (c.k.log().matches("ready_endpoints=0").count() > seen).then_some(()),
+    )
+    .unwrap();
     c.pods.clear();
     let held = request_in(&client, gw, &h, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1500));
