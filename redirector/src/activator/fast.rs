@@ -149,6 +149,9 @@ struct Fast {
 /// Why an exchange with the instance failed before its response head.
 #[derive(Debug, thiserror::Error)]
 enum UpError {
+    /// The instance refused (or never answered) the connection: nothing was sent.
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("the instance closed the connection before answering")]
@@ -307,12 +310,11 @@ impl Fast {
     /// whether the client connection goes on. Err: failed after the response head went out.
     async fn forward(
         &mut self,
-        svc: &ServiceState,
-        slot: Slot,
+        svc: &Arc<ServiceState>,
+        mut slot: Slot,
         req: &Req,
     ) -> std::io::Result<bool> {
-        let inst = slot.instance.clone();
-        let inst = &*inst;
+        let mut inst = slot.instance.clone();
         // The response must start within the revision's responseStartTimeoutSeconds (at most
         // its timeoutSeconds).
         let deadline = tokio::time::Instant::now() + svc.response_start_timeout();
@@ -326,16 +328,38 @@ impl Fast {
         self.out.extend_from_slice(&self.buf[req.head_len..end]);
         self.buf.advance(end);
         let close = req.close || *self.stop.borrow();
-        let failed = match tokio::time::timeout_at(deadline, self.exchange(inst, req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Err(_) => {
+        // An instance that refuses the connection (it just went away, before its endpoint
+        // did) got nothing: the request takes another one, or waits for one, as Knative's
+        // activator retries its dial.
+        // `None`: past the deadline.
+        let mut exchanged = tokio::time::timeout_at(deadline, self.exchange(&inst, req))
+            .await
+            .ok();
+        while let Some(Err(UpError::Connect(e))) = &exchanged {
+            inst.mark_failed();
+            tracing::debug!(service = %svc.name, instance = %inst.addr, error = %e, "instance refused the connection: another one takes the request");
+            // (The old slot is given back as the new one is taken: it is the failed one's.)
+            let Ok(next) = tokio::time::timeout_at(deadline, svc.acquire()).await else {
+                exchanged = None;
+                break;
+            };
+            slot = next;
+            inst = slot.instance.clone();
+            exchanged = tokio::time::timeout_at(deadline, self.exchange(&inst, req))
+                .await
+                .ok();
+        }
+        let inst = &*inst;
+        let failed = match exchanged {
+            Some(Ok(resp)) => Ok(resp),
+            None => {
                 svc.timed_out.fetch_add(1, Ordering::Relaxed);
                 Err((
                     "504 Gateway Timeout",
                     "redirector activator: instance did not answer in time",
                 ))
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 inst.mark_failed();
                 tracing::debug!(service = %svc.name, instance = %inst.addr, error = %e, "forwarding failed");
                 Err((
@@ -389,7 +413,12 @@ impl Fast {
                     }
                     let (io, reused) = match take_raw(inst.id) {
                         Some(io) => (io, true),
-                        None => (Box::pin(connect_raw(inst.addr)).await?, false),
+                        None => (
+                            Box::pin(connect_raw(inst.addr))
+                                .await
+                                .map_err(UpError::Connect)?,
+                            false,
+                        ),
                     };
                     self.up = Some(Upstream {
                         io,

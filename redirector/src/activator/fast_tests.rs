@@ -87,10 +87,22 @@ async fn instance(accepts: Arc<AtomicUsize>) -> SocketAddr {
 
 /// An activator (fast path) for one service on `upstream`, or for none.
 async fn activator(upstream: Option<SocketAddr>) -> SocketAddr {
+    let (addr, tx) = activator_with(upstream).await;
+    if let Some(tx) = tx {
+        std::mem::forget(tx);
+    }
+    addr
+}
+
+/// `activator`, with the sender of the service's instances.
+async fn activator_with(
+    upstream: Option<SocketAddr>,
+) -> (SocketAddr, Option<watch::Sender<super::Instances>>) {
     let act = Activator::new(ActivatorConfig::default(), None);
+    let mut sender = None;
     let svc = upstream.map(|u| {
         let (tx, rx) = watch::channel(Arc::new(vec![Instance::new(u, 0)]));
-        std::mem::forget(tx);
+        sender = Some(tx);
         Arc::new(ServiceState::new(
             "default/t".into(),
             Protocol::Http,
@@ -116,7 +128,7 @@ async fn activator(upstream: Option<SocketAddr>) -> SocketAddr {
             );
         }
     });
-    addr
+    (addr, sender)
 }
 
 /// Writes `req` and reads until the activator closes.
@@ -135,6 +147,30 @@ async fn setup() -> (SocketAddr, Arc<AtomicUsize>) {
     let accepts = Arc::new(AtomicUsize::new(0));
     let up = instance(accepts.clone()).await;
     (activator(Some(up)).await, accepts)
+}
+
+/// An instance that refuses the connection (gone before its endpoint) got nothing: the
+/// request waits for another instance instead of failing with a 502.
+#[tokio::test]
+async fn refused_connection_waits_for_another_instance() {
+    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = gone.local_addr().unwrap();
+    drop(gone);
+    let (addr, tx) = activator_with(Some(dead)).await;
+    let tx = tx.unwrap();
+    let live = instance(Arc::new(AtomicUsize::new(0))).await;
+    let replace = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = tx.send(Arc::new(vec![Instance::new(live, 0)]));
+        tx
+    });
+    let out = exchange(
+        addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    drop(replace.await);
 }
 
 #[tokio::test]
