@@ -480,7 +480,7 @@ mod agent_k8s {
         kubeapi::{
             autoscaler::Autoscaler,
             node::{AgentOpts, KubeNode, ACTIVATOR_PORT, NODE_IP},
-            objects::{self, Ep, Mode, QUEUE_HTTPS_PORT, QUEUE_PORT},
+            objects::{self, Ep, Mode, QUEUE_H2C_PORT, QUEUE_HTTPS_PORT, QUEUE_PORT},
             Res,
         },
         require_root,
@@ -1664,6 +1664,107 @@ mod agent_k8s {
         }
         let _ = tls.kill();
         let _ = tls.wait();
+        no_agent_errors(&k);
+    }
+
+    /// An h2c revision (SKS `protocolType: h2c`, public `http2` 81 → 8013): gRPC over h2c
+    /// through the VIP in Serve (to the pod) and in Proxy (the node-local activator speaks
+    /// h2c to the pod), trailers included.
+    #[test]
+    fn h2c_public_port_in_serve_and_proxy() {
+        require_root!();
+        let mut k = KubeNode::new("hc").unwrap();
+        let p = k.add_pod(42).unwrap();
+        let pod = k.pods[p].v4();
+        let mut server = k.pods[p]
+            .ns
+            .command(env!("CARGO_BIN_EXE_rt-h2"))
+            .env("PORT", QUEUE_H2C_PORT.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let vip = ip("10.96.0.45");
+        let rev = "grpc-00001";
+        let h2c_ports = |mut svc: Value, target: bool| {
+            svc["spec"]["ports"] = if target {
+                json!([{"name": "http2", "protocol": "TCP", "port": 81, "targetPort": QUEUE_H2C_PORT}])
+            } else {
+                json!([{"name": "http2", "protocol": "TCP", "port": 80, "targetPort": QUEUE_H2C_PORT}])
+            };
+            svc
+        };
+        let api = &k.api;
+        api.create(
+            &Res::services(),
+            h2c_ports(objects::public_service(NS, rev, &[vip]), true),
+        )
+        .unwrap();
+        api.create(
+            &Res::services(),
+            h2c_ports(
+                objects::private_service(NS, rev, &[ip("10.96.200.2")]),
+                false,
+            ),
+        )
+        .unwrap();
+        api.create(
+            &Res::endpoint_slices(),
+            objects::endpoint_slice(
+                NS,
+                &format!("{rev}-private"),
+                &format!("{rev}-private-a"),
+                &[Ep::ready(pod)],
+                &[("http2", QUEUE_H2C_PORT)],
+            ),
+        )
+        .unwrap();
+        let mut sks = objects::sks(NS, rev, Mode::Serve, 0);
+        sks["spec"]["protocolType"] = json!("h2c");
+        api.create_with_status(&Res::sks(), sks).unwrap();
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let at81 = |s: &Value| {
+            s["services"].as_array().and_then(|a| {
+                a.iter()
+                    .find(|e| e["vip"] == vip.to_string().as_str() && e["port"] == 81)
+                    .cloned()
+            })
+        };
+        k.wait_status("81 to the pod's 8013", LONG, |s| {
+            at81(s).is_some_and(|e| strings(&e["backends"]) == set(&[ep(pod, QUEUE_H2C_PORT)]))
+        })
+        .unwrap();
+        let call = || {
+            let r = redirector_tests::coldstart::net::grpc_call(
+                &k.client.name,
+                SocketAddr::new(vip, 81),
+                "/echo.Echo/Say",
+                b"ping",
+                LONG,
+            )
+            .unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.body, b"ping", "{r:?}");
+            let grpc = r.trailers.as_ref().and_then(|t| t.get("grpc-status"));
+            assert_eq!(grpc.map(|v| v.as_bytes()), Some(&b"0"[..]), "{r:?}");
+        };
+        call();
+        set_mode(&k, rev, Mode::Proxy);
+        let st = k
+            .wait_status("81 proxied", LONG, |s| {
+                at81(s).is_some_and(|e| e["mode"] == "proxy")
+            })
+            .unwrap();
+        let before = at81(&st).unwrap()["proxied_flows"].as_u64().unwrap_or(0);
+        for _ in 0..3 {
+            call();
+        }
+        let after = at81(&k.status().unwrap()).unwrap()["proxied_flows"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(after >= before + 3, "proxied flows {before} → {after}");
+        let _ = server.kill();
+        let _ = server.wait();
         no_agent_errors(&k);
     }
 }
