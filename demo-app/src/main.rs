@@ -2,7 +2,8 @@
 //! `hello from <addr>`, or with `MODE=line` a line protocol that echoes lines upper-cased.
 //! `STARTUP_DELAY_MS` simulates a slow start. A request with `K-Network-Probe: queue` gets
 //! `queue`, as from Knative's queue-proxy.
-//! Paths: `/` hello, `/healthz` 200, `/sleep?ms=N` answers after N ms, `/crash` exits,
+//! Paths: `/` hello, `/healthz` 200, `/sleep?ms=N` answers after N ms, `/drip?ms=N` sends
+//! half its body, pauses N ms, then the rest, `/crash` exits,
 //! `/max-in-flight` the most requests it has had in progress at once (probes and this path
 //! not counted), for containerConcurrency checks.
 //! On SIGTERM it stops accepting, finishes requests in flight (answering them with
@@ -178,6 +179,25 @@ fn http(stream: TcpStream) {
             format!("{}\n", MAX_IN_FLIGHT.load(Ordering::SeqCst))
         } else if path.starts_with("/crash") {
             std::process::exit(3);
+        } else if let Some(ms) = path.strip_prefix("/drip?ms=").and_then(|v| v.parse().ok()) {
+            // Half the body, a pause of `ms`, the other half.
+            let (a, b) = ("drip-one ", "drip-two\n");
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{a}",
+                a.len() + b.len(),
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            if counted {
+                IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            }
+            if out.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(ms));
+            if out.write_all(b.as_bytes()).is_err() || close {
+                return;
+            }
+            continue;
         } else if let Some(ms) = path.strip_prefix("/sleep?ms=").and_then(|v| v.parse().ok()) {
             std::thread::sleep(Duration::from_millis(ms));
             format!("slept {ms} ms on {me}\n")

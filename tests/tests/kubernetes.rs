@@ -1767,4 +1767,40 @@ mod agent_k8s {
         let _ = server.wait();
         no_agent_errors(&k);
     }
+
+    /// idleTimeoutSeconds: a response that pauses longer between bytes is cut, on the hold
+    /// path (a cold request) and on the warm path alike; one that pauses less arrives whole.
+    #[test]
+    fn revision_idle_timeout_cuts_a_stalled_response() {
+        require_root!();
+        let mut k = KubeNode::new("it").unwrap();
+        let vip = ip("10.96.0.46");
+        let rev = "idle-00001";
+        create_revision_object(&k, rev, json!({"idleTimeoutSeconds": 1}));
+        create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
+        k.start_agent(&AgentOpts::default()).unwrap();
+        k.wait_status("the SKS in proxy", LONG, |s| {
+            is(s, rev, vip, "proxy", &BTreeSet::new())
+        })
+        .unwrap();
+        wait_settings(&k, rev);
+        let svc = SocketAddr::new(vip, 80);
+        let whole = "drip-one drip-two\n";
+        // Cold: held, then forwarded by the hold path.
+        let held = get_in_background(&k, svc, "/drip?ms=2500", LONG);
+        let p = k.add_pod(43).unwrap();
+        k.start_hello(p, QUEUE_PORT, &[]).unwrap();
+        set_endpoints(&k, rev, "a", &[Ep::ready(k.pods[p].v4())]);
+        let cut = |r: anyhow::Result<Resp>| r.map_or(true, |r| !r.body.contains("drip-two"));
+        assert!(
+            cut(held.join().unwrap()),
+            "a stalled cold response was not cut"
+        );
+        // Warm.
+        let r = k.get(svc, "/drip?ms=2500", LONG);
+        assert!(cut(r), "a stalled warm response was not cut");
+        let r = k.get(svc, "/drip?ms=100", LONG).unwrap();
+        assert_eq!(r.body, whole, "{r:?}");
+        no_agent_errors(&k);
+    }
 }

@@ -381,7 +381,7 @@ impl Fast {
             }
         };
         svc.forwarded.fetch_add(1, Ordering::Relaxed);
-        let done = self.relay(&resp, close, slot).await?;
+        let done = self.relay(&resp, close, slot, svc.idle_timeout()).await?;
         match self.up.as_mut() {
             Some(u) if resp.reusable && done && self.rbuf.is_empty() => {
                 u.last = std::time::Instant::now();
@@ -466,7 +466,13 @@ impl Fast {
     /// Sends the response head in `hout` and its body to the client; whether the body
     /// ended where its framing says (false: the instance closed early). The instance slot
     /// is given back as soon as the instance has sent the whole response.
-    async fn relay(&mut self, resp: &Resp, close: bool, slot: Slot) -> std::io::Result<bool> {
+    async fn relay(
+        &mut self,
+        resp: &Resp,
+        close: bool,
+        slot: Slot,
+        idle: Option<Duration>,
+    ) -> std::io::Result<bool> {
         let mut slot = Some(slot);
         if close {
             self.hout.extend_from_slice(b"connection: close\r\n");
@@ -519,7 +525,19 @@ impl Fast {
             let Some(up) = self.up.as_mut() else {
                 return Err(std::io::ErrorKind::NotConnected.into());
             };
-            if fill(&mut up.io, &mut self.rbuf).await? == 0 {
+            let filled = match idle {
+                // The revision's idleTimeoutSeconds: a response that pauses longer is cut.
+                Some(d) => tokio::time::timeout(d, fill(&mut up.io, &mut self.rbuf))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the instance's response paused past idleTimeoutSeconds",
+                        )
+                    })??,
+                None => fill(&mut up.io, &mut self.rbuf).await?,
+            };
+            if filled == 0 {
                 if resp.framing == Framing::Close {
                     drop(slot.take());
                     write_client(&mut self.client, b"0\r\n\r\n", self.limits.write).await?;

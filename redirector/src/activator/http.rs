@@ -9,6 +9,7 @@ use std::{
     pin::Pin,
     sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -126,13 +127,22 @@ pub enum RespBody {
     Raw(Incoming),
 }
 
+/// Why a proxied response body ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum RespBodyError {
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    #[error("the instance's response paused past idleTimeoutSeconds ({0:?})")]
+    Idle(Duration),
+}
+
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = RespBodyError;
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, RespBodyError>>> {
         match self.get_mut() {
             RespBody::Text(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Proxied(g) => {
@@ -140,9 +150,18 @@ impl Body for RespBody {
                 if matches!(r, Poll::Ready(None)) || g.inner.is_end_stream() {
                     g.finish();
                 }
-                r
+                if let Some((limit, timer)) = g.idle.as_mut() {
+                    if r.is_ready() {
+                        timer.as_mut().reset(tokio::time::Instant::now() + *limit);
+                    } else if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(RespBodyError::Idle(*limit))));
+                    }
+                }
+                r.map(|f| f.map(|f| f.map_err(RespBodyError::from)))
             }
-            RespBody::Raw(b) => Pin::new(b).poll_frame(cx),
+            RespBody::Raw(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(RespBodyError::from))),
         }
     }
     fn is_end_stream(&self) -> bool {
@@ -168,6 +187,8 @@ pub struct Guarded {
     inner: Incoming,
     conn: Option<upstream::H1>,
     slot: Option<Slot>,
+    /// The revision's idleTimeoutSeconds and its timer, reset by every frame.
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl Guarded {
@@ -341,6 +362,9 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
             inner,
             conn: upstream_conn,
             slot: Some(slot),
+            idle: svc
+                .idle_timeout()
+                .map(|d| (d, Box::pin(tokio::time::sleep(d)))),
         })
     })
 }

@@ -92,6 +92,8 @@ pub struct ServiceState {
     timeout_ms: AtomicU64,
     /// Until the instance's response starts (ms, at most the timeout).
     response_start_ms: AtomicU64,
+    /// Longest pause between bytes of the instance's response (ms; 0: none).
+    idle_ms: AtomicU64,
     /// Requests in flight per instance; 0 = unlimited.
     container_concurrency: AtomicU32,
     /// The status of a request that waited its whole timeout for an instance: 504, or 503
@@ -130,6 +132,7 @@ impl ServiceState {
             protocol,
             timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             response_start_ms: AtomicU64::new(timeout.as_millis() as u64),
+            idle_ms: AtomicU64::new(0),
             container_concurrency: AtomicU32::new(container_concurrency),
             queue_timeout_status: AtomicU32::new(504),
             held: AtomicUsize::new(0),
@@ -157,17 +160,27 @@ impl ServiceState {
         Duration::from_millis(self.response_start_ms.load(Ordering::Relaxed))
     }
 
+    /// The longest pause allowed between bytes of a response (`None`: no limit).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        match self.idle_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
     pub fn container_concurrency(&self) -> u32 {
         self.container_concurrency.load(Ordering::Relaxed)
     }
 
     /// New limits (a Revision's settings arrived or changed). Instances made for another
     /// containerConcurrency must be replaced by the caller (see [`Instance::concurrency`]).
+    /// `idle`: the longest pause between bytes of a response.
     pub fn set_limits(
         &self,
         container_concurrency: u32,
         timeout: Duration,
         response_start: Duration,
+        idle: Option<Duration>,
     ) {
         self.container_concurrency
             .store(container_concurrency, Ordering::Relaxed);
@@ -175,6 +188,10 @@ impl ServiceState {
             .store(timeout.as_millis() as u64, Ordering::Relaxed);
         self.response_start_ms.store(
             response_start.min(timeout).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.idle_ms.store(
+            idle.map_or(0, |d| d.as_millis().max(1) as u64),
             Ordering::Relaxed,
         );
     }

@@ -131,6 +131,7 @@ impl KubeServices {
                     set.container_concurrency,
                     set.timeout,
                     set.response_start_timeout,
+                    set.idle_timeout,
                 );
                 e.concurrency.send_replace(set.container_concurrency);
                 if s.settings.is_some() {
