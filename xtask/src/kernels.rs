@@ -227,6 +227,9 @@ fn run_kernel(
     // KVM when /dev/kvm opens and qemu can start a guest on it (a nested or restricted
     // /dev/kvm can refuse the CPU's MSRs at once); TCG otherwise.
     let mut accel = if kvm_usable() { "kvm" } else { "tcg" };
+    // A guest kernel that panics before our init ran (seen once under TCG: a fault in
+    // sched_clock_cpu during an initcall) tested nothing: it gets one more boot.
+    let mut panic_retries = 1;
     let status = loop {
         println!(
             "[kernels] {}: booting {} ({accel}{})",
@@ -241,6 +244,18 @@ fn run_kernel(
         if accel == "kvm" && !booted && status.is_some_and(|st| !st.success()) {
             println!("[kernels] {}: KVM refused the guest; using TCG", s.name);
             accel = "tcg";
+            continue;
+        }
+        let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+        if panic_retries > 0 && panicked_before_init(booted, &console_text) {
+            panic_retries -= 1;
+            let kept = run_dir.join("console-panic.log");
+            let _ = std::fs::rename(&console, &kept);
+            println!(
+                "[kernels] {}: the guest kernel panicked before our init ran (console: {}); booting again",
+                s.name,
+                kept.display()
+            );
             continue;
         }
         break status;
@@ -399,6 +414,12 @@ fn qemu_command(
     Ok(qemu)
 }
 
+/// Whether the guest kernel died before the guest script started (no `vm.txt`): a boot
+/// failure, not a result of any suite.
+fn panicked_before_init(booted: bool, console: &str) -> bool {
+    !booted && console.contains("Kernel panic")
+}
+
 /// Waits for the VM to power off; kills it past `budget` (then `None`).
 fn wait_within(
     child: &mut std::process::Child,
@@ -424,4 +445,19 @@ fn kvm_usable() -> bool {
         .write(true)
         .open("/dev/kvm")
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panicked_before_init;
+
+    #[test]
+    fn only_a_panic_before_the_guest_script_is_retried() {
+        let panic = "[    2.03] Kernel panic - not syncing: Fatal exception in interrupt";
+        assert!(panicked_before_init(false, panic));
+        // A suite that crashed the kernel is a result.
+        assert!(!panicked_before_init(true, panic));
+        // A guest that powered off without a panic (a missing module, say) is not retried.
+        assert!(!panicked_before_init(false, "reboot: Power down"));
+    }
 }
