@@ -549,6 +549,19 @@ mod agent_k8s {
             .unwrap();
     }
 
+    /// Knative's activator Service and one EndpointSlice of `eps`.
+    fn create_knative_activator(k: &KubeNode, eps: &[Ep]) {
+        k.api
+            .create(
+                &Res::services(),
+                objects::activator_service(ip("10.96.100.1")),
+            )
+            .unwrap();
+        k.api
+            .create(&Res::endpoint_slices(), objects::activator_slice("x1", eps))
+            .unwrap();
+    }
+
     fn set_mode(k: &KubeNode, name: &str, mode: Mode) {
         k.api
             .patch(
@@ -704,17 +717,8 @@ mod agent_k8s {
         let mut k = KubeNode::new("na").unwrap();
         let acts: Vec<IpAddr> = (1..=6).map(|i| ip(&format!("10.244.3.{i}"))).collect();
         let api = &k.api;
-        api.create(
-            &Res::services(),
-            objects::activator_service(ip("10.96.100.1")),
-        )
-        .unwrap();
         let act_eps: Vec<Ep> = acts.iter().map(|a| Ep::ready(*a)).collect();
-        api.create(
-            &Res::endpoint_slices(),
-            objects::activator_slice("x1", &act_eps),
-        )
-        .unwrap();
+        create_knative_activator(&k, &act_eps);
         let vip = ip("10.96.0.31");
         let (r1, r2) = ("first-00001", "second-00001");
         create_revision(&k, r1, &[vip], Mode::Proxy, &[]);
@@ -799,18 +803,7 @@ mod agent_k8s {
         let p = k.add_pod(31).unwrap();
         k.start_hello(p, QUEUE_PORT, &[]).unwrap();
         let act = k.pods[p].v4();
-        k.api
-            .create(
-                &Res::services(),
-                objects::activator_service(ip("10.96.100.1")),
-            )
-            .unwrap();
-        k.api
-            .create(
-                &Res::endpoint_slices(),
-                objects::activator_slice("x1", &[Ep::ready(act)]),
-            )
-            .unwrap();
+        create_knative_activator(&k, &[Ep::ready(act)]);
         let vip = ip("10.96.0.37");
         let rev = "handover-00001";
         create_revision(&k, rev, &[vip], Mode::Proxy, &[]);
@@ -1418,18 +1411,7 @@ mod agent_k8s {
         let a = k.add_pod(36).unwrap();
         k.start_hello(a, QUEUE_PORT, &[]).unwrap();
         let act = SocketAddr::new(k.pods[a].v4(), QUEUE_PORT);
-        k.api
-            .create(
-                &Res::services(),
-                objects::activator_service(ip("10.96.100.1")),
-            )
-            .unwrap();
-        k.api
-            .create(
-                &Res::endpoint_slices(),
-                objects::activator_slice("x1", &[Ep::ready(act.ip())]),
-            )
-            .unwrap();
+        create_knative_activator(&k, &[Ep::ready(act.ip())]);
         let vip = ip("10.96.0.41");
         let rev = "ig-00001";
         let p = k.add_pod(37).unwrap();
@@ -1508,18 +1490,7 @@ mod agent_k8s {
         let a = k.add_pod(38).unwrap();
         k.start_hello(a, QUEUE_PORT, &[]).unwrap();
         let act = k.pods[a].v4();
-        k.api
-            .create(
-                &Res::services(),
-                objects::activator_service(ip("10.96.100.1")),
-            )
-            .unwrap();
-        k.api
-            .create(
-                &Res::endpoint_slices(),
-                objects::activator_slice("x1", &[Ep::ready(act)]),
-            )
-            .unwrap();
+        create_knative_activator(&k, &[Ep::ready(act)]);
         let p = k.add_pod(39).unwrap();
         k.start_hello(p, QUEUE_PORT, &[]).unwrap();
         let pod = k.pods[p].v4();
@@ -1597,18 +1568,7 @@ mod agent_k8s {
         let a = k.add_pod(40).unwrap();
         k.start_hello(a, QUEUE_HTTPS_PORT, &[]).unwrap();
         let act = k.pods[a].v4();
-        k.api
-            .create(
-                &Res::services(),
-                objects::activator_service(ip("10.96.100.1")),
-            )
-            .unwrap();
-        k.api
-            .create(
-                &Res::endpoint_slices(),
-                objects::activator_slice("x1", &[Ep::ready(act)]),
-            )
-            .unwrap();
+        create_knative_activator(&k, &[Ep::ready(act)]);
         let p = k.add_pod(41).unwrap();
         k.start_hello(p, QUEUE_PORT, &[]).unwrap();
         let pod = k.pods[p].v4();
