@@ -105,6 +105,13 @@ pub const G_REWRITE_FAILED: u32 = 9;
 /// with or without a hop-by-hop jumbo option). Translated when their flow exists; they
 /// never start one.
 pub const G_BIG_TCP: u32 = 10;
+/// `sk_lookup`: a connection to the node-local activator's address and ports that the
+/// datapath did not deliver (no translated flow leads there), left to the kernel's own
+/// lookup, which finds no listener: refused.
+pub const G_ACT_REFUSED: u32 = 11;
+/// `sock_ops`: a translated `connect()` to the node-local activator, admitted by its tuple
+/// (`ACT_ADMIT`) before its SYN leaves.
+pub const G_ACT_ADMITTED: u32 = 12;
 /// Socket hooks: a `connect()` or `sendmsg()` to a VIP rewritten to its target.
 pub const G_SOCK_TRANSLATED: u32 = 14;
 /// Socket hooks: a `getpeername()` or `recvmsg()` answered with the VIP instead of the target.
@@ -361,16 +368,26 @@ pub struct SockUdpKey {
 pub const ACT_V4: u32 = 0;
 pub const ACT_V6: u32 = 1;
 
-/// Value of `ACT_PORTS`: the node-local activator's address of one family and its range of
-/// per-service ports (`first .. first + count`, host byte order). The `sk_lookup` program
-/// hands a connection to any of these ports to the activator's listening socket
-/// (`ACT_SOCKS`). `count` 0: none.
+/// Value of `ACT_PORTS`: the node-local activator's address of one family, its range of
+/// per-service ports (`first .. first + count`, host byte order; `count` 0: none) and its
+/// listener's own port (`listen`, 0: not steered). The `sk_lookup` program hands a
+/// connection to any of these ports to the activator's listening socket (`ACT_SOCKS`); with
+/// `ACT_GUARDED` only a connection the datapath delivered (`ACT_ADMIT` or a conntrack
+/// entry), since the listener itself is bound to loopback.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ActivatorPorts {
     pub addr: [u32; 4],
     pub first: u16,
     pub count: u16,
+    pub listen: u16,
     pub family: u8,
-    pub _pad: [u8; 3],
+    pub flags: u8,
 }
+
+/// `ActivatorPorts::flags`: the listener is on loopback; only delivered flows reach it.
+pub const ACT_GUARDED: u8 = 1 << 0;
+
+/// Default capacity of `ACT_ADMIT` (translated `connect()`s to the node-local activator,
+/// by tuple; entries age out by LRU).
+pub const MAX_ACT_ADMIT: u32 = 65_536;

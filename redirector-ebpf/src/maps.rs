@@ -8,7 +8,7 @@ use aya_ebpf::{
 use redirector_common::{
     ActivatorPorts, CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue,
     MaglevValue, ServiceKey, ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey,
-    G_COUNT, HOOKED_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_FLOWS, MAX_SOCK_UDP,
+    G_COUNT, HOOKED_SLOTS, MAX_ACT_ADMIT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_FLOWS, MAX_SOCK_UDP,
 };
 
 /// VIP:port:proto → service (mode, backend count, activator).
@@ -97,6 +97,15 @@ pub static SOCK_UDP: LruHashMap<SockUdpKey, SockFlow, { MAX_SOCK_UDP as usize }>
 /// `ACT_V6`). Not pinned: each agent fills its own.
 #[btf_map]
 pub static ACT_PORTS: Array<ActivatorPorts, 2> = Array::new();
+
+/// Translated `connect()`s to the node-local activator, keyed by their tuple as the
+/// activator will see it (`saddr`/`sport`: the client, `daddr`/`dport`: the activator; ports
+/// in network byte order), value the service id. Written by `sock_ops` when the SYN is about
+/// to leave (the source port is known only then), read by `sk_lookup`: these flows have no
+/// conntrack entry, and this is how the activator tells them from a connection made to its
+/// address directly. Entries age out by LRU.
+#[btf_map]
+pub static ACT_ADMIT: LruHashMap<CtKey, u32, { MAX_ACT_ADMIT as usize }> = LruHashMap::new();
 
 /// The activator's listening sockets (`ACT_V4`, `ACT_V6`), for `sk_lookup`. Not pinned.
 #[btf_map]

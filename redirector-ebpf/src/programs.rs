@@ -1,8 +1,10 @@
 //! Program entry points.
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{cgroup_sock, cgroup_sock_addr, classifier, sk_lookup, xdp},
-    programs::{SkLookupContext, SockAddrContext, SockContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, sk_lookup, sock_ops, xdp},
+    programs::{
+        SkLookupContext, SockAddrContext, SockContext, SockOpsContext, TcContext, XdpContext,
+    },
 };
 
 /// Uplink ingress: DNAT from the network (replies pass, tc egress translates them).
@@ -71,6 +73,12 @@ pub fn redirector_getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn redirector_sock_release(ctx: SockContext) -> i32 {
     crate::sock::release(&ctx)
+}
+
+/// A translated socket's SYN leaves: a flow sent to the activator is admitted by its tuple.
+#[sock_ops]
+pub fn redirector_sock_ops(ctx: SockOpsContext) -> u32 {
+    crate::sock::sock_ops(&ctx)
 }
 
 /// The node's namespace: per-service activator ports lead to the activator's socket.

@@ -8,18 +8,19 @@
 //! the VIP, so the application never sees it. Flows to the node-local activator stay on the
 //! packet path (the activator finds their service through conntrack).
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr},
+    bindings::{bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::bpf_get_socket_cookie,
-    programs::{SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use redirector_common::{
-    CtKey, Endpoint, ServiceKey, SockFlow, SockUdpKey, FAMILY_V4, FAMILY_V6, G_SOCK_REVERSED,
-    G_SOCK_TRANSLATED, PROTO_TCP, PROTO_UDP, SOCK_PROXIED, SVC_ACT_PORT, SVC_ENDPOINT,
+    CtKey, Endpoint, ServiceKey, SockFlow, SockUdpKey, FAMILY_V4, FAMILY_V6, G_ACT_ADMITTED,
+    G_SOCK_REVERSED, G_SOCK_TRANSLATED, PROTO_TCP, PROTO_UDP, SOCK_PROXIED, SVC_ACT_PORT,
+    SVC_ENDPOINT,
 };
 
 use crate::{
-    maps::{count, SERVICES, SOCK_FLOWS, SOCK_UDP},
+    maps::{count, ACT_ADMIT, SERVICES, SOCK_FLOWS, SOCK_UDP},
     nat::{account, is_proxied, pick_target},
 };
 
@@ -253,4 +254,56 @@ pub fn release(ctx: &SockContext) -> i32 {
         let _ = SOCK_FLOWS.remove(&ck);
     }
     ALLOW
+}
+
+/// `sock_ops`, when a translated socket's SYN is about to leave (`TCP_CONNECT_CB`: its
+/// source port is chosen by then): a flow `connect()` sent to an activator is admitted by
+/// its tuple (`ACT_ADMIT`), so that the node-local activator's `sk_lookup` hands it to the
+/// listener, which refuses connections made to its address directly.
+#[inline(always)]
+pub fn sock_ops(ctx: &SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        let _ = admit(ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn admit(ctx: &SockOpsContext) -> Option<()> {
+    let ck = cookie(ctx);
+    // SAFETY: LRU value read by copy.
+    let flow = unsafe { *SOCK_FLOWS.get(&ck)? };
+    if flow.flags & SOCK_PROXIED == 0 {
+        return None;
+    }
+    // `remote_port`: network byte order in the upper half on little-endian (the kernel
+    // shifts it there); `local_port`: host byte order.
+    let dport = u32::from_be(ctx.remote_port()) as u16;
+    let sport = ctx.local_port() as u16;
+    let (saddr, daddr) = if ctx.family() == 2 {
+        ([ctx.local_ip4(), 0, 0, 0], [ctx.remote_ip4(), 0, 0, 0])
+    } else {
+        let (l, r) = (ctx.local_ip6(), ctx.remote_ip6());
+        // An IPv4 flow on an IPv6 socket: the activator sees it as IPv4.
+        if r[0] == MAPPED_PREFIX[0] && r[1] == MAPPED_PREFIX[1] && r[2] == MAPPED_PREFIX[2] {
+            ([l[3], 0, 0, 0], [r[3], 0, 0, 0])
+        } else {
+            (l, r)
+        }
+    };
+    if daddr != flow.target || dport.to_be() != flow.target_port {
+        return None;
+    }
+    let key = CtKey {
+        saddr,
+        daddr,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_TCP,
+        family: flow.family,
+        _pad: 0,
+    };
+    ACT_ADMIT.insert(&key, &flow.svc_id, 0).ok()?;
+    count(G_ACT_ADMITTED);
+    Some(())
 }

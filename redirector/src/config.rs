@@ -114,6 +114,23 @@ pub struct ActivatorConfig {
     /// connections to the listener (read at start). `None`: every service on the listener's
     /// own port.
     pub service_ports: Option<(u16, u16)>,
+    /// Which connections the listener takes (`[activator] accept`).
+    pub accept: Accept,
+}
+
+/// `[activator] accept`: which connections reach the activator's listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accept {
+    /// Only flows the datapath delivered (translated from a service, or one of Knative's
+    /// endpoints): the listener is bound to loopback and `sk_lookup` hands it those flows;
+    /// a connection to `node.activator` made directly, from outside the node or from a
+    /// pod, is refused. Needs `sk_lookup` (5.9); without it the agent falls back to `Any`
+    /// and says so.
+    #[default]
+    Delivered,
+    /// Anything that reaches `node.activator` (the listener is bound there).
+    Any,
 }
 
 /// `activator.service_ports` when not given: 10,000 ports below the kernel's ephemeral range
@@ -135,6 +152,7 @@ impl Default for ActivatorConfig {
             write_timeout: Duration::from_secs(60),
             max_connections: 50_000,
             service_ports: Some(DEFAULT_SERVICE_PORTS),
+            accept: Accept::Delivered,
         }
     }
 }
@@ -229,6 +247,7 @@ struct RawActivator {
     write_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
     service_ports: Option<Spanned<String>>,
+    accept: Option<Accept>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -475,6 +494,7 @@ impl Config {
             write_timeout: secs(a.write_timeout_secs, d.write_timeout),
             max_connections: a.max_connections.unwrap_or(d.max_connections),
             service_ports: service_ports(&at, a.service_ports, &node.activator)?,
+            accept: a.accept.unwrap_or_default(),
         };
         Ok(Config {
             node,

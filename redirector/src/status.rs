@@ -56,7 +56,7 @@ pub struct Capacity {
     pub conntrack: u32,
 }
 
-const COUNTER_NAMES: [(u32, &str); 13] = [
+const COUNTER_NAMES: [(u32, &str); 15] = [
     (redirector_common::G_PACKETS, "packets"),
     (redirector_common::G_NOT_IP, "not_ip"),
     (redirector_common::G_MALFORMED, "malformed"),
@@ -71,6 +71,8 @@ const COUNTER_NAMES: [(u32, &str); 13] = [
     (redirector_common::G_HAIRPIN, "hairpin"),
     (redirector_common::G_REWRITE_FAILED, "rewrite_failed"),
     (redirector_common::G_BIG_TCP, "big_tcp"),
+    (redirector_common::G_ACT_REFUSED, "activator_refused"),
+    (redirector_common::G_ACT_ADMITTED, "activator_admitted"),
     (redirector_common::G_SOCK_TRANSLATED, "socket_translated"),
     (redirector_common::G_SOCK_REVERSED, "socket_reversed"),
 ];

@@ -92,6 +92,9 @@ pub struct AgentConfig {
     /// `cgroup`: where the socket hooks attach; `None`: "off" (a test agent must never hook
     /// the whole machine's sockets: other tests run beside it).
     pub cgroup: Option<PathBuf>,
+    /// `[activator] listen`: false where a stand-in server holds the activator's address
+    /// (the agent's own listener, on loopback and steered there, would take its flows).
+    pub activator_listen: bool,
 }
 
 /// The `[maps]` section: map capacities.
@@ -138,6 +141,9 @@ impl AgentConfig {
             let _ = writeln!(s, "services = {}", m.services);
             let _ = writeln!(s, "backends = {}", m.backends);
             let _ = writeln!(s, "conntrack = {}", m.conntrack);
+        }
+        if !self.activator_listen {
+            let _ = writeln!(s, "\n[activator]\nlisten = false");
         }
         for svc in &self.services {
             let _ = writeln!(s, "\n[[service]]");

@@ -239,6 +239,7 @@ impl Cluster {
         }
         for i in 0..2u8 {
             let mut cfg = c.standard_config(i);
+            cfg.activator_listen = stand_ins.is_empty();
             if sockets {
                 cfg.cgroup = Some(c.cgroups[i as usize].path.clone());
             }
@@ -298,6 +299,7 @@ impl Cluster {
             maps: None,
             host_routing_bpf: false,
             cgroup: None,
+            activator_listen: true,
         }
     }
 

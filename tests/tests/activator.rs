@@ -501,37 +501,99 @@ fn l4_connection_held_at_zero_then_spliced() {
     assert_eq!(u(&sc(&st, &svc)["cold_starts"]), 1, "{st}");
 }
 
+/// What `connect()` to `to` from inside namespace `ns` gives: `Ok` or the error's kind.
+fn connect_kind(ns: &str, to: SocketAddr) -> std::io::Result<()> {
+    net::in_netns(ns, move || {
+        Ok(std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).map(|_| ()))
+    })
+    .unwrap()
+}
+
+/// A datapath counter, from `redirector status` on the agent's pinned maps.
+fn counter(env: &Env, name: &str) -> u64 {
+    let st = redirector_tests::agent::status(&redirector_bin(), &env.pin_path).unwrap();
+    st["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// The activator takes only what the datapath delivered: a connection made to its address
+/// directly (its listener's port, a service's own port) from outside the node is refused,
+/// while the same service through its VIP is served. On the node itself the listener is on
+/// loopback, where requests name the revision by Knative's headers (404 for unknown ones).
 #[test]
-fn unknown_service_gets_404_and_headers_name_known_ones() {
+fn activator_refuses_direct_connections_and_names_services_by_header_on_the_node() {
     require_root!();
     let svc = hello("known", "10.96.0.31", &[]);
     let env = Env::start("nf", &Config::one(svc.clone())).unwrap();
     wait_proxy_at_zero(&env, &svc);
     let a: SocketAddr = ACTIVATOR.parse().unwrap();
+    assert!(
+        env.log().contains("activator on loopback"),
+        "{}",
+        env.log()
+    );
 
-    let r = net::get(&env.client, a, "/", LONG).unwrap();
+    // From outside the node: the listener's port and every service's own port are refused.
+    let before = counter(&env, "activator_refused");
+    for port in [a.port(), 20000, 20001, 20002] {
+        let to = SocketAddr::new(a.ip(), port);
+        let r = connect_kind(&env.client, to);
+        assert_eq!(
+            r.as_ref().map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "a direct connection to the activator at {to} must be refused: {r:?}"
+        );
+    }
+    let refused = counter(&env, "activator_refused") - before;
+    assert!(refused >= 4, "activator_refused rose by {refused}");
+    let st = env.status().unwrap();
+    assert_eq!(
+        u(&sc(&st, &svc)["cold_starts"]),
+        0,
+        "a refused connection must not wake anything: {st}"
+    );
+
+    // Through the VIP, delivered by the datapath: served.
+    let r = env.get(svc.addr(), "/", LONG).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // On the node, on loopback: Knative's headers name the revision.
+    let local: SocketAddr = format!("127.0.0.1:{}", a.port()).parse().unwrap();
+    let r = net::get(&env.node, local, "/", LONG).unwrap();
     assert_eq!(r.status, 404, "{r:?}");
     assert!(r.body.contains("no service"), "{r:?}");
     let hdrs = [
         ("Knative-Serving-Namespace", "rt"),
         ("Knative-Serving-Revision", "nope"),
     ];
-    let r = net::http(&env.client, a, "GET", "/", &hdrs, LONG).unwrap();
+    let r = net::http(&env.node, local, "GET", "/", &hdrs, LONG).unwrap();
     assert_eq!(r.status, 404, "{r:?}");
-    let st = env.status().unwrap();
-    assert_eq!(
-        u(&sc(&st, &svc)["cold_starts"]),
-        0,
-        "a 404 must not wake anything: {st}"
-    );
-
     let hdrs = [
         ("Knative-Serving-Namespace", "rt"),
         ("Knative-Serving-Revision", "known"),
     ];
-    let r = net::http(&env.client, a, "GET", "/", &hdrs, LONG).unwrap();
+    let r = net::http(&env.node, local, "GET", "/", &hdrs, LONG).unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.starts_with("hello from"), "{r:?}");
+}
+
+/// `accept = "any"`: the listener is on `node.activator` itself and takes a direct
+/// connection (the operator's choice, said in the log).
+#[test]
+fn activator_accept_any_takes_direct_connections() {
+    require_root!();
+    let svc = hello("anyacc", "10.96.0.33", &[]);
+    let mut cfg = Config::one(svc.clone());
+    cfg.activator.push("accept = \"any\"".into());
+    let env = Env::start("aa", &cfg).unwrap();
+    wait_proxy_at_zero(&env, &svc);
+    assert!(env.log().contains("activator.accept = \"any\""), "{}", env.log());
+    let a: SocketAddr = ACTIVATOR.parse().unwrap();
+    let hdrs = [
+        ("Knative-Serving-Namespace", "rt"),
+        ("Knative-Serving-Revision", "anyacc"),
+    ];
+    let r = net::http(&env.client, a, "GET", "/", &hdrs, LONG).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
 }
 
 #[test]
@@ -616,9 +678,12 @@ fn sigterm_drains_held_requests_then_exits() {
     // SAFETY: plain kill(2) of the agent we started.
     unsafe { libc::kill(env.agent_pid() as i32, libc::SIGTERM) };
     std::thread::sleep(Duration::from_millis(300));
-    let activator: SocketAddr = ACTIVATOR.parse().unwrap();
+    // The listener itself, on the node's loopback (a direct connection from outside is
+    // refused anyway).
+    let port = ACTIVATOR.parse::<SocketAddr>().unwrap().port();
+    let activator: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(
-        net::get(&env.client, activator, "/", Duration::from_secs(2)).is_err(),
+        net::get(&env.node, activator, "/", Duration::from_secs(2)).is_err(),
         "the activator must stop accepting on SIGTERM"
     );
     let r = held.join().unwrap().unwrap();

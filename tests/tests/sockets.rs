@@ -259,6 +259,13 @@ fn one_client_port_to_two_proxied_vips() {
             );
         }
     }
+    // The activator takes only delivered flows: the socket path's were admitted by tuple
+    // (2 flows × 10 rounds × 2 families), the packet path's by their conntrack entry, and
+    // none was refused.
+    let st = c.agents[0].status().unwrap();
+    assert!(log.contains("activator on loopback"), "{log}");
+    assert!(counter(&st, "activator_admitted") >= 40, "{st}");
+    assert_eq!(counter(&st, "activator_refused"), 0, "{st}");
     // A restart rewrites no entry (the ports are decided before the first write) and the
     // new agent's listener takes the ports over (the pinned sk_lookup link is updated).
     let generations = |c: &Cluster| -> Vec<Value> {
@@ -324,7 +331,7 @@ fn agent_restart_under_socket_load() {
     }
     let log = c.agents[0].log();
     assert!(
-        log.contains("replaced=9 attached=0"),
+        log.contains("replaced=10 attached=0"),
         "links not updated in place: {log}"
     );
     let st = c.agents[0].status().unwrap();

@@ -15,7 +15,7 @@ use aya::{
 };
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
-    ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey, G_COUNT, MAX_SOCK_FLOWS,
+    ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey, G_COUNT, MAX_ACT_ADMIT, MAX_SOCK_FLOWS,
     MAX_SOCK_UDP,
 };
 
@@ -51,6 +51,7 @@ pub fn wanted(name: &str, s: &MapSizes) -> Option<Shape> {
         "SERVICE_META" => shape::<u32, ServiceMeta>(s.services),
         "SOCK_FLOWS" => shape::<u64, SockFlow>(MAX_SOCK_FLOWS),
         "SOCK_UDP" => shape::<SockUdpKey, SockFlow>(MAX_SOCK_UDP),
+        "ACT_ADMIT" => shape::<CtKey, u32>(MAX_ACT_ADMIT),
         _ => return None,
     })
 }

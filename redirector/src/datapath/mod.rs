@@ -56,7 +56,7 @@ fn lend_conntrack(ebpf: &mut Ebpf, old: &aya::maps::MapData) -> Result<(), Datap
 }
 
 /// Every map, pinned as `<pin_path>/<NAME>`.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     "SERVICES",
     "MAGLEV",
     "MAGLEV_SMALL",
@@ -68,6 +68,7 @@ pub const MAP_NAMES: [&str; 11] = [
     "SERVICE_META",
     "SOCK_FLOWS",
     "SOCK_UDP",
+    "ACT_ADMIT",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -14,12 +14,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps};
 
 use super::{batch, Datapath, DatapathError};
 
 /// The socket programs: (program name, pin name of its link, required).
-pub const SOCKET_PROGRAMS: [(&str, &str, bool); 9] = [
+pub const SOCKET_PROGRAMS: [(&str, &str, bool); 10] = [
     ("redirector_connect4", "connect4", true),
     ("redirector_connect6", "connect6", true),
     ("redirector_sendmsg4", "sendmsg4", true),
@@ -31,6 +31,9 @@ pub const SOCKET_PROGRAMS: [(&str, &str, bool); 9] = [
     // Ends a socket's flow in SOCK_FLOWS; without it (a kernel refusing the socket cookie
     // there) entries age out by LRU and the live-flow count includes closed sockets.
     ("redirector_sock_release", "sock_release", false),
+    // Admits a translated connect() to the node-local activator by its tuple (ACT_ADMIT):
+    // without it the guarded activator would refuse those flows.
+    ("redirector_sock_ops", "sock_ops", true),
 ];
 
 /// `CGROUP2_SUPER_MAGIC`.
@@ -237,21 +240,22 @@ impl Datapath {
             .ebpf
             .program_mut(name)
             .ok_or_else(|| format!("no program {name} in the object"))?;
-        let is_release = matches!(prog, aya::programs::Program::CgroupSock(_));
+        let kind = Kind::of(prog);
         // Loaded here, not with the packet programs: a kernel without these hooks still
         // runs the packet path.
-        let prog_fd = if is_release {
-            let p: &mut CgroupSock = prog.try_into().map_err(|e| format!("{e}"))?;
-            if p.fd().is_err() {
-                p.load().map_err(load_error)?;
-            }
-            p.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd()
-        } else {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| format!("{e}"))?;
-            if p.fd().is_err() {
-                p.load().map_err(load_error)?;
-            }
-            p.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd()
+        macro_rules! load {
+            ($t:ty) => {{
+                let p: &mut $t = prog.try_into().map_err(|e| format!("{e}"))?;
+                if p.fd().is_err() {
+                    p.load().map_err(load_error)?;
+                }
+                p.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd()
+            }};
+        }
+        let prog_fd = match kind {
+            Kind::Sock => load!(CgroupSock),
+            Kind::SockOps => load!(SockOps),
+            Kind::SockAddr => load!(CgroupSockAddr),
         };
         let mut old = None;
         if pin.exists() {
@@ -280,24 +284,22 @@ impl Datapath {
             .ebpf
             .program_mut(name)
             .ok_or_else(|| format!("no program {name}"))?;
-        let link: FdLink = if is_release {
-            let p: &mut CgroupSock = prog.try_into().map_err(|e| format!("{e}"))?;
-            let id = p
-                .attach(cg, CgroupAttachMode::Single)
-                .map_err(|e| e.to_string())?;
-            p.take_link(id)
-                .map_err(|e| e.to_string())?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
-        } else {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| format!("{e}"))?;
-            let id = p
-                .attach(cg, CgroupAttachMode::Single)
-                .map_err(|e| e.to_string())?;
-            p.take_link(id)
-                .map_err(|e| e.to_string())?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| e.to_string())?
+        macro_rules! attach {
+            ($t:ty) => {{
+                let p: &mut $t = prog.try_into().map_err(|e| format!("{e}"))?;
+                let id = p
+                    .attach(cg, CgroupAttachMode::Single)
+                    .map_err(|e| e.to_string())?;
+                p.take_link(id)
+                    .map_err(|e| e.to_string())?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| e.to_string())?
+            }};
+        }
+        let link: FdLink = match kind {
+            Kind::Sock => attach!(CgroupSock),
+            Kind::SockOps => attach!(SockOps),
+            Kind::SockAddr => attach!(CgroupSockAddr),
         };
         link.pin(pin)
             .map_err(|e| format!("pinning {}: {e}", pin.display()))?;
@@ -309,6 +311,24 @@ impl Datapath {
 enum Attached {
     Replaced,
     New,
+}
+
+/// The program types of `SOCKET_PROGRAMS`.
+#[derive(Clone, Copy)]
+enum Kind {
+    Sock,
+    SockOps,
+    SockAddr,
+}
+
+impl Kind {
+    fn of(prog: &aya::programs::Program) -> Kind {
+        match prog {
+            aya::programs::Program::CgroupSock(_) => Kind::Sock,
+            aya::programs::Program::SockOps(_) => Kind::SockOps,
+            _ => Kind::SockAddr,
+        }
+    }
 }
 
 fn load_error(e: aya::programs::ProgramError) -> String {

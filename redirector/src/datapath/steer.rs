@@ -1,6 +1,8 @@
-//! Per-service activator ports: the `sk_lookup` program on this network namespace hands a
-//! connection to the activator's address on any of the ports to the activator's listening
-//! socket (`ACT_SOCKS`), so that one listener serves a port per service. Its link is pinned
+//! The activator's reach: the `sk_lookup` program on this network namespace hands a
+//! connection to the activator's address on any of the per-service ports to the
+//! activator's listening socket (`ACT_SOCKS`), so that one listener serves a port per
+//! service; guarded, the listener is bound to loopback and only the flows the datapath
+//! delivered reach it (also on the address's own port). Its link is pinned
 //! (`links/netns@sk_lookup`) and a restarted agent swaps its program in (`BPF_LINK_UPDATE`).
 use std::{
     net::SocketAddr,
@@ -12,7 +14,7 @@ use aya::{
     maps::{Array, SockMap},
     programs::{links::FdLink, SkLookup},
 };
-use redirector_common::{ActivatorPorts, ACT_V4, ACT_V6};
+use redirector_common::{ActivatorPorts, ACT_GUARDED, ACT_V4, ACT_V6};
 
 use super::{sockets, Datapath, DatapathError};
 use crate::addr::ip_words;
@@ -29,12 +31,16 @@ impl Datapath {
         self.pin_path.join("links").join("netns@sk_lookup")
     }
 
-    /// Hands connections to each listener's address on ports `first .. first + count` to
-    /// that listener (one per family), and attaches the program to this namespace.
+    /// Hands connections to each activator address on ports `first .. first + count` to
+    /// that address's listener (one per family), and attaches the program to this
+    /// namespace. `guarded`: the listeners are bound elsewhere (loopback), so connections
+    /// to the address's own port are handed over too, and only flows the datapath
+    /// delivered.
     pub fn steer_activator(
         &mut self,
         listeners: &[(SocketAddr, BorrowedFd<'_>)],
         (first, count): (u16, u16),
+        guarded: bool,
     ) -> Result<(), DatapathError> {
         {
             let map = self
@@ -63,8 +69,9 @@ impl Datapath {
                     addr: words,
                     first,
                     count,
+                    listen: if guarded { addr.port() } else { 0 },
                     family,
-                    _pad: [0; 3],
+                    flags: if guarded { ACT_GUARDED } else { 0 },
                 };
                 ports
                     .set(idx, v, 0)
