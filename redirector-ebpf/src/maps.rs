@@ -8,7 +8,8 @@ use aya_ebpf::{
 use redirector_common::{
     ActivatorPorts, CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue,
     MaglevValue, ServiceKey, ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey,
-    G_COUNT, HOOKED_SLOTS, MAX_ACT_ADMIT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_FLOWS, MAX_SOCK_UDP,
+    G_COUNT, HOOKED_SLOTS, MAX_ACT_ADMIT, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    MAX_SOCK_FLOWS, MAX_SOCK_UDP,
 };
 
 /// VIP:port:proto → service (mode, backend count, activator).

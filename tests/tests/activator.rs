@@ -526,11 +526,7 @@ fn activator_refuses_direct_connections_and_names_services_by_header_on_the_node
     let env = Env::start("nf", &Config::one(svc.clone())).unwrap();
     wait_proxy_at_zero(&env, &svc);
     let a: SocketAddr = ACTIVATOR.parse().unwrap();
-    assert!(
-        env.log().contains("activator on loopback"),
-        "{}",
-        env.log()
-    );
+    assert!(env.log().contains("activator on loopback"), "{}", env.log());
 
     // From outside the node: the listener's port and every service's own port are refused.
     let before = counter(&env, "activator_refused");
@@ -586,7 +582,11 @@ fn activator_accept_any_takes_direct_connections() {
     cfg.activator.push("accept = \"any\"".into());
     let env = Env::start("aa", &cfg).unwrap();
     wait_proxy_at_zero(&env, &svc);
-    assert!(env.log().contains("activator.accept = \"any\""), "{}", env.log());
+    assert!(
+        env.log().contains("activator.accept = \"any\""),
+        "{}",
+        env.log()
+    );
     let a: SocketAddr = ACTIVATOR.parse().unwrap();
     let hdrs = [
         ("Knative-Serving-Namespace", "rt"),

@@ -15,8 +15,8 @@ use aya::{
 };
 use redirector_common::{
     CtKey, CtValue, DatapathConfig, Endpoint, MaglevKey, MaglevSmallValue, MaglevValue, ServiceKey,
-    ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey, G_COUNT, MAX_ACT_ADMIT, MAX_SOCK_FLOWS,
-    MAX_SOCK_UDP,
+    ServiceMeta, ServiceStats, ServiceValue, SockFlow, SockUdpKey, G_COUNT, MAX_ACT_ADMIT,
+    MAX_SOCK_FLOWS, MAX_SOCK_UDP,
 };
 
 use super::{DatapathError, MapSizes, Maps};
