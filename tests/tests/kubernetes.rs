@@ -1770,10 +1770,7 @@ mod agent_k8s {
         .unwrap();
         api.create(
             &Res::services(),
-            h2c_ports(
-                objects::private_service(NS, rev, &[ip("10.96.200.3")]),
-                80,
-            ),
+            h2c_ports(objects::private_service(NS, rev, &[ip("10.96.200.3")]), 80),
         )
         .unwrap();
         api.create(
@@ -1794,7 +1791,16 @@ mod agent_k8s {
             ("Knative-Serving-Revision", rev),
             ("Knative-Serving-Namespace", NS),
         ];
-        let call = || grpc_call_with(&k.client.name, act, "/echo.Echo/Say", b"ping", &headers, LONG);
+        let call = || {
+            grpc_call_with(
+                &k.client.name,
+                act,
+                "/echo.Echo/Say",
+                b"ping",
+                &headers,
+                LONG,
+            )
+        };
 
         // No agent: Knative's activator (the stand-in) answers, and counts it.
         let r = call().unwrap();

@@ -415,7 +415,10 @@ fn knatives_activators_http_and_http2_ports_are_shared() {
     let mut want: Vec<SocketAddr> = Vec::new();
     for i in 1..=3 {
         for port in [8012, 8013] {
-            want.push(SocketAddr::new(format!("10.244.9.{i}").parse().unwrap(), port));
+            want.push(SocketAddr::new(
+                format!("10.244.9.{i}").parse().unwrap(),
+                port,
+            ));
         }
     }
     want.sort();

@@ -360,7 +360,11 @@ mod tests {
             (r.direct, r.knative, r.gateway_ms, r.direct_ms),
             (1, 1, Some(100), Some(110))
         );
-        assert_eq!(r.wrong_ms, Some(50), "Proxy→Serve: the last through an activator");
+        assert_eq!(
+            r.wrong_ms,
+            Some(50),
+            "Proxy→Serve: the last through an activator"
+        );
         // A flip with nothing on the old side after its write.
         let rows = flip_rows(&recs[5..], &flips[1..], &sides);
         assert_eq!(rows[0].wrong_ms, Some(50));
