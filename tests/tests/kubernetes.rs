@@ -1791,9 +1791,10 @@ mod agent_k8s {
             ("Knative-Serving-Revision", rev),
             ("Knative-Serving-Namespace", NS),
         ];
+        let client = k.client.name.clone();
         let call = || {
             grpc_call_with(
-                &k.client.name,
+                &client,
                 act,
                 "/echo.Echo/Say",
                 b"ping",
