@@ -13,213 +13,18 @@
 //!   activator stand-in, or the pod directly in Proxy).
 //!
 //! Root needed (without it they fail with "needs root: ...").
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use redirector_tests::{
     ingress::{
-        backend::Backend,
-        gateway::Gateway,
+        cluster::{start_pod, Cluster, NS, REV},
         host,
-        load::{flip_rows, print_rows, request_in, Flip, Load, Rec, Side, Sides},
-        sks::{Reconciler, DEFAULT_DELAY},
+        load::{flip_rows, print_rows, request_in, Rec, Side, Sides},
+        sks::DEFAULT_DELAY,
     },
-    kubeapi::{
-        node::{AgentOpts, KubeNode},
-        objects::{self, Ep, Mode, QUEUE_PORT},
-        Res,
-    },
-    netns::wait_for,
+    kubeapi::objects::{Ep, Mode},
     require_root,
 };
-use serde_json::json;
-
-const NS: &str = "rt";
-const REV: &str = "hello-00001";
-const LONG: Duration = Duration::from_secs(30);
-const GATEWAY_HOST: u8 = 40;
-const KNATIVE_ACTIVATOR_HOST: u8 = 31;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-/// The node with Knative's activator stand-in, one revision, the SKS reconciler stand-in
-/// and the gateway. Fields drop in order: servers and threads first, the node last.
-struct Cluster {
-    pods: Vec<Backend>,
-    gw: Gateway,
-    _sks: Reconciler,
-    knative: Backend,
-    k: KubeNode,
-}
-
-impl Cluster {
-    /// The revision starts in `mode` with a ready pod `pod` (running) if given.
-    fn new(tag: &str, mode: Mode, pod: Option<u8>) -> Cluster {
-        let mut k = KubeNode::new(tag).unwrap();
-        let i = k.add_pod(KNATIVE_ACTIVATOR_HOST).unwrap();
-        let act = k.pods[i].v4();
-        let knative = Backend::start(&k.pods[i].ns.name, act, QUEUE_PORT).unwrap();
-        let api = &k.api;
-        api.create(
-            &Res::services(),
-            objects::activator_service(ip("10.96.100.1")),
-        )
-        .unwrap();
-        api.create(
-            &Res::endpoint_slices(),
-            objects::activator_slice("x1", &[Ep::ready(act)]),
-        )
-        .unwrap();
-        let mut pods = Vec::new();
-        let mut eps = Vec::new();
-        if let Some(h) = pod {
-            let b = start_pod(&mut k, h);
-            eps.push(Ep::ready(b.ip));
-            pods.push(b);
-        }
-        let api = &k.api;
-        api.create(
-            &Res::services(),
-            objects::public_service(NS, REV, &[ip("10.96.0.50")]),
-        )
-        .unwrap();
-        api.create(
-            &Res::services(),
-            objects::private_service(NS, REV, &[ip("10.96.200.1")]),
-        )
-        .unwrap();
-        api.create(
-            &Res::endpoint_slices(),
-            objects::private_slice(NS, REV, "a", &eps),
-        )
-        .unwrap();
-        api.create(&Res::sks(), objects::sks(NS, REV, mode, 0))
-            .unwrap();
-        let sks = Reconciler::start(&k, DEFAULT_DELAY).unwrap();
-        let gw = Gateway::start(&mut k, GATEWAY_HOST).unwrap();
-        gw.route(REV, NS);
-        let c = Cluster {
-            pods,
-            gw,
-            _sks: sks,
-            knative,
-            k,
-        };
-        let want = match (mode, pod) {
-            (Mode::Serve, Some(_)) => c.pods[0].ip,
-            _ => act,
-        };
-        c.wait_gateway(want);
-        c
-    }
-
-    fn sks(&self) -> &Reconciler {
-        &self._sks
-    }
-
-    fn sides(&self) -> Sides {
-        Sides {
-            gateway: self.gw.ip,
-            knative_activator: self.knative.ip,
-        }
-    }
-
-    /// Waits until the gateway sends the revision's requests to `ip:8012` only.
-    fn wait_gateway(&self, ip: IpAddr) -> Instant {
-        let want = vec![SocketAddr::new(ip, QUEUE_PORT)];
-        wait_for("the gateway's addresses", LONG, || {
-            (self.gw.addresses(NS, REV) == want).then(Instant::now)
-        })
-        .unwrap()
-    }
-
-    fn set_mode(&self, mode: Mode) -> Instant {
-        let at = Instant::now();
-        self.k
-            .api
-            .patch(
-                &Res::sks(),
-                NS,
-                REV,
-                json!({"spec": {"mode": mode.as_str()}}),
-            )
-            .unwrap();
-        at
-    }
-
-    fn set_endpoints(&self, eps: &[Ep]) {
-        self.k
-            .api
-            .apply(
-                &Res::endpoint_slices(),
-                objects::private_slice(NS, REV, "a", eps),
-            )
-            .unwrap();
-    }
-
-    fn start_agent(&mut self) {
-        self.k.start_agent(&AgentOpts::default()).unwrap();
-    }
-
-    /// Waits until the agent's entry of the public Service is in `mode` ("serve"/"proxy").
-    fn wait_agent(&self, mode: &str) -> Instant {
-        wait_for("the agent's maps", LONG, || {
-            let e = self.k.entries(NS, REV).ok()?;
-            e.iter()
-                .any(|s| s["port"] == 80 && s["mode"] == mode)
-                .then(Instant::now)
-        })
-        .unwrap()
-    }
-
-    fn request(&self) -> Rec {
-        request_in(&self.k.client.name, self.gw.addr(), &host(REV, NS), LONG)
-            .join()
-            .unwrap()
-    }
-
-    fn load(&self, n: usize) -> Load {
-        Load::start(
-            &self.k.client.name,
-            self.gw.addr(),
-            &host(REV, NS),
-            n,
-            Duration::from_millis(5),
-        )
-    }
-
-    /// `n` flips starting from Serve (odd flips to Proxy), each held until the gateway has
-    /// followed the public slice plus `hold`; with `agent`, also when the maps showed it.
-    fn flips(&self, n: usize, agent: bool, hold: Duration) -> Vec<Flip> {
-        let (pod, act) = (self.pods[0].ip, self.knative.ip);
-        (0..n)
-            .map(|i| {
-                let to_proxy = i % 2 == 0;
-                let at = self.set_mode(if to_proxy { Mode::Proxy } else { Mode::Serve });
-                let agent_at =
-                    agent.then(|| self.wait_agent(if to_proxy { "proxy" } else { "serve" }));
-                let gateway_at = Some(self.wait_gateway(if to_proxy { act } else { pod }));
-                std::thread::sleep(hold);
-                Flip {
-                    at,
-                    to_proxy,
-                    agent_at,
-                    gateway_at,
-                }
-            })
-            .collect()
-    }
-}
-
-/// A revision pod `h`: its namespace and a server on the queue-proxy port.
-fn start_pod(k: &mut KubeNode, h: u8) -> Backend {
-    let i = k.add_pod(h).unwrap();
-    Backend::start(&k.pods[i].ns.name, k.pods[i].v4(), QUEUE_PORT).unwrap()
-}
 
 /// Asserts no request in `recs` was served as `bad` says; the message has the count and
 /// the first three.
@@ -242,7 +47,7 @@ fn assert_none(recs: &[Rec], sides: &Sides, what: &str, bad: impl Fn(Side) -> bo
 #[test]
 fn ingress_harness_gateway_follows_public_slices_without_agent() {
     require_root!();
-    let c = Cluster::new("ih", Mode::Serve, Some(21));
+    let c = Cluster::new("ih", Mode::Serve, Some(21)).unwrap();
     let sides = c.sides();
     let pod = c.pods[0].ip;
     let r = c.request();
@@ -256,7 +61,7 @@ fn ingress_harness_gateway_follows_public_slices_without_agent() {
 
     let load = c.load(2);
     std::thread::sleep(Duration::from_millis(300));
-    let flips = c.flips(4, false, Duration::from_millis(500));
+    let flips = c.flips(4, false, Duration::from_millis(500)).unwrap();
     let recs = load.stop();
     print_rows(
         "harness (no agent): requests through the gateway per flip",
@@ -319,10 +124,10 @@ fn ingress_harness_gateway_follows_public_slices_without_agent() {
 #[test]
 fn ingress_agent_cold_start_warm_and_scale_to_zero() {
     require_root!();
-    let mut c = Cluster::new("ic", Mode::Proxy, None);
+    let mut c = Cluster::new("ic", Mode::Proxy, None).unwrap();
     let sides = c.sides();
-    c.start_agent();
-    c.wait_agent("proxy");
+    c.start_agent().unwrap();
+    c.wait_agent("proxy").unwrap();
     let (client, gw, h) = (c.k.client.name.clone(), c.gw.addr(), host(REV, NS));
     let held = request_in(&client, gw, &h, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1500));
@@ -337,11 +142,11 @@ fn ingress_agent_cold_start_warm_and_scale_to_zero() {
         "Knative's activator got the request"
     );
 
-    let pod = start_pod(&mut c.k, 20);
+    let pod = start_pod(&mut c.k, 20).unwrap();
     let pod_ip = pod.ip;
     c.pods.push(pod);
-    c.set_endpoints(&[Ep::ready(pod_ip)]);
-    c.set_mode(Mode::Serve);
+    c.set_endpoints(&[Ep::ready(pod_ip)]).unwrap();
+    c.set_mode(Mode::Serve).unwrap();
     let r = held.join().unwrap();
     assert!(
         matches!(sides.of(&r), Side::ViaNode(p) | Side::Direct(p) if p == pod_ip),
@@ -349,8 +154,8 @@ fn ingress_agent_cold_start_warm_and_scale_to_zero() {
     );
 
     // Warm: once the public slice lists the pod, straight from the gateway.
-    c.wait_agent("serve");
-    c.wait_gateway(pod_ip);
+    c.wait_agent("serve").unwrap();
+    c.wait_gateway(pod_ip).unwrap();
     for _ in 0..5 {
         let r = c.request();
         assert_eq!(sides.of(&r), Side::Direct(pod_ip), "{r:?}");
@@ -360,19 +165,19 @@ fn ingress_agent_cold_start_warm_and_scale_to_zero() {
     // delay) the switch sends its address to the node-local activator. Then, as Knative's
     // scale-to-zero grace period waits for the activator to be in the path, the pod goes
     // once the public slice names Knative's activator, and requests are held again.
-    c.set_mode(Mode::Proxy);
-    c.wait_agent("proxy");
+    c.set_mode(Mode::Proxy).unwrap();
+    c.wait_agent("proxy").unwrap();
     let r = c.request();
     assert_eq!(
         sides.of(&r),
         Side::ViaNode(pod_ip),
         "Proxy: through the node-local activator: {r:?}"
     );
-    c.wait_gateway(c.knative.ip);
+    c.wait_gateway(c.knative.ip).unwrap();
     // Kubernetes takes a deleted pod's endpoint out first; the pod's process goes after
     // its grace period (queue-proxy drains), by which time every agent has seen it.
     let seen = c.k.log().matches("ready_endpoints=0").count();
-    c.set_endpoints(&[]);
+    c.set_endpoints(&[]).unwrap();
     redirector_tests::netns::wait_for(
         "the agent sees the endpoint gone",
         Duration::from_secs(10),
@@ -393,11 +198,11 @@ fn ingress_agent_cold_start_warm_and_scale_to_zero() {
         "Knative's activator got the request"
     );
 
-    let pod = start_pod(&mut c.k, 22);
+    let pod = start_pod(&mut c.k, 22).unwrap();
     let pod_ip = pod.ip;
     c.pods.push(pod);
-    c.set_endpoints(&[Ep::ready(pod_ip)]);
-    c.set_mode(Mode::Serve);
+    c.set_endpoints(&[Ep::ready(pod_ip)]).unwrap();
+    c.set_mode(Mode::Serve).unwrap();
     let r = held.join().unwrap();
     assert!(
         matches!(sides.of(&r), Side::ViaNode(p) | Side::Direct(p) if p == pod_ip),
@@ -412,13 +217,13 @@ fn ingress_agent_cold_start_warm_and_scale_to_zero() {
 #[test]
 fn ingress_agent_flips_under_load_without_failures() {
     require_root!();
-    let mut c = Cluster::new("if", Mode::Serve, Some(23));
+    let mut c = Cluster::new("if", Mode::Serve, Some(23)).unwrap();
     let sides = c.sides();
-    c.start_agent();
-    c.wait_agent("serve");
+    c.start_agent().unwrap();
+    c.wait_agent("serve").unwrap();
     let load = c.load(4);
     std::thread::sleep(Duration::from_millis(300));
-    let flips = c.flips(20, false, Duration::from_millis(200));
+    let flips = c.flips(20, false, Duration::from_millis(200)).unwrap();
     let recs = load.stop();
     let rows = flip_rows(&recs, &flips, &sides);
     print_rows("agent: 20 flips under load through the gateway", &rows);
@@ -438,13 +243,13 @@ fn ingress_agent_flips_under_load_without_failures() {
 #[test]
 fn ingress_agent_map_write_decides_after_each_flip() {
     require_root!();
-    let mut c = Cluster::new("iw", Mode::Serve, Some(24));
+    let mut c = Cluster::new("iw", Mode::Serve, Some(24)).unwrap();
     let sides = c.sides();
-    c.start_agent();
-    c.wait_agent("serve");
+    c.start_agent().unwrap();
+    c.wait_agent("serve").unwrap();
     let load = c.load(3);
     std::thread::sleep(Duration::from_millis(300));
-    let flips = c.flips(6, true, Duration::from_millis(300));
+    let flips = c.flips(6, true, Duration::from_millis(300)).unwrap();
     let recs = load.stop();
     let rows = flip_rows(&recs, &flips, &sides);
     print_rows(

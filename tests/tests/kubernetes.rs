@@ -1728,6 +1728,133 @@ mod agent_k8s {
         no_agent_errors(&k);
     }
 
+    /// Knative's activator's h2c port (`http2`, 8013): what Knative's ingress sends an h2c or
+    /// gRPC revision's requests to in Proxy, with `Knative-Serving-Revision` / `-Namespace`.
+    /// Without the agent the call reaches Knative's activator (a stand-in speaking h2c that
+    /// counts what it gets); with it, new connections to that address are served by the
+    /// node-local activator, which finds the revision by the headers and forwards h2c to
+    /// the pod (the gRPC echo answers), and nothing more reaches Knative's activator.
+    #[test]
+    fn h2c_to_knatives_activator_is_served_by_the_node_local_activator() {
+        use redirector_tests::{coldstart::net::grpc_call_with, ingress::backend::Backend};
+        require_root!();
+        let mut k = KubeNode::new("hk").unwrap();
+        let a = k.add_pod(44).unwrap();
+        let act_ip = k.pods[a].v4();
+        let knative = Backend::start_h2c(&k.pods[a].ns.name, act_ip, QUEUE_H2C_PORT).unwrap();
+        let act = SocketAddr::new(act_ip, QUEUE_H2C_PORT);
+        create_knative_activator(&k, &[Ep::ready(act_ip)]);
+        let p = k.add_pod(45).unwrap();
+        let pod = k.pods[p].v4();
+        let mut server = k.pods[p]
+            .ns
+            .command(env!("CARGO_BIN_EXE_rt-h2"))
+            .env("PORT", QUEUE_H2C_PORT.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let vip = ip("10.96.0.47");
+        let rev = "grpc-00002";
+        let h2c_ports = |mut svc: Value, port: u16| {
+            svc["spec"]["ports"] = json!([
+                {"name": "http2", "protocol": "TCP", "port": port, "targetPort": QUEUE_H2C_PORT}
+            ]);
+            svc
+        };
+        let api = &k.api;
+        api.create(
+            &Res::services(),
+            h2c_ports(objects::public_service(NS, rev, &[vip]), 81),
+        )
+        .unwrap();
+        api.create(
+            &Res::services(),
+            h2c_ports(objects::private_service(NS, rev, &[ip("10.96.200.3")]), 80),
+        )
+        .unwrap();
+        api.create(
+            &Res::endpoint_slices(),
+            objects::endpoint_slice(
+                NS,
+                &format!("{rev}-private"),
+                &format!("{rev}-private-a"),
+                &[Ep::ready(pod)],
+                &[("http2", QUEUE_H2C_PORT)],
+            ),
+        )
+        .unwrap();
+        let mut sks = objects::sks(NS, rev, Mode::Proxy, 0);
+        sks["spec"]["protocolType"] = json!("h2c");
+        api.create_with_status(&Res::sks(), sks).unwrap();
+        let headers = [
+            ("Knative-Serving-Revision", rev),
+            ("Knative-Serving-Namespace", NS),
+        ];
+        let client = k.client.name.clone();
+        let call = || {
+            grpc_call_with(
+                &client,
+                act,
+                "/echo.Echo/Say",
+                b"ping",
+                &headers,
+                LONG,
+            )
+        };
+
+        // No agent: Knative's activator (the stand-in) answers, and counts it.
+        let r = call().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            format!("hello from {act_ip}\n"),
+            "{r:?}"
+        );
+        assert_eq!(knative.requests(), 1);
+        let hit = knative.hits().pop().unwrap();
+        assert_eq!(
+            (hit.revision.as_deref(), hit.namespace.as_deref()),
+            (Some(rev), Some(NS))
+        );
+
+        k.start_agent(&AgentOpts::default()).unwrap();
+        let name = format!("{}/{}", objects::KNATIVE_NS, objects::ACTIVATOR_SERVICE);
+        let st = k
+            .wait_status("Knative's activator's 8013 shared", LONG, |s| {
+                entry_at(s, &name, act).is_some_and(|e| e["mode"] == "proxy")
+                    && s["services"].as_array().is_some_and(|a| {
+                        a.iter().any(|e| {
+                            e["vip"] == vip.to_string().as_str()
+                                && e["port"] == 81
+                                && e["mode"] == "proxy"
+                        })
+                    })
+            })
+            .unwrap();
+        let flows = |st: &Value| {
+            entry_at(st, &name, act).map_or(0, |e| e["proxied_flows"].as_u64().unwrap_or(0))
+        };
+        let before = flows(&st);
+        for _ in 0..3 {
+            let r = call().unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.body, b"ping", "the pod's gRPC echo: {r:?}");
+            let grpc = r.trailers.as_ref().and_then(|t| t.get("grpc-status"));
+            assert_eq!(grpc.map(|v| v.as_bytes()), Some(&b"0"[..]), "{r:?}");
+        }
+        let after = flows(&k.status().unwrap());
+        assert!(after >= before + 3, "proxied flows {before} → {after}");
+        assert_eq!(
+            knative.requests(),
+            1,
+            "Knative's activator got h2c requests with the agent running"
+        );
+        let _ = server.kill();
+        let _ = server.wait();
+        no_agent_errors(&k);
+    }
+
     /// idleTimeoutSeconds: a response that pauses longer between bytes is cut, on the hold
     /// path (a cold request) and on the warm path alike; one that pauses less arrives whole.
     #[test]

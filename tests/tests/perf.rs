@@ -1,5 +1,7 @@
 //! Benchmarks run by `cargo xtask perf` (`--ignored`, scenarios in `PERF_ARGS`).
 //!
+//! `flip` (`--flip`): the wrong side of a mode flip with ingress traffic, see `perf/flip.rs`.
+//!
 //! `datapath` (`--datapath`, or no scenario flag at all): ns/packet of each datapath path
 //! through BPF_PROG_TEST_RUN, beside the empty XDP and tc programs measured in the same run,
 //! interleaved, over several rounds (median). Then the mode-flip latency and the programming
@@ -20,6 +22,8 @@
 mod activator;
 #[path = "../../redirector/tests/common/mod.rs"]
 mod common;
+#[path = "perf/flip.rs"]
+mod flip;
 #[path = "perf/node.rs"]
 mod node;
 
@@ -49,7 +53,9 @@ pub(crate) struct Selection {
 pub(crate) fn selection(part: &str) -> Selection {
     let env = std::env::var("PERF_ARGS").unwrap_or_default();
     let has = |f: &str| env.split_whitespace().any(|a| a == f);
-    let any_scenario = has("--datapath") || has("--activator") || has("--node");
+    let any_scenario = ["--datapath", "--activator", "--node", "--flip"]
+        .into_iter()
+        .any(has);
     Selection {
         on: has(part) || !any_scenario,
         quick: has("--quick"),

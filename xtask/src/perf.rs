@@ -20,6 +20,11 @@ pub struct PerfArgs {
     /// Node level: redirector beside kube-proxy's iptables and nftables rules, through the VIP.
     #[arg(long)]
     pub node: bool,
+    /// The wrong side of a mode flip with ingress traffic: per direction, the time from the
+    /// SKS write to the last request on the old side, with the agent and with the gateway
+    /// alone (Knative's propagation delay).
+    #[arg(long)]
+    pub flip: bool,
     /// Short runs for CI: every selected part (all by default) in about two minutes; fails only
     /// when a benchmark produced no numbers (numbers not meaningful, targets not asserted).
     #[arg(long)]
@@ -33,6 +38,7 @@ impl PerfArgs {
             (self.datapath, "--datapath"),
             (self.activator, "--activator"),
             (self.node, "--node"),
+            (self.flip, "--flip"),
             (self.quick, "--quick"),
         ]
         .iter()
@@ -85,8 +91,15 @@ mod tests {
             datapath: true,
             activator: false,
             node: false,
+            flip: false,
             quick: true,
         };
         assert_eq!(a.to_env(), "--datapath --quick");
+        let a = PerfArgs {
+            flip: true,
+            quick: true,
+            ..PerfArgs::default()
+        };
+        assert_eq!(a.to_env(), "--flip --quick");
     }
 }

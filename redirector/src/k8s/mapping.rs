@@ -247,6 +247,10 @@ fn is_tls_port(name: &str) -> bool {
     name == "https" || name.starts_with("https-")
 }
 
+/// The ports of Knative's activators whose endpoints lead to the node-local activator's
+/// listener (`EntryKind::Shared`): the plaintext ones, HTTP/1.1 and h2c.
+const SHARED_PORTS: [&str; 2] = ["http", "http2"];
+
 /// Knative's port name for a protocol (`networking.ServicePortName`).
 fn protocol_port_name(p: SksProtocol) -> &'static str {
     match p {
@@ -424,12 +428,18 @@ pub fn map(snap: &Snapshot, node_activators: &[SocketAddr], source: ActivatorSou
     }
     // The ingress's other destination, Knative's activators (the public EndpointSlices in
     // Proxy): with the node-local activator, new connections to them go to its listener,
-    // which reads the revision from the ingress's headers.
+    // which reads the revision from the ingress's headers. Both plaintext ports: `http`
+    // (8012) and `http2` (8013, h2c prior knowledge, what the ingress uses for h2c and gRPC
+    // revisions); the listener speaks HTTP/1.1 and h2c on one port.
     if source == ActivatorSource::Node {
-        let shared: BTreeSet<SocketAddr> = activators
-            .on_port("http", None)
-            .union(&activators.pending_on_port("http"))
-            .copied()
+        let shared: BTreeSet<SocketAddr> = SHARED_PORTS
+            .iter()
+            .flat_map(|p| {
+                activators
+                    .on_port(p, None)
+                    .into_iter()
+                    .chain(activators.pending_on_port(p))
+            })
             .collect();
         let name = format!("{ACTIVATOR_NAMESPACE}/{ACTIVATOR_SERVICE}");
         for ep in shared {

@@ -369,3 +369,72 @@ fn https_in_proxy_passes_through_to_knatives_activators() {
         [sa("10.244.5.1:8112")].into()
     );
 }
+
+/// Knative's activators' plaintext ports, `http` (8012) and `http2` (8013, h2c prior
+/// knowledge: the ingress's destination for h2c and gRPC revisions in Proxy), both lead to
+/// the node-local activator's listener (`EntryKind::Shared`), ready and not-ready endpoints
+/// alike, whatever the revisions' modes; `https` (8112) never does. With `--activator
+/// knative` Knative's activators are left alone.
+#[test]
+fn knatives_activators_http_and_http2_ports_are_shared() {
+    let mut act = activator_slice(2);
+    // A third activator, not ready yet (the kubelet's probe reaches it through the switch).
+    Arc::make_mut(&mut act).endpoints.push(
+        serde_json::from_value(json!({
+            "addresses": ["10.244.9.3"],
+            "conditions": {"ready": false, "serving": false, "terminating": false}
+        }))
+        .unwrap(),
+    );
+    let snap = Snapshot {
+        sks: vec![
+            sks("default", "grpc-00001", "Serve", "h2c", 0),
+            sks("default", "hello-00001", "Proxy", "http1", 0),
+        ],
+        services: vec![
+            service("default", "grpc-00001", &["10.96.0.30"], &[("http2", 81)]),
+            service("default", "hello-00001", &["10.96.0.20"], &[("http", 80)]),
+        ],
+        slices: vec![act],
+        revisions: vec![],
+    };
+    let m = map(&snap, &node(), ActivatorSource::Node);
+    let shared: Vec<&DesiredService> = m
+        .desired
+        .iter()
+        .filter(|d| d.kind == EntryKind::Shared)
+        .collect();
+    let mut got: Vec<SocketAddr> = shared
+        .iter()
+        .map(|d| {
+            let ip = crate::addr::words_ip(&d.key.addr, d.key.family);
+            SocketAddr::new(ip, crate::addr::wire_port(d.key.port))
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<SocketAddr> = Vec::new();
+    for i in 1..=3 {
+        for port in [8012, 8013] {
+            want.push(SocketAddr::new(
+                format!("10.244.9.{i}").parse().unwrap(),
+                port,
+            ));
+        }
+    }
+    want.sort();
+    assert_eq!(got, want);
+    for d in &shared {
+        assert_eq!(d.name, format!("{ACTIVATOR_NAMESPACE}/{ACTIVATOR_SERVICE}"));
+        assert_eq!(d.mode, MODE_PROXY);
+        assert!(d.serve.is_empty() && d.proxy.is_empty(), "{d:?}");
+        assert_eq!(d.activator, Some(sa("10.244.0.1:8012")), "{d:?}");
+    }
+    // https (8112) is not shared: TLS passes through to Knative's activators.
+    assert!(m
+        .desired
+        .iter()
+        .all(|d| d.kind != EntryKind::Shared || crate::addr::wire_port(d.key.port) != 8112));
+    // --activator knative: no shared entries.
+    let m = map(&snap, &node(), ActivatorSource::Knative);
+    assert!(m.desired.iter().all(|d| d.kind != EntryKind::Shared));
+}

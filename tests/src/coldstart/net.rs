@@ -198,6 +198,19 @@ pub fn grpc_call(
     body: &[u8],
     timeout: Duration,
 ) -> Result<H2Resp> {
+    grpc_call_with(ns, addr, path, body, &[], timeout)
+}
+
+/// [`grpc_call`] with extra request headers (e.g. the `Knative-Serving-Revision` /
+/// `-Namespace` an ingress adds).
+pub fn grpc_call_with(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<H2Resp> {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -206,6 +219,10 @@ pub fn grpc_call(
     std_stream.set_nonblocking(true)?;
     let body = Bytes::copy_from_slice(body);
     let path = path.to_owned();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -217,12 +234,15 @@ pub fn grpc_call(
                     .await
                     .context("h2 handshake")?;
             tokio::spawn(conn);
-            let req = hyper::Request::builder()
+            let mut req = hyper::Request::builder()
                 .method("POST")
                 .uri(format!("http://{addr}{path}"))
                 .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(Full::new(body))?;
+                .header("te", "trailers");
+            for (k, v) in &headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            let req = req.body(Full::new(body))?;
             let resp = send.send_request(req).await.context("h2 request")?;
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();

@@ -1,4 +1,4 @@
-//! In-process HTTP/1.1 servers for the ingress cluster: a revision pod (standing in for the
+//! In-process HTTP/1.1 (or h2c) servers for the ingress cluster: a revision pod (standing in for the
 //! queue-proxy + app) and Knative's activator. Each answers `hello from <its ip>` with an
 //! `X-Peer: <peer ip>` header (so a test can tell a request that reached a pod straight
 //! from the gateway from one forwarded by the node-local activator), answers Knative's
@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::Task;
 
@@ -74,6 +74,16 @@ fn answer(
 impl Backend {
     /// Starts the server in namespace `netns` on `ip:port` (bound to `0.0.0.0:port`).
     pub fn start(netns: &str, ip: IpAddr, port: u16) -> Result<Backend> {
+        Self::start_with(netns, ip, port, false)
+    }
+
+    /// The same server speaking h2c with prior knowledge (as Knative's activator does on
+    /// its `http2` port, 8013) instead of HTTP/1.1.
+    pub fn start_h2c(netns: &str, ip: IpAddr, port: u16) -> Result<Backend> {
+        Self::start_with(netns, ip, port, true)
+    }
+
+    fn start_with(netns: &str, ip: IpAddr, port: u16, h2c: bool) -> Result<Backend> {
         let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
         let h = hits.clone();
         let task = Task::spawn(&format!("backend-{ip}"), netns, move || {
@@ -93,9 +103,16 @@ impl Backend {
                             let r = answer(&req, ip, peer.ip(), &h);
                             async move { Ok::<_, Infallible>(r) }
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
+                        let io = TokioIo::new(stream);
+                        if h2c {
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await;
+                        } else {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, svc)
+                                .await;
+                        }
                     });
                 }
             })

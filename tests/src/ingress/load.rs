@@ -191,6 +191,10 @@ pub struct FlipRow {
     /// Serve→Proxy: the start of the last request the pod got straight from the gateway.
     /// Proxy→Serve: the start of the first such request.
     pub direct_ms: Option<u128>,
+    /// The start of the last request served on the old mode's side (the wrong side of the
+    /// flip): Serve→Proxy, straight from the gateway to the pod; Proxy→Serve, through an
+    /// activator (node-local or Knative's). `None`: none after the write.
+    pub wrong_ms: Option<u128>,
     pub direct: usize,
     pub via_node: usize,
     pub knative: usize,
@@ -217,7 +221,8 @@ pub fn flip_rows(recs: &[Rec], flips: &[Flip], sides: &Sides) -> Vec<FlipRow> {
             };
             let mut direct_starts = Vec::new();
             for r in &win {
-                match sides.of(r) {
+                let side = sides.of(r);
+                match side {
                     Side::Direct(_) => {
                         row.direct += 1;
                         direct_starts.push(ms(r.start, f.at));
@@ -225,6 +230,14 @@ pub fn flip_rows(recs: &[Rec], flips: &[Flip], sides: &Sides) -> Vec<FlipRow> {
                     Side::ViaNode(_) => row.via_node += 1,
                     Side::Knative => row.knative += 1,
                     Side::Failed => row.failed += 1,
+                }
+                let wrong = match side {
+                    Side::Direct(_) => f.to_proxy,
+                    Side::ViaNode(_) | Side::Knative => !f.to_proxy,
+                    Side::Failed => false,
+                };
+                if wrong {
+                    row.wrong_ms = row.wrong_ms.max(Some(ms(r.start, f.at)));
                 }
             }
             row.direct_ms = if f.to_proxy {
@@ -341,10 +354,21 @@ mod tests {
         let r = &rows[0];
         assert_eq!((r.direct, r.via_node, r.knative, r.failed), (1, 1, 1, 1));
         assert_eq!((r.agent_ms, r.direct_ms), (Some(20), Some(40)));
+        assert_eq!(r.wrong_ms, Some(40), "Serve→Proxy: the last direct request");
         let r = &rows[1];
         assert_eq!(
             (r.direct, r.knative, r.gateway_ms, r.direct_ms),
             (1, 1, Some(100), Some(110))
         );
+        assert_eq!(
+            r.wrong_ms,
+            Some(50),
+            "Proxy→Serve: the last through an activator"
+        );
+        // A flip with nothing on the old side after its write.
+        let rows = flip_rows(&recs[5..], &flips[1..], &sides);
+        assert_eq!(rows[0].wrong_ms, Some(50));
+        let rows = flip_rows(&recs[6..], &flips[1..], &sides);
+        assert_eq!(rows[0].wrong_ms, None);
     }
 }

@@ -7,10 +7,13 @@
 //! activator endpoints in Proxy, the ready private endpoints in Serve); in-process HTTP
 //! servers for revision pods and for Knative's activator ([`backend`]) that count requests
 //! and report the peer; and a load loop through the gateway with a per-flip analysis
-//! ([`load`]). Everything runs on threads `setns`ed into the [`KubeNode`]'s namespaces.
+//! ([`load`]). [`cluster`] puts them together on one node (the `ingress` tests and the
+//! `flip` perf scenario). Everything runs on threads `setns`ed into the [`KubeNode`]'s
+//! namespaces.
 //!
 //! [`KubeNode`]: crate::kubeapi::node::KubeNode
 pub mod backend;
+pub mod cluster;
 pub mod gateway;
 pub mod load;
 pub mod sks;
