@@ -1792,16 +1792,7 @@ mod agent_k8s {
             ("Knative-Serving-Namespace", NS),
         ];
         let client = k.client.name.clone();
-        let call = || {
-            grpc_call_with(
-                &client,
-                act,
-                "/echo.Echo/Say",
-                b"ping",
-                &headers,
-                LONG,
-            )
-        };
+        let call = || grpc_call_with(&client, act, "/echo.Echo/Say", b"ping", &headers, LONG);
 
         // No agent: Knative's activator (the stand-in) answers, and counts it.
         let r = call().unwrap();
