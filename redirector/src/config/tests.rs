@@ -401,3 +401,16 @@ fn node_ip_from_the_environment() {
         );
     }
 }
+
+#[test]
+fn activator_accept() {
+    use crate::config::Accept;
+    let c = parse("[node]\n").unwrap();
+    assert_eq!(c.activator.accept, Accept::Delivered);
+    let c = parse("[node]\n[activator]\naccept = \"any\"\n").unwrap();
+    assert_eq!(c.activator.accept, Accept::Any);
+    let c = parse("[node]\n[activator]\naccept = \"delivered\"\n").unwrap();
+    assert_eq!(c.activator.accept, Accept::Delivered);
+    let e = refused("[node]\n[activator]\naccept = \"all\"\n");
+    assert!(e.contains(":3:") && e.contains("delivered"), "{e}");
+}
